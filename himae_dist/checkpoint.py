@@ -1,0 +1,94 @@
+"""Exported plain weights, and loading HiMAE from any checkpoint a user is likely to hold.
+
+Formats `load_himae` accepts (all through `torch.load(..., weights_only=True)`):
+  - ours: {"format": "himae-dist-weights-v1", "state_dict", "model_config", "step"}
+  - the seed's Lightning `.ckpt`: {"state_dict": {"model.<name>": ...}, ...}
+  - a bare HiMAE state_dict (seed names)
+  - a DeepSpeed checkpoint folder (the `latest` tag, or a tag folder)
+The architecture (in_chans, channels) is read off the weights, so nothing needs guessing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from himae_dist.atomic_write import atomic_path
+from himae_dist.model import HiMAE, HiMAEConfig
+
+WEIGHTS_FORMAT = "himae-dist-weights-v1"
+
+
+def save_weights(model: HiMAE, path: str | os.PathLike, step: int, extra: dict | None = None) -> None:
+    """Write fp32 weights with the seed's parameter names, atomically."""
+    sd = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in model.state_dict().items()}
+    obj = {"format": WEIGHTS_FORMAT, "state_dict": sd, "model_config": model.config.to_dict(), "step": int(step)}
+    obj.update(extra or {})
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> HiMAEConfig:
+    chans, i = [], 0
+    while f"encoder_layers.{i}.main_path.0.weight" in sd:
+        chans.append(int(sd[f"encoder_layers.{i}.main_path.0.weight"].shape[0]))
+        i += 1
+    if not chans:
+        raise ValueError(
+            f"{source}: no 'encoder_layers.0.main_path.0.weight' in the state_dict; not a HiMAE checkpoint "
+            f"(first keys: {list(sd)[:5]})"
+        )
+    return HiMAEConfig(in_chans=int(sd["encoder_layers.0.main_path.0.weight"].shape[1]), channels=tuple(chans))
+
+
+def _deepspeed_model_file(folder: Path) -> Path:
+    tag_dir = folder
+    if (folder / "latest").is_file():
+        tag_dir = folder / (folder / "latest").read_text().strip()
+    f = tag_dir / "mp_rank_00_model_states.pt"
+    if not f.is_file():
+        raise FileNotFoundError(f"{folder}: not a DeepSpeed checkpoint folder (no {f.relative_to(folder)})")
+    return f
+
+
+def extract_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{source}: expected a dict checkpoint, got {type(obj).__name__}")
+    if "module" in obj and isinstance(obj["module"], dict):  # DeepSpeed model states
+        return obj["module"]
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{source}: 'state_dict' is a {type(sd).__name__}, expected a dict")
+    if any(k.startswith("model.") for k in sd):  # the seed's Lightning module stores the net as .model
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    return sd
+
+
+def load_himae(path: str | os.PathLike) -> tuple[HiMAE, dict]:
+    """Build a HiMAE from a checkpoint (any format above) with strict=True; returns (model, info)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    f = _deepspeed_model_file(p) if p.is_dir() else p
+    try:
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused or corrupt file: say which file and why
+        raise ValueError(f"{f}: cannot load as a weights-only checkpoint: {e}") from e
+    sd = extract_state_dict(obj, str(f))
+    cfg = (
+        HiMAEConfig.from_dict(obj["model_config"])
+        if isinstance(obj, dict) and "model_config" in obj
+        else config_from_state_dict(sd, str(f))
+    )
+    model = HiMAE.from_config(cfg)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{f}: weights do not match HiMAE(in_chans={cfg.in_chans}, channels={cfg.channels}): {e}"
+        ) from e
+    model.eval()
+    step = obj.get("step") if isinstance(obj, dict) else None
+    return model, {"source": str(f), "config": cfg, "step": step}

@@ -1,0 +1,158 @@
+"""The multi-node trainer: `torchrun ... -m himae_dist.train` or `deepspeed --module himae_dist.train`.
+
+One code path for CPU (gloo, `DS_ACCELERATOR=cpu`) and GPUs (NCCL): the accelerator picks the
+backend. Each step masks the batch, reconstructs it and takes the masked-MSE loss; DeepSpeed
+owns the optimizer (AdamW), the warmup/decay schedule, gradient accumulation and checkpoints.
+Outputs under --out: `checkpoints/` (DeepSpeed, resumable), `weights/step_XXXXXXX.pt` and
+`himae_final.pt` (plain fp32 weights with the seed's names), `metrics.jsonl`, `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from himae_dist.checkpoint import save_weights
+from himae_dist.config import TrainConfig, deepspeed_config, parse_config, resolved
+from himae_dist.model import HiMAE
+from himae_dist.streaming import load_manifest, make_loader
+from kernels.masked_mse_reference import check_masking_args, mask_input, masked_mse
+
+
+def step_seed(base_seed: int, step: int, rank: int) -> int:
+    """Independent, reproducible mask seed per (base seed, step, rank)."""
+    return int(np.random.SeedSequence([base_seed, step, rank]).generate_state(1)[0])
+
+
+def _init_distributed():
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if acc.device_name() == "cuda":
+        acc.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return deepspeed, device
+
+
+def train(cfg: TrainConfig) -> dict:
+    deepspeed, device = _init_distributed()
+    import torch.distributed as dist
+    from torchmetrics.aggregation import MeanMetric
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(cfg.out)
+    manifest = load_manifest(cfg.data, cfg.storage_options)
+    if manifest.channels != cfg.in_chans:
+        raise ValueError(f"--in-chans={cfg.in_chans} but {manifest.url} holds {manifest.channels}-channel segments")
+    check_masking_args(manifest.length, cfg.patch_size, cfg.mask_ratio)
+    bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    if cfg.precision == "bf16" and not bf16:
+        raise ValueError("--precision=bf16 needs a GPU with bf16 support; use fp32 or auto")
+    if rank == 0:
+        print(f"[himae-train] world={world} device={device.type} bf16={bf16} resolved config:\n{resolved(cfg)}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(resolved(cfg) + "\n")
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = HiMAE(cfg.in_chans, cfg.channels)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, world, bf16)
+    )
+    ckpt_dir = out / "checkpoints"
+    start = 0
+    if (ckpt_dir / "latest").is_file():
+        engine.load_checkpoint(str(ckpt_dir))
+        start = engine.global_steps
+        if rank == 0:
+            print(f"[himae-train] resumed from {ckpt_dir} at step {start}", flush=True)
+
+    loader = make_loader(
+        manifest, cfg.micro_batch, seed=cfg.seed + start, num_workers=cfg.num_workers,
+        shuffle_buffer=cfg.shuffle_buffer, world_size=world, storage_options=cfg.storage_options,
+    )
+    batches = iter(loader)
+    loss_mean = MeanMetric(sync_on_compute=True).to(device)
+    wandb_run = _wandb(cfg) if rank == 0 else None
+    metrics_path = out / "metrics.jsonl"
+    history, t0 = [], time.time()
+    if rank == 0 and start >= cfg.steps:
+        print(f"[himae-train] already at step {start} >= --steps={cfg.steps}; nothing to train", flush=True)
+    for step in range(start, cfg.steps):
+        gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, rank))
+        for _ in range(cfg.grad_accum):
+            x = next(batches).to(device, non_blocking=True)  # [B, C, L]
+            x_masked, mask = mask_input(x, cfg.patch_size, cfg.mask_ratio, gen)  # mask [B, 1, L]
+            if bf16:
+                x_masked = x_masked.to(torch.bfloat16)
+            recon = engine(x_masked)  # [B, C, L] in (-1, 1)
+            loss = masked_mse(recon, x, mask)
+            engine.backward(loss)
+            engine.step()
+            loss_mean.update(loss.detach())
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            mean = float(loss_mean.compute())  # collective: every rank reaches it at the same step
+            loss_mean.reset()
+            rec = {"step": done, "loss": mean, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 2)}
+            history.append(rec)
+            if rank == 0:
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                print(f"[himae-train] step {done}/{cfg.steps} loss {mean:.5f} lr {rec['lr']:.2e}", flush=True)
+                if wandb_run:
+                    wandb_run.log(rec, step=done)
+        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+            _save(engine, ckpt_dir, out, done, rank)
+    if start < cfg.steps or not (out / "himae_final.pt").exists():
+        _save(engine, ckpt_dir, out, max(start, cfg.steps), rank, final=True)
+    if wandb_run:
+        wandb_run.finish()
+    return {"history": history, "start_step": start}
+
+
+def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, final: bool = False) -> None:
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}")  # collective; writes `latest` last
+    if rank == 0:
+        save_weights(engine.module, out / "weights" / f"step_{step:07d}.pt", step)
+        if final:
+            save_weights(engine.module, out / "himae_final.pt", step)
+            print(f"[himae-train] wrote {out / 'himae_final.pt'} (step {step})", flush=True)
+
+
+def _wandb(cfg: TrainConfig):
+    if not cfg.wandb:
+        return None
+    import wandb
+
+    return wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_config(argv)
+    except ValueError as e:
+        sys.exit(f"himae-train: error: {e}")
+    train(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
