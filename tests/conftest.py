@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny synthetic cohort, its converted shards, and the seed reference folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SEED_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "seed_reference"
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    from data_prep.synth_cohort import generate
+
+    out = tmp_path_factory.mktemp("cohort")
+    generate(out, scale=0.01, seed=3, segments_per_shard=200)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_cohort, tmp_path_factory) -> Path:
+    from data_prep.convert import ConvertParams, convert_pretrain
+
+    out = tmp_path_factory.mktemp("shards")
+    convert_pretrain(str(tiny_cohort / "pretrain_index.csv"), ConvertParams(str(out), samples_per_shard=64))
+    return out
+
+
+@pytest.fixture
+def seed_reference() -> Path:
+    if not SEED_REFERENCE.is_dir():
+        pytest.skip(f"seed reference material not found at {SEED_REFERENCE} (only beside a project checkout)")
+    return SEED_REFERENCE

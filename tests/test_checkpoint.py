@@ -1,0 +1,69 @@
+import pickle
+
+import pytest
+import torch
+
+from himae_dist.checkpoint import load_himae, save_weights
+from himae_dist.model import HiMAE
+
+
+def _perturbed(in_chans=1):
+    torch.manual_seed(0)
+    m = HiMAE(in_chans)
+    with torch.no_grad():  # non-default BN statistics too, so they must round-trip
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm1d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def test_seed_lightning_checkpoint_round_trip(tmp_path):
+    m = _perturbed()
+    ckpt = {
+        "epoch": 3, "global_step": 1200, "pytorch-lightning_version": "2.4.0",
+        "state_dict": {f"model.{k}": v for k, v in m.state_dict().items()},
+        "hyper_parameters": {"lr": 1e-3, "mask_ratio": 0.8},
+    }
+    torch.save(ckpt, tmp_path / "himae_synth.ckpt")
+    loaded, info = load_himae(tmp_path / "himae_synth.ckpt")
+    x = torch.randn(2, 1, 250)
+    assert torch.equal(loaded(x), m(x))
+    assert info["config"].channels == (16, 32, 64, 128, 256)
+
+
+def test_exported_weights_load_into_a_seed_named_module(tmp_path):
+    m = _perturbed(in_chans=2)
+    save_weights(m, tmp_path / "w.pt", step=7)
+    obj = torch.load(tmp_path / "w.pt", map_location="cpu", weights_only=True)
+    fresh = HiMAE(in_chans=2)
+    fresh.load_state_dict(obj["state_dict"], strict=True)  # seed names, nothing extra
+    x = torch.randn(2, 2, 1000)
+    assert torch.equal(fresh.eval()(x), m(x))
+    loaded, info = load_himae(tmp_path / "w.pt")
+    assert info["step"] == 7 and loaded.config.in_chans == 2
+
+
+def test_non_himae_state_dict_is_a_clear_error(tmp_path):
+    torch.save({"state_dict": {"fc.weight": torch.zeros(1, 256)}}, tmp_path / "probe.pt")
+    with pytest.raises(ValueError, match="not a HiMAE checkpoint"):
+        load_himae(tmp_path / "probe.pt")
+
+
+def test_mismatched_weights_name_the_file(tmp_path):
+    sd = HiMAE().state_dict()
+    del sd["final_deconv.bias"]
+    torch.save(sd, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match=r"(?s)partial\.pt: weights do not match.*final_deconv\.bias"):
+        load_himae(tmp_path / "partial.pt")
+
+
+class _NotAllowed:
+    pass
+
+
+def test_arbitrary_pickles_are_refused(tmp_path):
+    with open(tmp_path / "evil.pt", "wb") as fh:
+        pickle.dump({"state_dict": _NotAllowed()}, fh)
+    with pytest.raises(ValueError, match="evil.pt: cannot load as a weights-only checkpoint"):
+        load_himae(tmp_path / "evil.pt")
