@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up ./.venv for himae-dist.   Usage: bash launch/setup.sh [--test]
+#
+# The venv sees the system's site-packages, so an installed torch (a GPU user's CUDA build) is
+# used as it is: it is pinned as a constraint and never replaced. Only where no torch exists at
+# all is the CPU build installed (torch==2.13.0). --test adds pytest, moto's S3 server and triton.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+[ -x .venv/bin/python ] || "$PY" -m venv --system-site-packages .venv
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "[setup] no torch found: installing the CPU build torch==2.13.0"
+  .venv/bin/pip install -q "torch==2.13.0"
+fi
+torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__)")
+echo "[setup] using torch $torch_version (kept as installed)"
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==$torch_version" > "$constraints"
+.venv/bin/pip install -q -c "$constraints" -e ".$extras"
+.venv/bin/python -c "import deepspeed, webdataset, h5py, s3fs; print('[setup] ok: deepspeed', deepspeed.__version__, '| webdataset', webdataset.__version__)"

@@ -1,0 +1,49 @@
+"""A real 2-rank DeepSpeed run on CPU (gloo) under torchrun."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from himae_dist.checkpoint import load_himae
+
+pytestmark = pytest.mark.slow
+
+
+def _torchrun(shards, out, steps, extra=()):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "himae_dist.train", "--data", str(shards), "--out", str(out),
+           "--steps", str(steps), "--micro-batch", "16", "--num-workers", "0", "--log-every", "5",
+           "--shuffle-buffer", "200", *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_two_rank_deepspeed_run_loss_falls_and_resumes(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    log = _torchrun(tiny_shards, out, steps=40)
+    assert "world=2 device=cpu" in log
+    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert hist[-1]["loss"] < 0.7 * hist[0]["loss"], hist
+    assert hist[-1]["lr"] < hist[1]["lr"]  # decayed after the warmup
+    model, info = load_himae(out / "himae_final.pt")
+    assert info["step"] == 40
+    ds_model, _ = load_himae(out / "checkpoints")  # the DeepSpeed checkpoint holds the same weights
+    for (k, a), b in zip(model.state_dict().items(), ds_model.state_dict().values()):
+        assert torch.equal(a.float(), b.float()), k
+
+    log = _torchrun(tiny_shards, out, steps=50)
+    assert "resumed from" in log and "at step 40" in log
+    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist][-2:] == [45, 50]
+    assert load_himae(out / "himae_final.pt")[1]["step"] == 50
