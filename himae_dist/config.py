@@ -109,8 +109,12 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
-    """The DeepSpeed config implied by cfg (optimizer, schedule, batch, precision, ZeRO)."""
+def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool, torch_adam: bool = False) -> dict:
+    """The DeepSpeed config implied by cfg (optimizer, schedule, batch, precision, ZeRO).
+
+    torch_adam=True selects torch.optim.AdamW instead of DeepSpeed's fused op, which on CPU
+    would be JIT-compiled with a C++ toolchain on every fresh machine.
+    """
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -132,6 +136,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
         "steps_per_print": 10**9,  # the trainer logs itself
         "wall_clock_breakdown": False,
     }
+    if torch_adam:
+        ds["optimizer"]["params"]["torch_adam"] = True
     if cfg.grad_clip > 0:
         ds["gradient_clipping"] = cfg.grad_clip
     if cfg.ds_config:

@@ -146,9 +146,11 @@ class HiMAE(nn.Module):
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode_logits(self.encode(x), x.shape[-1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x [B, C, L] -> reconstruction in [-1, 1], [B, C, L]
-        return self.final_activation(self.forward_logits(x))
+    def forward(self, x: torch.Tensor, apply_tanh: bool = True) -> torch.Tensor:
+        # x [B, C, L] -> reconstruction in [-1, 1], [B, C, L] (logits if apply_tanh=False,
+        # for a loss kernel that fuses the tanh)
+        logits = self.forward_logits(x)
+        return self.final_activation(logits) if apply_tanh else logits
 
 
 def encoder_parameter_count(model: HiMAE) -> int:

@@ -16,19 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from himae_dist.checkpoint import save_weights
 from himae_dist.config import TrainConfig, deepspeed_config, parse_config, resolved
 from himae_dist.model import HiMAE
+from himae_dist.objective import make_objective
 from himae_dist.streaming import load_manifest, make_loader
-from kernels.masked_mse_reference import check_masking_args, mask_input, masked_mse
-
-
-def step_seed(base_seed: int, step: int, rank: int) -> int:
-    """Independent, reproducible mask seed per (base seed, step, rank)."""
-    return int(np.random.SeedSequence([base_seed, step, rank]).generate_state(1)[0])
+from kernels.masked_mse_reference import check_masking_args
 
 
 def _init_distributed():
@@ -62,15 +57,17 @@ def train(cfg: TrainConfig) -> dict:
     bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
     if cfg.precision == "bf16" and not bf16:
         raise ValueError("--precision=bf16 needs a GPU with bf16 support; use fp32 or auto")
+    objective = make_objective(cfg.loss_impl, device, cfg.patch_size, cfg.mask_ratio, cfg.seed, rank, world)
     if rank == 0:
-        print(f"[himae-train] world={world} device={device.type} bf16={bf16} resolved config:\n{resolved(cfg)}", flush=True)
+        print(f"[himae-train] world={world} device={device.type} bf16={bf16} "
+              f"objective={type(objective).__name__} resolved config:\n{resolved(cfg)}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(resolved(cfg) + "\n")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = HiMAE(cfg.in_chans, cfg.channels)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, world, bf16)
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, world, bf16, torch_adam=device.type != "cuda")
     )
     ckpt_dir = out / "checkpoints"
     start = 0
@@ -92,14 +89,13 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0 and start >= cfg.steps:
         print(f"[himae-train] already at step {start} >= --steps={cfg.steps}; nothing to train", flush=True)
     for step in range(start, cfg.steps):
-        gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, rank))
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             x = next(batches).to(device, non_blocking=True)  # [B, C, L]
-            x_masked, mask = mask_input(x, cfg.patch_size, cfg.mask_ratio, gen)  # mask [B, 1, L]
+            x_masked, mask = objective.mask(x, step, micro)
             if bf16:
                 x_masked = x_masked.to(torch.bfloat16)
-            recon = engine(x_masked)  # [B, C, L] in (-1, 1)
-            loss = masked_mse(recon, x, mask)
+            recon = engine(x_masked, apply_tanh=objective.apply_tanh)  # [B, C, L]
+            loss = objective.loss(recon, x, mask)
             engine.backward(loss)
             engine.step()
             loss_mean.update(loss.detach())

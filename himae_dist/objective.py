@@ -1,0 +1,78 @@
+"""The pretraining objective: mask patches, reconstruct, masked MSE. Two interchangeable paths.
+
+`reference`: the plain PyTorch functions (any device). `fused`: the Triton kernels (CUDA, or
+CPU under TRITON_INTERPRET=1), which also fuse the model's final tanh into the loss, so the
+model is asked for logits. `auto` picks fused on CUDA when Triton imports, else reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kernels.masked_mse_reference import mask_input, masked_mse
+
+
+def mask_seed(base_seed: int, step: int, *stream: int) -> int:
+    """Independent, reproducible 31-bit seed per (base seed, step, extra stream ids)."""
+    return int(np.random.SeedSequence([base_seed, step, *stream]).generate_state(1)[0] >> 1)
+
+
+class ReferenceObjective:
+    apply_tanh = True  # the model returns tanh(logits); the loss compares that to the input
+
+    def __init__(self, patch_size: int, ratio: float, base_seed: int, rank: int):
+        self.patch_size, self.ratio, self.base_seed, self.rank = patch_size, ratio, base_seed, rank
+
+    def mask(self, x: torch.Tensor, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator(device=x.device).manual_seed(mask_seed(self.base_seed, step, self.rank, micro))
+        return mask_input(x, self.patch_size, self.ratio, gen)  # mask [B, 1, L]
+
+    def loss(self, recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_mse(recon, x, mask)
+
+
+class FusedObjective:
+    apply_tanh = False  # the loss kernel applies tanh itself
+
+    def __init__(self, patch_size: int, ratio: float, base_seed: int, rank: int, world_size: int):
+        from kernels import masked_mse_triton
+
+        self.k = masked_mse_triton
+        self.patch_size, self.ratio, self.base_seed = patch_size, ratio, base_seed
+        self.rank, self.world_size = rank, world_size
+
+    def mask(self, x: torch.Tensor, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # One seed per step for all ranks; each sample keyed by its index in the global batch.
+        offset = (micro * self.world_size + self.rank) * x.shape[0]
+        return self.k.fused_patch_mask(x, self.patch_size, self.ratio, mask_seed(self.base_seed, step), offset)
+
+    def loss(self, logits: torch.Tensor, x: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
+        return self.k.fused_masked_mse(logits, x, pmask, self.patch_size, self.ratio, apply_tanh=True)
+
+
+def make_objective(
+    impl: str, device: torch.device, patch_size: int, ratio: float, base_seed: int, rank: int, world_size: int
+) -> ReferenceObjective | FusedObjective:
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" and _triton_available() else "reference"
+    if impl == "fused":
+        import os
+
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"--loss-impl=fused needs a CUDA device (this run is on {device.type}); "
+                f"use --loss-impl=reference, or TRITON_INTERPRET=1 to test the kernels on CPU"
+            )
+        if not _triton_available():
+            raise ValueError("--loss-impl=fused needs triton; pip install triton (CUDA torch builds ship it)")
+        return FusedObjective(patch_size, ratio, base_seed, rank, world_size)
+    return ReferenceObjective(patch_size, ratio, base_seed, rank)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
