@@ -140,9 +140,9 @@ def _wandb(cfg: TrainConfig):
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse_config(argv)
-    except ValueError as e:
+        train(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad options or data: one clear line, no traceback
         sys.exit(f"himae-train: error: {e}")
-    train(cfg)
     import torch.distributed as dist
 
     if dist.is_initialized():

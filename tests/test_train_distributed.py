@@ -14,11 +14,11 @@ from himae_dist.checkpoint import load_himae
 pytestmark = pytest.mark.slow
 
 
-def _torchrun(shards, out, steps, extra=()):
+def _torchrun(shards, out, steps, extra=(), env_extra=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={port}", "-m", "himae_dist.train", "--data", str(shards), "--out", str(out),
            "--steps", str(steps), "--micro-batch", "16", "--num-workers", "0", "--log-every", "5",
@@ -47,3 +47,27 @@ def test_two_rank_deepspeed_run_loss_falls_and_resumes(tiny_shards, tmp_path):
     hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist][-2:] == [45, 50]
     assert load_himae(out / "himae_final.pt")[1]["step"] == 50
+
+
+def test_fused_objective_trains_under_the_triton_interpreter(tiny_shards, tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "fused"
+    log = _torchrun(tiny_shards, out, steps=20, extra=("--loss-impl", "fused", "--grad-accum", "2"),
+                    env_extra={"TRITON_INTERPRET": "1"})
+    assert "objective=FusedObjective" in log
+    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert hist[-1]["loss"] < 0.8 * hist[0]["loss"], hist
+
+
+def test_fused_objective_without_cuda_is_a_clear_error(tiny_shards, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}",
+         "-m", "himae_dist.train", "--data", str(tiny_shards), "--out", str(tmp_path), "--loss-impl", "fused",
+         "--num-workers", "0"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--loss-impl=fused needs a CUDA device" in proc.stderr
