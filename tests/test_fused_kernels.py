@@ -1,16 +1,12 @@
 """The fused Triton kernels against the PyTorch reference, on CPU under TRITON_INTERPRET=1."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit runs: kernels execute on CPU tensors
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from kernels.masked_mse_reference import expand_patch_mask, masked_mse  # noqa: E402
-from kernels.masked_mse_triton import fused_masked_mse, fused_patch_mask  # noqa: E402
+from kernels.masked_mse_triton import fused_masked_mse, fused_patch_mask  # noqa: E402  (TRITON_INTERPRET: conftest)
 
 SHAPES = [  # (B, C, L, patch, ratio): odd batch, L not a multiple of any block, two channels
     (1, 1, 250, 5, 0.8),
