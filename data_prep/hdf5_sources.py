@@ -112,6 +112,9 @@ class H5FileCache:
         self.max_open = max_open
         self._open: collections.OrderedDict[str, object] = collections.OrderedDict()
 
+    def __contains__(self, path: str) -> bool:
+        return path in self._open
+
     def get(self, path: str):
         import h5py
 
@@ -156,7 +159,7 @@ def iter_index_rows(
         for r in rows:
             where = f"{r.path} [{r.key!r}] (index row {r.row})"
             if r.path in known_missing or (
-                r.path not in cache._open and not _file_exists(r.path, storage_options)
+                r.path not in cache and not _file_exists(r.path, storage_options)
             ):
                 known_missing.add(r.path)
                 policy.reject("missing_file", f"{where}: HDF5 file does not exist")
