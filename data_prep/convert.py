@@ -23,8 +23,8 @@ from data_prep.hdf5_sources import (
     read_index,
 )
 from data_prep.shard_writer import ShardOutput, part_name, write_shard
+from himae_dist.streaming import MANIFEST
 
-MANIFEST = "manifest.json"
 FORMAT = "himae-wds-v1"
 
 
@@ -107,15 +107,14 @@ def convert_downstream(h5_path: str, signal_key: str, p: ConvertParams) -> dict:
             ]
             rec = write_shard(out, i, samples, {"skipped": {}, "channels": _channels(samples)})
         records.append(rec)
-    manifest = _write_manifest(out, records, "downstream", h5_path, length, p)
-    manifest["skipped_on_read"] = dict(policy.skipped)
-    return manifest
+    return _write_manifest(out, records, "downstream", h5_path, length, p, read_skipped=dict(policy.skipped))
 
 
 def _write_manifest(
-    out: ShardOutput, records: list[dict], kind: str, source: str, length: int, p: ConvertParams
+    out: ShardOutput, records: list[dict], kind: str, source: str, length: int, p: ConvertParams,
+    read_skipped: dict[str, int] | None = None,
 ) -> dict:
-    skipped: dict[str, int] = {}
+    skipped: dict[str, int] = dict(read_skipped or {})
     for r in records:
         for reason, c in r.get("skipped", {}).items():
             skipped[reason] = skipped.get(reason, 0) + c

@@ -120,6 +120,18 @@ def test_downstream_missing_dataset_is_named(tmp_path):
         convert_downstream(str(tmp_path / "d.h5"), "ppg", ConvertParams(str(tmp_path / "o")))
 
 
+def test_downstream_skips_are_counted_in_the_manifest_file(tmp_path):
+    ppg = np.random.default_rng(0).standard_normal((4, 250)).astype(np.float32)
+    ppg[2, 7] = np.nan
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["ppg"], f["labels"], f["patient_ids"] = ppg, np.array([0, 1, 0, 1]), np.array([1, 1, 2, 2])
+    returned = convert_downstream(str(tmp_path / "d.h5"), "ppg", ConvertParams(str(tmp_path / "o"), on_bad="skip"))
+    on_disk, samples = _read_back(tmp_path / "o")
+    assert on_disk == returned
+    assert on_disk["skipped"] == {"non_finite": 1} and on_disk["n_samples"] == 3
+    assert sorted(samples) == ["00000000", "00000001", "00000003"]
+
+
 def test_rerun_resumes_instead_of_redoing(tiny_cohort, tmp_path):
     p = ConvertParams(str(tmp_path), samples_per_shard=100, workers=2)
     first = convert_pretrain(str(tiny_cohort / "pretrain_index.csv"), p)
