@@ -77,11 +77,17 @@ def grouped_oof_probe(
 def probe_model(
     model: HiMAE, data: DownstreamSet, name: str, folds: int = 5, seed: int = 0
 ) -> ProbeResult:
+    return probe_levels(level_features(model, data.signals), data, name, folds, seed)
+
+
+def probe_levels(
+    feats: list[np.ndarray], data: DownstreamSet, name: str, folds: int = 5, seed: int = 0
+) -> ProbeResult:
+    """Grouped out-of-fold probe on each level's pooled features [N, C_level]."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     if data.patient_ids is None:
         raise ValueError("the downstream data has no /patient_ids; a patient-grouped split is impossible")
-    feats = level_features(model, data.signals)
     scores, oofs = [], []
     for i, f in enumerate(feats):
         p = grouped_oof_probe(f, data.labels, data.patient_ids, folds, seed)
@@ -90,8 +96,10 @@ def probe_model(
     return ProbeResult(name, scores, oofs)
 
 
-def apply_seed_probe(model: HiMAE, data: DownstreamSet, probe_path: str) -> tuple[np.ndarray, float, float]:
-    """Apply a seed-format linear probe (fc.weight [1, D], fc.bias [1]) to the bottleneck."""
+def apply_seed_probe(
+    bottleneck_feats: np.ndarray, labels: np.ndarray, probe_path: str
+) -> tuple[np.ndarray, float, float]:
+    """Apply a seed-format linear probe (fc.weight [1, D], fc.bias [1]) to pooled bottleneck features [N, D]."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     sd = torch.load(probe_path, map_location="cpu", weights_only=True)
@@ -99,14 +107,14 @@ def apply_seed_probe(model: HiMAE, data: DownstreamSet, probe_path: str) -> tupl
     if not isinstance(sd, dict) or "fc.weight" not in sd or "fc.bias" not in sd:
         raise ValueError(f"{probe_path}: expected a state_dict with 'fc.weight' [1, D] and 'fc.bias' [1]")
     w, b = sd["fc.weight"].float(), sd["fc.bias"].float()
-    bottleneck = torch.from_numpy(level_features(model, data.signals)[-1])  # [N, D]
+    bottleneck = torch.from_numpy(bottleneck_feats)  # [N, D]
     if w.shape != (1, bottleneck.shape[1]) or b.shape != (1,):
         raise ValueError(
             f"{probe_path}: fc.weight {tuple(w.shape)} / fc.bias {tuple(b.shape)} do not fit a "
             f"{bottleneck.shape[1]}-d bottleneck; expected [1, {bottleneck.shape[1]}] and [1]"
         )
     p = torch.sigmoid(bottleneck @ w.T + b).squeeze(1).numpy()
-    return p, float(roc_auc_score(data.labels, p)), float(average_precision_score(data.labels, p))
+    return p, float(roc_auc_score(labels, p)), float(average_precision_score(labels, p))
 
 
 def write_predictions(path: str | Path, data: DownstreamSet, p: np.ndarray) -> None:
@@ -165,12 +173,14 @@ def run(a: argparse.Namespace) -> list[ProbeResult]:
     models = [(Path(c).name, load_himae(c)[0]) for c in a.checkpoint]
     if a.random_init is not None:
         models.append((f"random-init({a.random_init})", random_encoder(data.signals.shape[1], a.random_init)))
-    if a.seed_probe:
-        for name, m in models:
-            p, auroc, apr = apply_seed_probe(m, data, a.seed_probe)
+    results = []
+    for name, m in models:
+        feats = level_features(m, data.signals)  # one encoder pass per model serves both probes
+        if a.seed_probe:
+            p, auroc, apr = apply_seed_probe(feats[-1], data.labels, a.seed_probe)
             write_predictions(out / f"pvc_predictions_seedprobe_{name}.csv", data, p)
             print(f"[himae-probe] seed probe on {name}: ROC-AUC {auroc:.3f}  AP {apr:.3f} (all {len(p)} segments)")
-    results = [probe_model(m, data, name, a.folds, a.seed) for name, m in models]
+        results.append(probe_levels(feats, data, name, a.folds, a.seed))
     print(format_table(results))
     first = results[0]
     write_predictions(out / "pvc_predictions.csv", data, first.oof[first.best.level])

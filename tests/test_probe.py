@@ -6,6 +6,7 @@ import torch
 
 from data_prep.hdf5_sources import DownstreamSet, read_downstream
 from probes.evaluate import apply_seed_probe, grouped_oof_probe, main as probe_main, random_encoder
+from probes.features import level_features
 
 
 def test_grouped_split_does_not_reward_recognising_patients():
@@ -61,7 +62,8 @@ def test_probe_cli_on_a_small_cohort(tiny_cohort, tmp_path, capsys):
 def test_seed_format_probe_applies_to_the_bottleneck(seed_reference):
     data = DownstreamSet(np.random.default_rng(0).uniform(-1, 1, (64, 1, 250)).astype(np.float32),
                          np.r_[np.ones(8), np.zeros(56)].astype(np.int64), np.arange(64) % 4, np.arange(64))
-    p, auroc, ap = apply_seed_probe(random_encoder(1, 0), data, str(seed_reference / "pvc_linear_probe.pt"))
+    bottleneck = level_features(random_encoder(1, 0), data.signals)[-1]
+    p, auroc, ap = apply_seed_probe(bottleneck, data.labels, str(seed_reference / "pvc_linear_probe.pt"))
     sd = torch.load(seed_reference / "pvc_linear_probe.pt", map_location="cpu", weights_only=True)
     assert tuple(sd["fc.weight"].shape) == (1, 256)
     assert p.shape == (64,) and 0 <= auroc <= 1 and 0 <= ap <= 1
@@ -71,4 +73,4 @@ def test_seed_probe_of_the_wrong_width_is_a_clear_error(tmp_path):
     torch.save({"fc.weight": torch.zeros(1, 128), "fc.bias": torch.zeros(1)}, tmp_path / "p.pt")
     data = DownstreamSet(np.zeros((4, 1, 250), np.float32), np.array([0, 1, 0, 1]), np.arange(4), np.arange(4))
     with pytest.raises(ValueError, match=r"p\.pt: fc\.weight \(1, 128\).*expected \[1, 256\]"):
-        apply_seed_probe(random_encoder(1, 0), data, str(tmp_path / "p.pt"))
+        apply_seed_probe(level_features(random_encoder(1, 0), data.signals)[-1], data.labels, str(tmp_path / "p.pt"))
