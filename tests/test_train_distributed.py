@@ -14,16 +14,21 @@ from himae_dist.checkpoint import load_himae
 pytestmark = pytest.mark.slow
 
 
-def _torchrun(shards, out, steps, extra=(), env_extra=None):
+def _run_trainer(shards, out, args=(), nproc=2, env_extra=None, drop_env=()):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+    env = {k: v for k, v in os.environ.items() if k not in drop_env}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={port}", "-m", "himae_dist.train", "--data", str(shards), "--out", str(out),
-           "--steps", str(steps), "--micro-batch", "16", "--num-workers", "0", "--log-every", "5",
-           "--shuffle-buffer", "200", *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           "--num-workers", "0", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _torchrun(shards, out, steps, extra=(), env_extra=None):
+    args = ("--steps", str(steps), "--micro-batch", "16", "--log-every", "5", "--shuffle-buffer", "200", *extra)
+    proc = _run_trainer(shards, out, args, env_extra=env_extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -60,14 +65,6 @@ def test_fused_objective_trains_under_the_triton_interpreter(tiny_shards, tmp_pa
 
 
 def test_fused_objective_without_cuda_is_a_clear_error(tiny_shards, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}",
-         "-m", "himae_dist.train", "--data", str(tiny_shards), "--out", str(tmp_path), "--loss-impl", "fused",
-         "--num-workers", "0"], env=env, capture_output=True, text=True, timeout=300)
+    proc = _run_trainer(tiny_shards, tmp_path, ("--loss-impl", "fused"), nproc=1, drop_env=("TRITON_INTERPRET",))
     assert proc.returncode != 0
     assert "--loss-impl=fused needs a CUDA device" in proc.stderr
