@@ -179,6 +179,35 @@ def iter_index_rows(
         cache.close()
 
 
+def check_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """Labels must be a 1-D array of 0/1: a one-hot [N, 2] read as column 0 would invert every label."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(
+            f"{where} has shape {labels.shape}; expected a 1-D array [N] of 0/1 "
+            f"(one-hot or other 2-D labels are not accepted: convert them to 0/1 first)"
+        )
+    if labels.dtype == bool:
+        return labels.astype(np.int64)
+    if not np.issubdtype(labels.dtype, np.number) or not np.isin(labels, (0, 1)).all():
+        found = np.unique(labels)[:10] if np.issubdtype(labels.dtype, np.number) else labels.dtype
+        raise ValueError(f"{where} must hold only 0 and 1, found {found}")
+    return labels.astype(np.int64)
+
+
+def check_patient_ids(pids: np.ndarray, where: str) -> np.ndarray:
+    """Patient ids must be integers (a float id would be truncated into another patient's)."""
+    pids = np.asarray(pids)
+    if pids.ndim != 1:
+        raise ValueError(f"{where} has shape {pids.shape}; expected a 1-D array [N] of integer patient ids")
+    if np.issubdtype(pids.dtype, np.integer):
+        return pids.astype(np.int64)
+    if np.issubdtype(pids.dtype, np.floating) and np.isfinite(pids).all() and (pids == np.round(pids)).all():
+        return pids.astype(np.int64)  # 3.0 is patient 3; 3.5 is an error below
+    bad = pids[:10] if not np.issubdtype(pids.dtype, np.floating) else pids[~np.isfinite(pids) | (pids != np.round(pids))][:5]
+    raise ValueError(f"{where} must be integers, found dtype {pids.dtype} with values such as {list(bad)}")
+
+
 @dataclass(frozen=True)
 class DownstreamSet:
     signals: np.ndarray  # [N, C, L] float32
@@ -213,9 +242,9 @@ def read_downstream(
             raise ValueError(f"{h5_path}: '/{k}' has {s.shape[0]} rows but '/labels' has {len(labels)}")
     if pids is not None and len(pids) != len(labels):
         raise ValueError(f"{h5_path}: '/patient_ids' has {len(pids)} rows but '/labels' has {len(labels)}")
-    labels = labels.reshape(len(labels), -1)[:, 0] if labels.ndim > 1 else labels
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"{h5_path}: '/labels' must be binary 0/1, found values {np.unique(labels)[:10]}")
+    labels = check_labels(labels, f"{h5_path}: '/labels'")
+    if pids is not None:
+        pids = check_patient_ids(pids, f"{h5_path}: '/patient_ids'")
     stacked = np.stack(sig, axis=1)  # [N, C, L]
     keep, out = [], []
     for i in range(len(labels)):
@@ -228,5 +257,5 @@ def read_downstream(
     keep = np.asarray(keep)
     return DownstreamSet(
         signals=np.stack(out), labels=labels[keep].astype(np.int64),
-        patient_ids=None if pids is None else pids[keep].astype(np.int64), rows=keep,
+        patient_ids=None if pids is None else pids[keep], rows=keep,
     )

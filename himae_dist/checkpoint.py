@@ -1,7 +1,9 @@
 """Exported plain weights, and loading HiMAE from any checkpoint a user is likely to hold.
 
 Formats `load_himae` accepts (all through `torch.load(..., weights_only=True)`):
-  - ours: {"format": "himae-dist-weights-v1", "state_dict", "model_config", "step"}
+  - ours: {"format": "himae-dist-weights-v1", "state_dict", "model_config", "step", "preprocess"}
+    (`preprocess`: the `data_prep.preprocess.Preprocess.to_dict()` of the data it was trained on,
+    so evaluation can apply the same scaling and rate)
   - the seed's Lightning `.ckpt`: {"state_dict": {"model.<name>": ...}, ...}
   - a bare HiMAE state_dict (seed names)
   - a DeepSpeed checkpoint folder (the `latest` tag, or a tag folder)
@@ -91,4 +93,5 @@ def load_himae(path: str | os.PathLike) -> tuple[HiMAE, dict]:
         ) from e
     model.eval()
     step = obj.get("step") if isinstance(obj, dict) else None
-    return model, {"source": str(f), "config": cfg, "step": step}
+    preprocess = obj.get("preprocess") if isinstance(obj, dict) else None
+    return model, {"source": str(f), "config": cfg, "step": step, "preprocess": preprocess}
