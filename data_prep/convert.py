@@ -1,166 +1,383 @@
-"""The shard conversion job (`himae-prep`): HDF5 -> WebDataset tar shards + manifest.json.
+"""The shard conversion job (`himae-prep`): HDF5 -> format-v2 WebDataset tar shards + manifest.json.
 
-Each sample is `<key>.signal.npy` (float32 [C, L]) and `<key>.json` (source file, key, and for
-downstream data label and patient id), so stock `webdataset.WebDataset(...).decode()` reads it.
-Shard i holds input items [i * n, (i + 1) * n), so shards are independent: `--workers` converts
-them in parallel, and a re-run skips every shard already finished (resume, not redo).
-`manifest.json` is written last and lists shards, sample counts, length, channels and skips.
+Rows are split by patient into train/val, globally shuffled (index_plan), cut into shards of
+`--samples-per-shard`, read, checked, preprocessed once (preprocess.py) and written in blocks
+(shard_format.py). The work splits into independent tasks (`--num-tasks/--task-index`, or a SLURM
+array) that may run on different machines; `--finalize` then verifies every shard and writes
+`manifest.json`. A single-task run finalizes by itself.
+
+A re-run verifies finished shards (size from one listing, then sha256, or the S3 ETag's md5)
+and rebuilds only what is missing or wrong. A re-run with other options or a changed source is
+refused unless `--overwrite`: the shards on disk would silently describe other data.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import re
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
 
-from data_prep.hdf5_sources import (
-    BadSamplePolicy,
-    IndexRow,
-    iter_index_rows,
-    read_downstream,
-    read_index,
-)
-from data_prep.shard_writer import ShardOutput, part_name, write_shard
-from himae_dist.streaming import MANIFEST
-
-FORMAT = "himae-wds-v1"
+from data_prep.hdf5_sources import BadSamplePolicy, segment_shape
+from data_prep.index_plan import DownstreamSource, IndexSource, Plan, find_duplicate_rows, make_plan, rows_for_shards, scan
+from data_prep.preprocess import CONSTANT_POLICIES, LENGTH_POLICIES, NORMALIZE, Preprocess
+from data_prep.shard_format import DTYPES, FORMAT, MANIFEST, MEMBERS, PARTS, PLAN, part_name
+from data_prep.shard_writer import WriteParams, build_shard
+from data_prep.storage import Folder, StorageError, file_fingerprints
 
 
 @dataclass(frozen=True)
 class ConvertParams:
     out: str
     samples_per_shard: int = 1000
+    block_size: int = 256
+    dtype: str = "float16"
     length: int | None = None
+    length_policy: str = "strict"
+    normalize: str = "minmax"
+    source_rate: float | None = None
+    target_rate: float | None = None
+    constant: str = "drop"
+    val_fraction: float = 0.05
+    seed: int = 0
     on_bad: str = "error"
     workers: int = 1
+    num_tasks: int = 1
+    task_index: int = 0
+    overwrite: bool = False
+    max_rows: int = 2_000_000  # rows held in memory at once (one wave of shards)
     storage_options: dict | None = None
+    signal_key: str = "ppg"  # downstream only
+
+    def validate(self) -> None:
+        def bad(name: str, want: str) -> None:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: expected {want}")
+
+        for name in ("samples_per_shard", "block_size", "workers", "num_tasks", "max_rows"):
+            if getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        if not 0 <= self.task_index < self.num_tasks:
+            bad("task_index", f"an integer in [0, {self.num_tasks}) (--num-tasks={self.num_tasks})")
+        if not 0.0 <= self.val_fraction < 1.0:
+            bad("val_fraction", "a value in [0, 1)")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"one of {', '.join(DTYPES)}")
+        if self.on_bad not in ("error", "skip"):
+            bad("on_bad", "error or skip")
+
+    def byte_options(self, kind: str) -> dict:
+        """The options that decide the shards' bytes (not workers, tasks or memory)."""
+        keep = ("samples_per_shard", "block_size", "dtype", "length", "length_policy", "normalize", "source_rate",
+                "target_rate", "constant", "val_fraction", "seed", "on_bad")
+        d = {k: getattr(self, k) for k in keep}
+        if kind == "downstream":
+            d["signal_key"] = self.signal_key
+        return d
 
 
-def _pretrain_shard(args: tuple[int, list[IndexRow], ConvertParams, int]) -> dict:
-    i, rows, p, length = args
-    out = ShardOutput(p.out, p.storage_options)
-    policy = BadSamplePolicy(p.on_bad)
-    samples = [
-        (r.key, seg, {"source": r.path, "global_idx": r.key})
-        for r, seg in iter_index_rows(rows, length, policy, p.storage_options)
-    ]
-    return write_shard(out, i, samples, {"skipped": dict(policy.skipped), "channels": _channels(samples)})
+def _log(msg: str) -> None:
+    print(f"[himae-prep] {msg}", flush=True)
 
 
-def _channels(samples: list) -> int | None:
-    return int(samples[0][1].shape[0]) if samples else None
+def _sha(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _finished(out: ShardOutput, i: int) -> dict | None:
-    return json.loads(out.read_text(part_name(i))) if out.exists(part_name(i)) else None
+def open_source(index: str | None, downstream: str | None, p: ConvertParams):
+    if (index is None) == (downstream is None):
+        raise ValueError("give exactly one of --index (pretraining CSV) or --downstream (labelled HDF5)")
+    chunk = min(p.max_rows, 1_000_000)
+    return IndexSource(index, p.storage_options, chunk) if index else DownstreamSource(downstream, p.signal_key, chunk)
+
+
+def _infer_shape(source, stats, p: ConvertParams) -> tuple[int, int, str]:
+    """(channels, input length, how) from a seeded sample of rows: the shape most rows have."""
+    keys = tuple(k.strip() for k in p.signal_key.split("+"))
+    shapes = segment_shape(stats.sample, source.kind, keys, p.storage_options)
+    if not shapes:
+        raise ValueError(f"{source.url}: none of {len(stats.sample)} sampled rows is readable; check the paths "
+                         f"(relative paths are resolved against the index's folder)")
+    if p.length is not None:
+        channels = Counter({c: n for (c, _), n in shapes.items()}).most_common(1)[0][0]
+        return channels, p.length, "--length"
+    (channels, length), n = shapes.most_common(1)[0]
+    return channels, length, f"most common of {sum(shapes.values())} sampled rows ({n} have it)"
+
+
+def prepare(source, p: ConvertParams) -> dict:
+    """The plan every task derives identically from the source and the options."""
+    stats = scan(source, p.seed)
+    dup_policy = BadSamplePolicy(p.on_bad)
+    dups = find_duplicate_rows(source, stats.n_rows, p.max_rows, dup_policy)
+    channels, length_in, how = _infer_shape(source, stats, p)
+    pre = Preprocess(p.normalize, p.source_rate, p.target_rate, length_in, p.length_policy, p.constant)
+    pre.output_length()  # a clear error now if the rates do not divide the length
+    plan = make_plan(source, stats, p.samples_per_shard, p.val_fraction, p.seed, dups)
+    fingerprint = {"index": source.fingerprint(), "files": file_fingerprints(stats.files, p.storage_options)}
+    record = {
+        "format": FORMAT, "kind": source.kind, "options": p.byte_options(source.kind),
+        "source": {"url": source.url, "fingerprint": _sha(fingerprint), "n_files": len(stats.files)},
+        "channels": channels, "length_inferred_from": how, "preprocess": pre.to_dict(),
+        "n_rows": stats.n_rows, "split": plan.to_dict(),
+        "n_shards": {"train": plan.n_shards("train"), "val": plan.n_shards("val")},
+        "skipped_at_plan": dict(dup_policy.skipped),
+    }
+    record["plan_id"] = _sha(record)
+    return {"record": record, "plan": plan, "preprocess": pre, "channels": channels}
+
+
+def _check_against_existing(out: Folder, record: dict, overwrite: bool) -> None:
+    """Refuse to mix shards of two different conversions in one folder, unless --overwrite."""
+    old = None
+    if out.exists(PLAN):
+        old = json.loads(out.read_text(PLAN))
+    elif out.exists(MANIFEST):
+        old = json.loads(out.read_text(MANIFEST))
+    if old is None or old.get("plan_id") == record["plan_id"]:
+        return
+    what = []
+    if old.get("format") != record["format"]:
+        what.append(f"format {old.get('format')!r} -> {record['format']!r}")
+    for k in sorted(set(old.get("options", {})) | set(record["options"])):
+        if old.get("options", {}).get(k) != record["options"].get(k):
+            what.append(f"{k} {old.get('options', {}).get(k)!r} -> {record['options'].get(k)!r}")
+    if old.get("source") != record["source"]:
+        what.append("the source changed (index or HDF5 files: size/mtime/ETag)")
+    if not overwrite:
+        raise ValueError(
+            f"{out.url} holds shards from another conversion ({'; '.join(what) or 'different plan'}); "
+            f"pass --overwrite to replace them, or choose another --out"
+        )
+    _log(f"--overwrite: replacing the conversion in {out.url} ({'; '.join(what) or 'different plan'})")
+    out.remove(MANIFEST)
+
+
+def _verify(out: Folder, rec: dict, listed: dict[str, dict], plan_id: str) -> str | None:
+    """None if the shard on storage is the one the record describes; else why not."""
+    if rec.get("plan_id") != plan_id:
+        return "made by another conversion"
+    info = listed.get(rec["url"])
+    if info is None:
+        return "missing"
+    if int(info.get("size") or 0) != rec["bytes"]:
+        return f"size {info.get('size')} bytes, expected {rec['bytes']}"
+    etag = str(info.get("ETag") or "").strip('"')
+    if out.remote and re.fullmatch(r"[0-9a-f]{32}", etag):  # single-part upload: ETag is the md5
+        return None if etag == rec["md5"] else "md5 (ETag) mismatch"
+    return None if hashlib.sha256(out.read_bytes(rec["url"])).hexdigest() == rec["sha256"] else "sha256 mismatch"
+
+
+def _verified_records(out: Folder, shards: list[tuple[str, int]], plan_id: str) -> tuple[dict, dict]:
+    """List `_parts/` and the shard folders once; read and verify the records of `shards` in parallel."""
+    parts = out.listing(PARTS)
+    listed = {**out.listing("train"), **out.listing("val")}
+    good, bad = {}, {}
+
+    def check(sh: tuple[str, int]) -> tuple[tuple[str, int], dict | None, str]:
+        name = part_name(*sh)
+        if name not in parts:
+            return sh, None, "no record"
+        rec = json.loads(out.read_text(name))
+        why = _verify(out, rec, listed, plan_id)
+        return sh, (rec if why is None else None), why or ""
+
+    with ThreadPoolExecutor(16) as pool:
+        for sh, rec, why in pool.map(check, shards):
+            (good.__setitem__(sh, rec) if rec is not None else bad.__setitem__(sh, why))
+    return good, bad
+
+
+def run_task(source, p: ConvertParams, prep: dict | None = None) -> dict:
+    """Build (or verify) this task's shards. Returns {(split, i): record}."""
+    p.validate()
+    prep = prep or prepare(source, p)
+    record, plan = prep["record"], prep["plan"]
+    out = Folder(p.out, p.storage_options, create=True)
+    tmp_prefix = f".tmp-t{p.task_index}-"
+    if (n := out.clean_temp_files(tmp_prefix)):
+        _log(f"removed {n} orphaned temp file(s) of a killed run")
+    _check_against_existing(out, record, p.overwrite)
+    out.write_text(PLAN, json.dumps(record, indent=2, sort_keys=True), tmp_prefix)
+    mine = plan.task_shards(p.task_index, p.num_tasks)
+    done, bad = _verified_records(out, mine, record["plan_id"])
+    rebuilt = {sh: why for sh, why in bad.items() if why != "no record"}
+    if done or rebuilt:
+        _log(f"task {p.task_index}/{p.num_tasks}: {len(done)} of {len(mine)} shards verified"
+             + (f"; rebuilding {len(rebuilt)}: " + ", ".join(f"{s}/{i} ({w})" for (s, i), w in list(rebuilt.items())[:5])
+                if rebuilt else ""))
+    todo = [sh for sh in mine if sh not in done]
+    wp = WriteParams(p.out, p.storage_options, source.kind, tuple(k.strip() for k in p.signal_key.split("+")),
+                     prep["channels"], prep["preprocess"], p.dtype, p.block_size, p.on_bad, record["plan_id"], tmp_prefix)
+    _build(source, plan, todo, wp, p, done)
+    return done
+
+
+def _build(source, plan: Plan, todo: list[tuple[str, int]], wp: WriteParams, p: ConvertParams, done: dict) -> None:
+    from tqdm import tqdm
+
+    per_wave = max(1, p.max_rows // p.samples_per_shard)
+    total = sum(min(p.samples_per_shard, plan.n_split[s] - i * p.samples_per_shard) for s, i in todo)
+    with tqdm(total=total, unit="seg", unit_scale=True, desc="himae-prep", disable=None, smoothing=0.1) as bar, \
+            ProcessPoolExecutor(p.workers) if p.workers > 1 else _Inline() as pool:
+        for w in range(0, len(todo), per_wave):
+            wave = todo[w:w + per_wave]
+            rows = rows_for_shards(source, plan, set(wave))
+            code = rows["split"].to_numpy() * (1 << 40) + rows["shard"].to_numpy() if len(rows) else None
+            futures = []
+            for s, i in wave:
+                sel = code == (0 if s == "train" else 1) * (1 << 40) + i
+                futures.append(pool.submit(build_shard, s, i, rows[sel], wp))
+            for f in as_completed(futures):
+                rec = f.result()
+                done[(rec["split"], rec["index"])] = rec
+                bar.update(rec["n_rows"])
+
+
+class _Inline:
+    """ProcessPoolExecutor's submit/as_completed interface, run in this process (workers=1)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        fut.set_result(fn(*args))
+        return fut
+
+
+def finalize(source, p: ConvertParams, prep: dict | None = None, known: dict | None = None) -> dict:
+    """Verify every shard of the plan and write manifest.json (last)."""
+    prep = prep or prepare(source, p)
+    record, plan, pre = prep["record"], prep["plan"], prep["preprocess"]
+    out = Folder(p.out, p.storage_options, create=True)
+    _check_against_existing(out, record, p.overwrite and known is not None)
+    known = dict(known or {})
+    rest = [sh for sh in plan.all_shards() if sh not in known]
+    good, bad = _verified_records(out, rest, record["plan_id"]) if rest else ({}, {})
+    if bad:
+        tasks = sorted({plan.all_shards().index(sh) % p.num_tasks for sh in bad})
+        sample = ", ".join(f"{s}/{i} ({w})" for (s, i), w in list(bad.items())[:5])
+        raise ValueError(f"{out.url}: {len(bad)} shard(s) not finished or not intact: {sample}; "
+                         f"re-run task(s) {tasks} of --num-tasks={p.num_tasks}, then --finalize")
+    records = {**known, **good}
+    stale = set(out.listing("train")) | set(out.listing("val"))
+    stale -= {r["url"] for r in records.values()}
+    for name in sorted(stale):
+        out.remove(name)
+    skipped: Counter = Counter(record["skipped_at_plan"])
+    noted: Counter = Counter()
+    splits = {}
+    for split in ("train", "val"):
+        recs = [records[(split, i)] for i in range(plan.n_shards(split))]
+        for r in recs:
+            skipped.update(r["skipped"])
+            noted.update(r["noted"])
+        splits[split] = {
+            "n_samples": sum(r["n_samples"] for r in recs),
+            "shards": [{k: r[k] for k in ("url", "n_samples", "bytes", "sha256")} for r in recs if r["n_samples"]],
+        }
+    n = splits["train"]["n_samples"] + splits["val"]["n_samples"]
+    if splits["train"]["n_samples"] == 0:
+        raise ValueError(f"no usable training samples in {source.url} (skipped: {dict(skipped)})")
+    manifest = {
+        **{k: record[k] for k in ("format", "kind", "options", "source", "channels", "length_inferred_from",
+                                  "preprocess", "n_rows", "split", "plan_id")},
+        "length": pre.output_length(), "dtype": p.dtype, "block_size": p.block_size, "members": MEMBERS,
+        "n_samples": n, "splits": splits, "skipped": dict(skipped), "noted": dict(noted),
+    }
+    out.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    _log(f"{n} samples ({splits['train']['n_samples']} train, {splits['val']['n_samples']} val) of "
+         f"[{record['channels']}, {manifest['length']}] {p.dtype} in {len(splits['train']['shards'])} + "
+         f"{len(splits['val']['shards'])} shards -> {out.url}/{MANIFEST}" + (f"; skipped {dict(skipped)}" if skipped else ""))
+    return manifest
+
+
+def convert(index: str | None, downstream: str | None, p: ConvertParams, finalize_only: bool = False) -> dict | None:
+    """Run this task, and finalize when it is the only one. Returns the manifest when written."""
+    p.validate()
+    source = open_source(index, downstream, p)
+    prep = prepare(source, p)
+    if finalize_only:
+        return finalize(source, p, prep)
+    done = run_task(source, p, prep)
+    if p.num_tasks == 1:
+        return finalize(source, p, prep, known=done)
+    _log(f"task {p.task_index} of {p.num_tasks} finished its shards; run --finalize once every task has")
+    return None
 
 
 def convert_pretrain(index_csv: str, p: ConvertParams) -> dict:
-    """Convert a pretraining index (local_path,global_idx) into shards."""
-    if p.samples_per_shard < 1:
-        raise ValueError(f"--samples-per-shard must be >= 1, got {p.samples_per_shard}")
-    rows = read_index(index_csv)
-    length = p.length or _first_length(rows, p)
-    out = ShardOutput(p.out, p.storage_options)
-    n = p.samples_per_shard
-    jobs = [(i, rows[s : s + n], p, length) for i, s in enumerate(range(0, len(rows), n))]
-    records = {i: rec for i, *_ in jobs if (rec := _finished(out, i)) is not None}
-    todo = [j for j in jobs if j[0] not in records]
-    if records:
-        print(f"[himae-prep] resuming: {len(records)} of {len(jobs)} shards already done")
-    if p.workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(p.workers) as pool:
-            for rec, job in zip(pool.map(_pretrain_shard, todo), todo):
-                records[job[0]] = rec
-    else:
-        for job in todo:
-            records[job[0]] = _pretrain_shard(job)
-    return _write_manifest(out, [records[i] for i in range(len(jobs))], "pretrain", index_csv, length, p)
-
-
-def _first_length(rows: list[IndexRow], p: ConvertParams) -> int:
-    """Infer L from the first readable segment, so every shard is checked against the same L."""
-    for _, seg in iter_index_rows(rows[:1000], None, BadSamplePolicy("skip"), p.storage_options):
-        return int(seg.shape[-1])
-    raise ValueError("none of the first 1000 index rows is readable; pass --length or fix the index")
+    return convert(index_csv, None, p)
 
 
 def convert_downstream(h5_path: str, signal_key: str, p: ConvertParams) -> dict:
-    """Convert a downstream HDF5 (/ppg, /labels, /patient_ids) into shards with labels."""
-    policy = BadSamplePolicy(p.on_bad)
-    ds = read_downstream(h5_path, signal_key, p.length, policy)
-    out = ShardOutput(p.out, p.storage_options)
-    length, n = int(ds.signals.shape[-1]), p.samples_per_shard
-    records = []
-    for i, s in enumerate(range(0, len(ds.labels), n)):
-        rec = _finished(out, i)
-        if rec is None:
-            samples = [
-                (
-                    f"{int(ds.rows[j]):08d}", ds.signals[j],
-                    {"source": str(h5_path), "row": int(ds.rows[j]), "label": int(ds.labels[j]),
-                     "patient_id": None if ds.patient_ids is None else int(ds.patient_ids[j])},
-                )
-                for j in range(s, min(s + n, len(ds.labels)))
-            ]
-            rec = write_shard(out, i, samples, {"skipped": {}, "channels": _channels(samples)})
-        records.append(rec)
-    return _write_manifest(out, records, "downstream", h5_path, length, p, read_skipped=dict(policy.skipped))
+    return convert(None, h5_path, ConvertParams(**{**asdict(p), "signal_key": signal_key}))
 
 
-def _write_manifest(
-    out: ShardOutput, records: list[dict], kind: str, source: str, length: int, p: ConvertParams,
-    read_skipped: dict[str, int] | None = None,
-) -> dict:
-    skipped: dict[str, int] = dict(read_skipped or {})
-    for r in records:
-        for reason, c in r.get("skipped", {}).items():
-            skipped[reason] = skipped.get(reason, 0) + c
-    channels = {r["channels"] for r in records if r.get("channels") is not None}
-    if len(channels) > 1:
-        raise ValueError(f"shards disagree on the channel count: {sorted(channels)}")
-    manifest = {
-        "format": FORMAT, "kind": kind, "source": str(source), "length": length,
-        "channels": channels.pop() if channels else None,
-        "n_samples": sum(r["n_samples"] for r in records),
-        "shards": [{"url": r["shard"], "n_samples": r["n_samples"]} for r in records if r["n_samples"]],
-        "skipped": skipped, "samples_per_shard": p.samples_per_shard, "on_bad": p.on_bad,
-    }
-    if manifest["n_samples"] == 0:
-        raise ValueError(f"no usable samples in {source} (skipped: {skipped})")
-    out.write_text(MANIFEST, json.dumps(manifest, indent=2))
-    print(
-        f"[himae-prep] {manifest['n_samples']} samples of length {length} in {len(manifest['shards'])} "
-        f"shards -> {out.url}/{MANIFEST}" + (f"; skipped {skipped}" if skipped else "")
-    )
-    return manifest
+def _slurm_task() -> tuple[int | None, int | None]:
+    tid, count = os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_ARRAY_TASK_COUNT")
+    if tid is None or count is None:
+        return None, None
+    return int(tid) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0")), int(count)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="himae-prep", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--index", help="pretraining CSV index (local_path,global_idx)")
-    src.add_argument("--downstream", help="downstream HDF5 with /ppg|/ecg, /labels, /patient_ids")
+    src.add_argument("--index", help="pretraining CSV index (local_path,global_idx[,patient_id]), local or s3://")
+    src.add_argument("--downstream", help="labelled HDF5 with /ppg|/ecg, /labels, /patient_ids")
     ap.add_argument("--signal-key", default="ppg", help="downstream signal dataset: ppg, ecg or ppg+ecg")
     ap.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix)")
     ap.add_argument("--samples-per-shard", type=int, default=1000)
-    ap.add_argument("--length", type=int, default=None, help="expected segment length (default: first segment's)")
+    ap.add_argument("--block-size", type=int, default=256, help="segments per tar member (one .npy block)")
+    ap.add_argument("--dtype", choices=DTYPES, default="float16", help="stored sample dtype")
+    ap.add_argument("--length", type=int, default=None,
+                    help="expected input segment length (default: the length most of a seeded sample of rows have)")
+    ap.add_argument("--length-policy", choices=LENGTH_POLICIES, default="strict",
+                    help="other lengths: strict = bad row; crop = keep the first --length samples; crop-pad = also "
+                         "pad short ones by repeating the last sample")
+    ap.add_argument("--normalize", choices=NORMALIZE, default="minmax", help="per-segment min-max to [-1, 1] (seed) or none")
+    ap.add_argument("--source-rate", type=float, default=None, help="input sampling rate (Hz)")
+    ap.add_argument("--target-rate", type=float, default=None, help="resample to this rate (Hz; polyphase)")
+    ap.add_argument("--constant", choices=CONSTANT_POLICIES, default="drop",
+                    help="flat-line segments (a constant channel): drop and count them, or keep them")
+    ap.add_argument("--val-fraction", type=float, default=0.05, help="rows held out for validation (whole patients)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the split and the global shuffle")
     ap.add_argument("--on-bad", choices=["error", "skip"], default="error",
-                    help="bad segment (missing file/key, wrong length, NaN): stop with an error, or skip and count it")
-    ap.add_argument("--workers", type=int, default=1, help="processes converting shards in parallel")
+                    help="bad segment (missing/unreadable file or key, wrong length, NaN, duplicate key): stop with "
+                         "an error, or skip and count it")
+    ap.add_argument("--workers", type=int, default=1, help="processes building shards in parallel")
+    ap.add_argument("--num-tasks", type=int, default=None, help="independent tasks (default: SLURM_ARRAY_TASK_COUNT or 1)")
+    ap.add_argument("--task-index", type=int, default=None, help="this task (default: SLURM_ARRAY_TASK_ID or 0)")
+    ap.add_argument("--finalize", action="store_true", help="verify every task's shards and write manifest.json")
+    ap.add_argument("--overwrite", action="store_true", help="replace shards made with other options or source")
+    ap.add_argument("--max-rows", type=int, default=2_000_000, help="index rows held in memory at once")
     ap.add_argument("--storage-options", type=json.loads, default=None,
                     help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
     a = ap.parse_args(argv)
-    p = ConvertParams(a.out, a.samples_per_shard, a.length, a.on_bad, a.workers, a.storage_options)
+    s_idx, s_cnt = _slurm_task()
+    num_tasks = a.num_tasks if a.num_tasks is not None else (s_cnt or 1)
+    task_index = a.task_index if a.task_index is not None else (s_idx or 0)
+    p = ConvertParams(
+        a.out, a.samples_per_shard, a.block_size, a.dtype, a.length, a.length_policy, a.normalize, a.source_rate,
+        a.target_rate, a.constant, a.val_fraction, a.seed, a.on_bad, a.workers, num_tasks, task_index, a.overwrite,
+        a.max_rows, a.storage_options, a.signal_key,
+    )
     try:
-        if a.index:
-            convert_pretrain(a.index, p)
-        else:
-            convert_downstream(a.downstream, a.signal_key, p)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        sys.exit(f"himae-prep: error: {e}")
+        convert(a.index, a.downstream, p, finalize_only=a.finalize)
+    except (ValueError, KeyError, OSError, StorageError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        sys.exit(f"himae-prep: error: {msg}")
 
 
 if __name__ == "__main__":

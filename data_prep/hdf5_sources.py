@@ -14,16 +14,14 @@ Bad input policy (`on_bad`): "error" (default) raises BadSampleError naming the 
 from __future__ import annotations
 
 import collections
-import csv
 import os
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 WAVEFORM_KEY = "normalized_waveform"
-INDEX_COLUMNS = ("local_path", "global_idx")
 
 
 class BadSampleError(ValueError):
@@ -34,6 +32,7 @@ class BadSampleError(ValueError):
 class BadSamplePolicy:
     on_bad: str = "error"
     skipped: collections.Counter = field(default_factory=collections.Counter)
+    noted: collections.Counter = field(default_factory=collections.Counter)  # kept but changed: cropped, padded
 
     def __post_init__(self) -> None:
         if self.on_bad not in ("error", "skip"):
@@ -45,48 +44,16 @@ class BadSamplePolicy:
         self.skipped[reason] += 1
 
 
-@dataclass(frozen=True)
-class IndexRow:
-    row: int  # 1-based data row number in the CSV, for error messages
-    path: str  # resolved local path or URL
-    key: str  # global_idx exactly as written
-
-
-def read_index(index_csv: str | os.PathLike) -> list[IndexRow]:
-    """Read the pretraining index; keys are kept as strings."""
-    index_csv = Path(index_csv)
-    if not index_csv.is_file():
-        raise FileNotFoundError(f"pretraining index {index_csv} does not exist")
-    base = index_csv.parent
-    rows = []
-    with open(index_csv, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in INDEX_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(
-                f"{index_csv}: header {reader.fieldnames} lacks column(s) {missing}; "
-                f"expected a CSV with columns local_path,global_idx"
-            )
-        for i, r in enumerate(reader, start=1):
-            path, key = (r["local_path"] or "").strip(), (r["global_idx"] or "").strip()
-            if not path or not key:
-                raise ValueError(f"{index_csv}: row {i} has an empty local_path or global_idx: {r}")
-            if "://" not in path and not os.path.isabs(path):
-                path = str(base / path)
-            rows.append(IndexRow(i, path, key))
-    if not rows:
-        raise ValueError(f"pretraining index {index_csv} has no rows")
-    return rows
-
-
 def check_segment(
-    arr: np.ndarray, where: str, expected_length: int | None, policy: BadSamplePolicy
+    arr: np.ndarray, where: str, expected_length: int | None, policy: BadSamplePolicy,
+    expected_channels: int | None = None,
 ) -> np.ndarray | None:
     """Return arr as float32 [C, L], or None if the policy skipped it."""
     if arr.ndim == 1:
         arr = arr[None, :]
-    if arr.ndim != 2:
-        policy.reject("bad_shape", f"{where}: expected a 1-D segment [L] or [C, L], got shape {arr.shape}")
+    if arr.ndim != 2 or (expected_channels is not None and arr.shape[0] != expected_channels):
+        want = f"[{expected_channels}, L]" if expected_channels else "[L] or [C, L]"
+        policy.reject("bad_shape", f"{where}: expected a segment {want}, got shape {arr.shape}")
         return None
     if expected_length is not None and arr.shape[-1] != expected_length:
         policy.reject(
@@ -104,79 +71,113 @@ def check_segment(
     return arr
 
 
-class H5FileCache:
-    """Keeps recently used HDF5 files open: index rows usually walk one shard at a time."""
-
-    def __init__(self, storage_options: dict | None = None, max_open: int = 8):
-        self.storage_options = storage_options or {}
-        self.max_open = max_open
-        self._open: collections.OrderedDict[str, object] = collections.OrderedDict()
-
-    def __contains__(self, path: str) -> bool:
-        return path in self._open
-
-    def get(self, path: str):
-        import h5py
-
-        if path in self._open:
-            self._open.move_to_end(path)
-            return self._open[path]
-        if "://" in path:
-            import fsspec
-
-            fh = fsspec.open(path, "rb", **self.storage_options).open()
-            f = h5py.File(fh, "r")
-        else:
-            f = h5py.File(path, "r")
-        self._open[path] = f
-        if len(self._open) > self.max_open:
-            self._open.popitem(last=False)[1].close()
-        return f
-
-    def close(self) -> None:
-        for f in self._open.values():
-            f.close()
-        self._open.clear()
+class UnreadableFile(Exception):
+    """An input file that exists but cannot be opened as HDF5 (truncated, not HDF5, bad permissions)."""
 
 
-def _file_exists(path: str, storage_options: dict | None) -> bool:
-    if "://" in path:
+def open_h5(path: str, storage_options: dict | None = None):
+    """Open an HDF5 file, local or remote. FileNotFoundError if it is absent, UnreadableFile if it is broken."""
+    import h5py
+
+    from data_prep.storage import is_remote, retrying
+
+    if is_remote(path):
         import fsspec
 
         fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        return fs.exists(p)
-    return os.path.isfile(path)
-
-
-def iter_index_rows(
-    rows: list[IndexRow], expected_length: int | None, policy: BadSamplePolicy,
-    storage_options: dict | None = None,
-) -> Iterator[tuple[IndexRow, np.ndarray]]:
-    """Yield (row, segment [C, L]) for each usable index row, in order."""
-    cache = H5FileCache(storage_options)
-    known_missing: set[str] = set()
+        fh = retrying(lambda: fs.open(p, "rb"), "opening", path)  # FileNotFoundError passes through
+        try:
+            return h5py.File(fh, "r")
+        except OSError as e:
+            fh.close()
+            raise UnreadableFile(f"{path}: not a readable HDF5 file ({e})") from e
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
     try:
-        for r in rows:
-            where = f"{r.path} [{r.key!r}] (index row {r.row})"
-            if r.path in known_missing or (
-                r.path not in cache and not _file_exists(r.path, storage_options)
-            ):
-                known_missing.add(r.path)
-                policy.reject("missing_file", f"{where}: HDF5 file does not exist")
-                continue
-            f = cache.get(r.path)
-            if r.key not in f:
-                policy.reject("missing_key", f"{where}: HDF5 file has no group {r.key!r}")
-                continue
-            grp = f[r.key]
-            if not hasattr(grp, "keys") or WAVEFORM_KEY not in grp:
-                policy.reject("missing_key", f"{where}: group has no dataset {WAVEFORM_KEY!r}")
-                continue
-            seg = check_segment(np.asarray(grp[WAVEFORM_KEY][()]), where, expected_length, policy)
-            if seg is not None:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise UnreadableFile(f"{path}: not a readable HDF5 file ({e})") from e
+
+
+def read_segments(
+    rows, kind: str, policy: BadSamplePolicy, fit_length, signal_keys: tuple[str, ...] = ("ppg",),
+    channels: int | None = None, storage_options: dict | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (row, segment [C, L] float32) for the usable rows of a DataFrame (row, path, key).
+
+    Files are opened once each and read in sorted key order (the source is read in order).
+    `fit_length(seg) -> (seg | None, note)` applies the length policy. Bad rows go to `policy`.
+    """
+    for path, grp in rows.sort_values(["path", "key"]).groupby("path", sort=False):
+        try:
+            f = open_h5(path, storage_options)
+        except FileNotFoundError:
+            for r, k in zip(grp["row"], grp["key"]):
+                policy.reject("missing_file", f"{path} [{k!r}] (row {r + 1}): HDF5 file does not exist")
+            continue
+        except UnreadableFile as e:
+            for r, k in zip(grp["row"], grp["key"]):
+                policy.reject("unreadable_file", f"{e} [{k!r}] (row {r + 1})")
+            continue
+        with f:
+            if kind == "downstream":
+                idx = grp["row"].to_numpy()
+                try:
+                    stacked = np.stack([np.asarray(f[k][idx]) for k in signal_keys], axis=1)  # [n, C, L]
+                except (OSError, KeyError) as e:
+                    for r in idx:
+                        policy.reject("unreadable_file", f"{path} (row {r}): cannot read ({e})")
+                    continue
+                items = [(int(r), f"{path} ['/{'+'.join(signal_keys)}' row {r}]", a) for r, a in zip(idx, stacked)]
+            else:
+                items = []
+                for r, k in zip(grp["row"].to_numpy(), grp["key"].to_numpy()):
+                    where = f"{path} [{k!r}] (index row {int(r) + 1})"
+                    try:
+                        if k not in f:
+                            policy.reject("missing_key", f"{where}: HDF5 file has no group {k!r}")
+                            continue
+                        g = f[k]
+                        if not hasattr(g, "keys") or WAVEFORM_KEY not in g:
+                            policy.reject("missing_key", f"{where}: group has no dataset {WAVEFORM_KEY!r}")
+                            continue
+                        items.append((int(r), where, np.asarray(g[WAVEFORM_KEY][()])))
+                    except OSError as e:  # truncated file: the group table or the data cannot be read
+                        policy.reject("unreadable_file", f"{where}: cannot read ({e})")
+            for r, where, arr in items:
+                seg = check_segment(arr, where, None, policy, channels)
+                if seg is None:
+                    continue
+                seg, note = fit_length(seg)
+                if seg is None:
+                    policy.reject(note, f"{where}: segment has length {arr.shape[-1]}, expected the data's length")
+                    continue
+                if note:
+                    policy.noted[note] += 1
                 yield r, seg
-    finally:
-        cache.close()
+
+
+def segment_shape(rows, kind: str, signal_keys: tuple[str, ...], storage_options: dict | None = None) -> Counter:
+    """Counter of (C, L) over the readable rows given: shapes only, no data is read."""
+    shapes: Counter = Counter()
+    for path, grp in rows.sort_values(["path", "key"]).groupby("path", sort=False):
+        try:
+            f = open_h5(path, storage_options)
+        except (FileNotFoundError, UnreadableFile):
+            continue
+        with f:
+            try:
+                if kind == "downstream":
+                    shapes[(len(signal_keys), int(f[signal_keys[0]].shape[1]))] += len(grp)
+                    continue
+                for k in grp["key"]:
+                    if k in f and hasattr(f[k], "keys") and WAVEFORM_KEY in f[k]:
+                        shp = f[k][WAVEFORM_KEY].shape
+                        if len(shp) in (1, 2):
+                            shapes[(1 if len(shp) == 1 else int(shp[0]), int(shp[-1]))] += 1
+            except OSError:
+                continue
+    return shapes
 
 
 def check_labels(labels: np.ndarray, where: str) -> np.ndarray:

@@ -1,86 +1,79 @@
-"""Writes WebDataset tar shards to a local folder or an fsspec URL (s3://...), atomically.
+"""Builds one shard: read its rows from HDF5, check and preprocess them, write a v2 tar atomically.
 
-Each shard is written to a local temp file by webdataset's own TarWriter, then renamed into
-place (local) or uploaded with one PUT (S3), so a shard that exists is complete. A small
-sidecar under `_parts/` records each finished shard's sample count and skips, and is what a
-re-run checks to resume instead of redo.
+A shard's bytes depend only on its rows (chosen by index_plan) and the options, never on which
+worker, task or machine builds it. The tar is written to a temp file, given mode 0644 and
+renamed into place (or PUT once to S3), then a record under `_parts/` (sample count, bytes,
+sha256, md5, skips) marks it finished: a shard without a record is not trusted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+
+from data_prep.hdf5_sources import BadSamplePolicy, read_segments
+from data_prep.preprocess import Preprocess
+from data_prep.shard_format import Block, part_name, shard_name, write_shard_tar
+from data_prep.storage import Folder
 
 
-class ShardOutput:
-    """An output folder, local or remote, with atomic file placement."""
-
-    def __init__(self, url: str, storage_options: dict | None = None):
-        import fsspec
-
-        self.url = url.rstrip("/")
-        self.storage_options = storage_options or {}
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        self.is_local = "://" not in self.url or self.url.startswith("file://")
-        if self.is_local:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
-
-    def path(self, name: str) -> str:
-        return f"{self.root}/{name}"
-
-    def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name))
-
-    def read_text(self, name: str) -> str:
-        with self.fs.open(self.path(name), "r") as fh:
-            return fh.read()
-
-    def place(self, local_tmp: str, name: str) -> None:
-        """Move a finished local temp file to `name`: rename locally, a single PUT remotely."""
-        if self.is_local:
-            Path(self.path(name)).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(local_tmp, self.path(name))
-        else:
-            self.fs.put_file(local_tmp, self.path(name))
-            os.unlink(local_tmp)
-
-    def write_text(self, name: str, text: str) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self._tmp_dir())
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        self.place(tmp, name)
-
-    def _tmp_dir(self) -> str | None:
-        return self.root if self.is_local else None  # same filesystem, so rename is atomic
+@dataclass(frozen=True)
+class WriteParams:
+    out: str
+    storage_options: dict | None
+    kind: str  # pretrain | downstream
+    signal_keys: tuple[str, ...]
+    channels: int
+    preprocess: Preprocess
+    dtype: str
+    block_size: int
+    on_bad: str
+    plan_id: str  # identifies plan + options; a record with another plan_id is stale
+    tmp_prefix: str  # per task, so a task cleans only its own orphans
 
 
-def shard_name(i: int) -> str:
-    return f"shard-{i:06d}.tar"
-
-
-def part_name(i: int) -> str:
-    return f"_parts/shard-{i:06d}.json"
-
-
-def write_shard(
-    out: ShardOutput, index: int, samples: list[tuple[str, np.ndarray, dict]], stats: dict
-) -> dict:
-    """Write samples (key, signal [C, L] float32, metadata) as one tar shard plus its sidecar."""
-    import webdataset as wds
-
-    for key, _, _ in samples:
-        if "." in key or "/" in key or not key:
-            raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/' (webdataset splits on them)")
-    fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tar", dir=out._tmp_dir())
-    with os.fdopen(fd, "wb") as fh:
-        with wds.TarWriter(fh) as sink:
-            for key, signal, meta in samples:
-                sink.write({"__key__": key, "signal.npy": signal, "json": meta})
-    out.place(tmp, shard_name(index))
-    record = {"shard": shard_name(index), "n_samples": len(samples), **stats}
-    out.write_text(part_name(index), json.dumps(record))  # written last: marks the shard done
+def build_shard(split: str, index: int, rows: pd.DataFrame, p: WriteParams) -> dict:
+    """rows: this shard's rows (row, path, key, patient, label, pos). Returns its record."""
+    policy = BadSamplePolicy(p.on_bad)
+    segs = dict(read_segments(rows, p.kind, policy, p.preprocess.fit_length, p.signal_keys, p.channels,
+                              p.storage_options))
+    ordered = rows.sort_values("pos")
+    ordered = ordered[ordered["row"].isin(segs.keys())]
+    n_in = len(ordered)
+    if n_in:
+        x = np.stack([segs[r] for r in ordered["row"]])  # [n, C, L_in]
+        y, kept = p.preprocess.apply(x)  # [n', C, L_out]
+        ordered = ordered[kept]
+        if (~kept).any():
+            policy.skipped["constant"] += int((~kept).sum())
+    else:
+        y = np.zeros((0, p.channels, p.preprocess.output_length()), np.float32)
+    keys = ordered["key"].to_numpy(dtype=str)
+    patients, labels = ordered["patient"].to_numpy(np.int64), ordered["label"].to_numpy(np.int8)
+    blocks = [Block(y[s:s + p.block_size], keys[s:s + p.block_size], patients[s:s + p.block_size],
+                    labels[s:s + p.block_size]) for s in range(0, len(y), p.block_size)]
+    buf = io.BytesIO()
+    write_shard_tar(buf, split, index, blocks, p.dtype)
+    data = buf.getvalue()
+    out = Folder(p.out, p.storage_options)
+    fd, tmp = out.temp_file(p.tmp_prefix, ".tar")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        out.place(tmp, shard_name(split, index))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    record = {
+        "split": split, "index": index, "url": shard_name(split, index), "n_samples": int(len(y)),
+        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest(),
+        "n_rows": int(len(rows)), "skipped": dict(policy.skipped), "noted": dict(policy.noted), "plan_id": p.plan_id,
+    }
+    out.write_text(part_name(split, index), json.dumps(record, sort_keys=True), p.tmp_prefix)  # last: marks it done
     return record

@@ -1,110 +1,192 @@
-"""Streams converted tar shards into training batches with stock webdataset.
+"""Streams format-v2 shards (data_prep/shard_format.py) into training batches.
 
-Each epoch the shard list is shuffled with a seed shared by every rank, then split by node
-(rank) and by DataLoader worker, so ranks read disjoint shards and see a new partition every
-epoch. The stream repeats forever; the trainer decides how many steps to take, so no rank can
-run out of data before another (which would hang a collective).
+Every reader (rank x DataLoader worker) walks one deterministic, endless sequence of shards:
+the epochs' seeded shard permutations laid end to end, reader r taking items r, r + R, r + 2R...
+(R readers). So every rank yields batches forever: equal batch counts on every rank whatever
+the shard count or sizes, even with fewer shards than readers (then a shard feeds several
+readers in one epoch); the trainer decides how many steps to take.
+
+Shuffle: a reader loads `shuffle_shards` shards at once (whole shards, thousands of segments,
+each already a seeded global sample of the corpus), permutes their segments with a seed of its
+own and cuts batches from them. Because that pool is a pure function of (seed, reader, group),
+the stream position is just the number of batches a rank has consumed: `LoaderState` holds it,
+and a loader built with a state skips straight there using the manifest's shard sizes, without
+reading the skipped data.
+
+Faults: shards listed in the manifest but missing or of the wrong size are found at start
+(`check_shards`, one listing per split); a shard that fails mid-run (after retries) is skipped
+with a warning and counted in each batch's `bad_shards`, or is fatal with `strict=True`.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import sys
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class Manifest:
-    url: str  # where manifest.json lives
-    shard_urls: list[str]
-    n_samples: int
-    length: int
-    channels: int
-    kind: str
-
-
-def _fs_open_text(url: str, storage_options: dict | None) -> str:
-    import fsspec
-
-    with fsspec.open(url, "r", **(storage_options or {})) as fh:
-        return fh.read()
+from data_prep.shard_format import MANIFEST, Manifest, ShardFormatError, ShardInfo, parse_manifest, read_shard_blocks
+from data_prep.storage import Folder, StorageError, is_remote
 
 
 def load_manifest(data: str, storage_options: dict | None = None) -> Manifest:
     """Read manifest.json given its path/URL or the folder holding it."""
-    import fsspec
-
     url = data if data.endswith(".json") else data.rstrip("/") + "/" + MANIFEST
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if not fs.exists(path):
+    folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
+    f = Folder(folder, storage_options)
+    if not f.exists(name):
         raise FileNotFoundError(f"{url} does not exist; convert the data with himae-prep first")
-    m = json.loads(_fs_open_text(url, storage_options))
-    for k in ("shards", "length", "channels", "n_samples"):
-        if k not in m:
-            raise ValueError(f"{url}: manifest lacks key {k!r}; was it written by himae-prep?")
-    base = url.rsplit("/", 1)[0]
-    return Manifest(
-        url=url, shard_urls=[f"{base}/{s['url']}" for s in m["shards"]], n_samples=int(m["n_samples"]),
-        length=int(m["length"]), channels=int(m["channels"]), kind=m.get("kind", "pretrain"),
-    )
+    return parse_manifest(f.read_text(name), url)
 
 
-def register_fsspec_scheme(scheme: str, storage_options: dict | None) -> None:
-    """Let webdataset open `scheme://` shards through fsspec (s3fs for s3://)."""
-    import fsspec
-    import webdataset as wds
-
-    def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
-        return fsspec.open(url, mode, **(storage_options or {})).open()
-
-    wds.gopen_schemes[scheme] = gopen_fsspec
-
-
-def _to_tensor(expected: tuple[int, int]):
-    def convert(sample: tuple) -> torch.Tensor:
-        (signal,) = sample
-        arr = np.asarray(signal, dtype=np.float32)
-        if arr.shape != expected:
-            raise ValueError(f"sample signal has shape {arr.shape}, the manifest promises {expected}")
-        return torch.from_numpy(arr)
-
-    return convert
+def check_shards(manifest: Manifest, split: str = "train", storage_options: dict | None = None) -> list[str]:
+    """Shards of `split` that are missing or not the size the manifest records (one listing)."""
+    listed = Folder(manifest.base, storage_options).listing(split)
+    problems = []
+    for s in manifest.shards(split):
+        if s.name not in listed:
+            problems.append(f"{s.name} (missing)")
+        elif int(listed[s.name].get("size") or 0) != s.bytes:
+            problems.append(f"{s.name} ({listed[s.name].get('size')} bytes, expected {s.bytes})")
+    return problems
 
 
-def check_shard_split(n_shards: int, world_size: int, num_workers: int) -> None:
-    readers = world_size * max(1, num_workers)
-    if n_shards < readers:
-        raise ValueError(
-            f"{n_shards} shard(s) cannot feed {world_size} rank(s) x {max(1, num_workers)} worker(s) = "
-            f"{readers} readers; convert with a smaller --samples-per-shard or use fewer workers"
-        )
+@dataclass(frozen=True)
+class LoaderState:
+    """Where a rank's stream stands: batches consumed, and what must match to continue it exactly."""
+
+    batches: int
+    seed: int
+    world_size: int
+    num_workers: int
+    batch_size: int
+    shuffle_shards: int
+    n_shards: int
+    split: str = "train"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoaderState":
+        return cls(**d)
+
+
+def reader_shards(n_shards: int, reader: int, n_readers: int, seed: int, start: int = 0):
+    """Endless shard indices for one reader: epoch permutations end to end, every n_readers-th item."""
+    k = reader + start * n_readers
+    cache: dict[int, np.ndarray] = {}
+    while True:
+        epoch, i = divmod(k, n_shards)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = np.random.default_rng([seed, epoch]).permutation(n_shards)
+        yield int(cache[epoch][i])
+        k += n_readers
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless batches {signal [B, C, L], key [B], shard [B], bad_shards} from this rank's readers."""
+
+    def __init__(self, shards: list[ShardInfo], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle_shards: int = 4, storage_options: dict | None = None, strict: bool = False,
+                 start_batches: int = 0, num_workers: int = 0):
+        if not shards:
+            raise ValueError("no shards to read: the manifest lists none for this split")
+        self.shards, self.batch_size, self.seed = shards, batch_size, seed
+        self.rank, self.world_size, self.shuffle_shards = rank, world_size, max(1, shuffle_shards)
+        self.storage_options, self.strict = storage_options, strict
+        self.start_batches, self.num_workers = start_batches, num_workers
+        self.bad_shards = 0
+
+    def _read(self, idx: int) -> list | None:
+        s = self.shards[idx]
+        try:
+            folder, name = s.url.rsplit("/", 1)
+            data = Folder(folder, self.storage_options).read_bytes(name) if is_remote(s.url) else _read_local(s.url)
+            return list(read_shard_blocks(data, s.url))
+        except (OSError, StorageError, ShardFormatError) as e:
+            if self.strict:
+                raise
+            self.bad_shards += 1
+            print(f"[himae-data] warning: skipping shard {s.url}: {e}", file=sys.stderr, flush=True)
+            return None
+
+    def _group_samples(self, group: list[int], reader: int, g: int):
+        sig, key, shard = [], [], []
+        for idx in group:
+            blocks = self._read(idx)
+            for b in blocks or []:
+                sig.append(b.signal)
+                key.append(b.key)
+                shard.append(np.full(len(b), idx, np.int32))
+        if not sig:
+            return None
+        perm = np.random.default_rng([self.seed, 1, reader, g]).permutation(sum(len(k) for k in key))
+        return np.concatenate(sig)[perm], np.concatenate(key)[perm], np.concatenate(shard)[perm]  # [n, C, L]...
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader, n_readers = self.rank * nw + wid, self.world_size * nw
+        # DataLoader hands out batches round-robin over workers: batch j of this rank came from worker j % nw.
+        mine = max(0, (self.start_batches - wid + nw - 1) // nw)
+        skip = mine * self.batch_size  # samples this reader already delivered
+        sizes = [s.n_samples for s in self.shards]
+        order = reader_shards(len(self.shards), reader, n_readers, self.seed)
+        g, group = 0, [next(order) for _ in range(self.shuffle_shards)]
+        while skip >= sum(sizes[i] for i in group):  # jump whole groups without reading them
+            skip -= sum(sizes[i] for i in group)
+            g, group = g + 1, [next(order) for _ in range(self.shuffle_shards)]
+        carry = None
+        while True:
+            pool = self._group_samples(group, reader, g)
+            if pool is not None:
+                if skip:
+                    pool, skip = tuple(a[skip:] for a in pool), 0
+                if carry is not None:
+                    pool = tuple(np.concatenate([c, a]) for c, a in zip(carry, pool))
+                n_full = len(pool[0]) // self.batch_size * self.batch_size
+                for s in range(0, n_full, self.batch_size):
+                    yield {
+                        "signal": torch.from_numpy(pool[0][s:s + self.batch_size]),  # [B, C, L], stored dtype
+                        "key": pool[1][s:s + self.batch_size],
+                        "shard": torch.from_numpy(pool[2][s:s + self.batch_size]),
+                        "bad_shards": self.bad_shards,
+                    }
+                carry = tuple(a[n_full:] for a in pool)
+            g, group = g + 1, [next(order) for _ in range(self.shuffle_shards)]
+
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
 
 
 def make_loader(
-    manifest: Manifest, batch_size: int, seed: int, num_workers: int = 1, shuffle_buffer: int = 1000,
-    world_size: int = 1, storage_options: dict | None = None,
-):
-    """Infinite loader of [B, C, L] float32 batches from this rank's share of the shards."""
-    import webdataset as wds
+    manifest: Manifest, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+    shuffle_shards: int = 4, split: str = "train", storage_options: dict | None = None, strict: bool = False,
+    state: LoaderState | dict | None = None, pin_memory: bool = False,
+) -> tuple[torch.utils.data.DataLoader, LoaderState]:
+    """Endless loader of this rank's batches, and its state at the start (advance `.batches` as you consume).
 
-    check_shard_split(len(manifest.shard_urls), world_size, num_workers)
-    for url in manifest.shard_urls[:1]:
-        if "://" in url and not url.startswith("file://"):
-            register_fsspec_scheme(url.split("://", 1)[0], storage_options)
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(manifest.shard_urls),
-        wds.detshuffle(bufsize=len(manifest.shard_urls), initial=len(manifest.shard_urls), seed=seed),
-        wds.split_by_node,
-        wds.split_by_worker,
-        wds.tarfile_to_samples(),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
-        wds.decode(),
-        wds.to_tuple("signal.npy"),
-        wds.map(_to_tensor((manifest.channels, manifest.length))),
-        wds.batched(batch_size, collation_fn=torch.stack, partial=False),  # [B, C, L]
-    ).repeat()
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+    With `state` (from a previous run), the stream continues exactly where that run stopped; the
+    seed, world size, workers, batch size and shuffle width must match, or this refuses.
+    """
+    shards = manifest.shards(split)
+    start = 0
+    current = LoaderState(0, seed, world_size, num_workers, batch_size, shuffle_shards, len(shards), split)
+    if state is not None:
+        state = LoaderState.from_dict(state) if isinstance(state, dict) else state
+        mismatch = {k: (v, getattr(current, k)) for k, v in asdict(state).items()
+                    if k != "batches" and v != getattr(current, k)}
+        if mismatch:
+            raise ValueError(f"cannot continue the data stream exactly: saved vs now {mismatch}")
+        start = state.batches
+    ds = ShardStream(shards, batch_size, seed, rank, world_size, shuffle_shards, storage_options, strict, start)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+    )
+    return loader, LoaderState(start, seed, world_size, num_workers, batch_size, shuffle_shards, len(shards), split)

@@ -1,0 +1,179 @@
+"""Shard format v2: the one definition the conversion job writes and the loader reads.
+
+A shard is a plain ustar tar. Each *block* of up to `block_size` segments is one webdataset
+sample, i.e. four members sharing the key `<split>-<shard>-<block>`:
+
+  <key>.signal.npy   [n, C, L]  float16 (default) or float32, preprocessed (see preprocess.py)
+  <key>.key.npy      [n]        unicode: the source key of each segment (global_idx, or row)
+  <key>.patient.npy  [n]        int64: patient id, -1 where the source has none
+  <key>.label.npy    [n]        int8: label 0/1, -1 where the source has none
+
+So stock `webdataset.WebDataset(urls).decode()` reads a shard (one sample per block), and a
+block costs four 512-byte headers instead of two headers and a JSON per segment. Headers carry
+a fixed mtime, owner and mode: the same rows and options give byte-identical shards.
+
+Layout of an output folder: `train/shard-000000.tar`, `val/shard-000000.tar`, ...,
+`_parts/` (one JSON record per finished shard, plus `plan.json`), and `manifest.json`, written
+last, listing every shard with its sample count, bytes and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+FORMAT = "himae-wds-v2"
+MANIFEST = "manifest.json"
+PARTS = "_parts"
+PLAN = f"{PARTS}/plan.json"
+SPLITS = ("train", "val")
+MEMBERS = {"signal": "signal.npy", "key": "key.npy", "patient": "patient.npy", "label": "label.npy"}
+DTYPES = ("float16", "float32")
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}/shard-{i:06d}.tar"
+
+
+def part_name(split: str, i: int) -> str:
+    return f"{PARTS}/{split}-{i:06d}.json"
+
+
+@dataclass
+class Block:
+    signal: np.ndarray  # [n, C, L]
+    key: np.ndarray  # [n] str
+    patient: np.ndarray  # [n] int64
+    label: np.ndarray  # [n] int8
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard_tar(fileobj, split: str, shard: int, blocks: list[Block], dtype: str) -> None:
+    """Write blocks as one deterministic ustar tar (no PAX headers, fixed mtime/owner/mode)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"shard dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for b, blk in enumerate(blocks):
+            stem = f"{split}-{shard:06d}-{b:05d}"
+            _add_member(tar, f"{stem}.{MEMBERS['signal']}", _npy_bytes(blk.signal.astype(dtype)))
+            _add_member(tar, f"{stem}.{MEMBERS['key']}", _npy_bytes(np.asarray(blk.key, dtype=str)))
+            _add_member(tar, f"{stem}.{MEMBERS['patient']}", _npy_bytes(blk.patient.astype(np.int64)))
+            _add_member(tar, f"{stem}.{MEMBERS['label']}", _npy_bytes(blk.label.astype(np.int8)))
+
+
+class ShardFormatError(ValueError):
+    """A shard that does not parse as format v2; the message names the shard."""
+
+
+def read_shard_blocks(data: bytes, where: str) -> Iterator[Block]:
+    """Parse a whole shard held in memory into its blocks, in order."""
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                stem, _, suffix = m.name.partition(".")
+                field_name = next((k for k, v in MEMBERS.items() if v == suffix), None)
+                if field_name is None:
+                    raise ShardFormatError(f"{where}: unexpected member {m.name!r}")
+                if stem not in parts:
+                    parts[stem] = {}
+                    order.append(stem)
+                raw = tar.extractfile(m).read()
+                parts[stem][field_name] = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+    except (tarfile.TarError, ValueError, EOFError) as e:
+        if isinstance(e, ShardFormatError):
+            raise
+        raise ShardFormatError(f"{where}: not a readable shard ({type(e).__name__}: {e})") from e
+    for stem in order:
+        p = parts[stem]
+        missing = set(MEMBERS) - set(p)
+        if missing:
+            raise ShardFormatError(f"{where}: block {stem!r} lacks member(s) {sorted(missing)}")
+        n = len(p["key"])
+        if p["signal"].ndim != 3 or p["signal"].shape[0] != n or len(p["patient"]) != n or len(p["label"]) != n:
+            raise ShardFormatError(f"{where}: block {stem!r} arrays disagree in length")
+        yield Block(p["signal"], p["key"], p["patient"], p["label"])
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str  # absolute URL or path
+    name: str  # relative to the manifest's folder, e.g. train/shard-000000.tar
+    n_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the loader needs from manifest.json."""
+
+    url: str  # where manifest.json lives
+    base: str  # the folder holding it
+    kind: str
+    length: int  # segment length as stored (after preprocessing)
+    channels: int
+    dtype: str
+    block_size: int
+    preprocess: dict
+    splits: dict[str, list[ShardInfo]] = field(default_factory=dict)
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def shards(self, split: str = "train") -> list[ShardInfo]:
+        if split not in self.splits:
+            raise ValueError(f"{self.url}: no split {split!r} (has {sorted(self.splits)})")
+        return self.splits[split]
+
+    def n_samples(self, split: str = "train") -> int:
+        return sum(s.n_samples for s in self.shards(split))
+
+
+def parse_manifest(text: str, url: str) -> Manifest:
+    """Validate and parse manifest.json text; the error names the file and the key."""
+    try:
+        m = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{url}: not valid JSON ({e})") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        found = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise ValueError(f"{url}: format {found!r}, expected {FORMAT!r}; re-run himae-prep to convert to format v2")
+    for k in ("kind", "length", "channels", "dtype", "block_size", "preprocess", "splits"):
+        if k not in m:
+            raise ValueError(f"{url}: manifest lacks key {k!r}; was it written by himae-prep?")
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    splits = {
+        name: [ShardInfo(f"{base}/{s['url']}", s["url"], int(s["n_samples"]), int(s["bytes"]), s["sha256"])
+               for s in sp["shards"]]
+        for name, sp in m["splits"].items()
+    }
+    return Manifest(url, base, m["kind"], int(m["length"]), int(m["channels"]), m["dtype"], int(m["block_size"]),
+                    m["preprocess"], splits, m)

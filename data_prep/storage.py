@@ -1,0 +1,184 @@
+"""Local folders and object stores (s3:// through fsspec/s3fs) behind one small interface.
+
+Every remote call goes through `retrying`: transient errors (connection resets, timeouts,
+throttling, 5xx) are retried with exponential backoff, then turned into a `StorageError`
+that names the URL, so one S3 hiccup does not kill a multi-day job and a real outage is one
+clear line, not a traceback. Files are placed atomically: written to a temp file, then
+renamed (local) or uploaded with one PUT (remote), so a file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+RETRIES = int(os.environ.get("HIMAE_IO_RETRIES", "5"))
+BACKOFF_S = float(os.environ.get("HIMAE_IO_BACKOFF_S", "0.5"))
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+class StorageError(RuntimeError):
+    """A storage operation that kept failing; the message names the URL and the last error."""
+
+
+def is_transient(e: BaseException) -> bool:
+    if isinstance(e, _PERMANENT):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError, OSError)):
+        return True
+    mod = type(e).__module__ or ""
+    return mod.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3", "requests"))
+
+
+def retrying(fn: Callable[[], T], what: str, url: str, retries: int | None = None, backoff_s: float | None = None) -> T:
+    """Call fn(), retrying transient errors with exponential backoff; permanent ones pass through."""
+    retries = RETRIES if retries is None else retries
+    backoff_s = BACKOFF_S if backoff_s is None else backoff_s
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 (classified just below)
+            if not is_transient(e):
+                raise
+            if attempt == retries:
+                raise StorageError(f"{what} {url}: failed {retries + 1} times; last error: {type(e).__name__}: {e}") from e
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+class Folder:
+    """An output or input folder, local or remote, with listing, atomic placement and retries."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, create: bool = False):
+        import fsspec
+
+        self.url = str(url).rstrip("/")
+        self.storage_options = storage_options or {}
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.remote = is_remote(self.url)
+        if create and not self.remote:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def child_url(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def listing(self, sub: str = "") -> dict[str, dict]:
+        """name (relative to the folder) -> info (size, ETag...) of files under `sub`, one list call."""
+        base = self.path(sub) if sub else self.root
+
+        def ls() -> dict[str, dict]:
+            try:
+                if self.remote:
+                    self.fs.invalidate_cache(base)
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return {}
+            return {p[len(self.root) + 1:]: info for p, info in found.items() if p.startswith(self.root + "/")}
+
+        return retrying(ls, "listing", self.child_url(sub))
+
+    def read_bytes(self, name: str) -> bytes:
+        return retrying(lambda: self.fs.cat_file(self.path(name)), "reading", self.child_url(name))
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode()
+
+    def exists(self, name: str) -> bool:
+        return retrying(lambda: self.fs.exists(self.path(name)), "checking", self.child_url(name))
+
+    def remove(self, name: str) -> None:
+        def rm() -> None:
+            try:
+                self.fs.rm_file(self.path(name))
+            except FileNotFoundError:
+                pass
+
+        retrying(rm, "removing", self.child_url(name))
+
+    def temp_file(self, prefix: str, suffix: str = "") -> tuple[int, str]:
+        """A temp file on the same filesystem as the folder (local: so the rename is atomic)."""
+        return tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=None if self.remote else self.root)
+
+    def place(self, local_tmp: str, name: str) -> None:
+        """Move a finished temp file to `name` with mode 0644: rename locally, one PUT remotely."""
+        os.chmod(local_tmp, 0o644)  # mkstemp makes 0600; shards are data other users read
+        if not self.remote:
+            Path(self.path(name)).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(local_tmp, self.path(name))
+            return
+        try:
+            retrying(lambda: self.fs.put_file(local_tmp, self.path(name)), "uploading", self.child_url(name))
+        finally:
+            os.unlink(local_tmp)
+
+    def write_bytes(self, name: str, data: bytes, tmp_prefix: str = ".tmp-") -> None:
+        fd, tmp = self.temp_file(tmp_prefix)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            self.place(tmp, name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def write_text(self, name: str, text: str, tmp_prefix: str = ".tmp-") -> None:
+        self.write_bytes(name, text.encode(), tmp_prefix)
+
+    def clean_temp_files(self, prefix: str) -> int:
+        """Remove orphaned temp files `prefix*` left in a local folder by a killed run."""
+        if self.remote:
+            return 0
+        n = 0
+        for p in Path(self.root).glob(f"{prefix}*"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+
+def file_fingerprints(paths: list[str], storage_options: dict | None = None) -> dict[str, list]:
+    """path -> [size, mtime or ETag] for input files; remote folders are listed once each.
+
+    Missing files get no entry (the rows that name them are counted as `missing_file`).
+    """
+    import fsspec
+
+    out: dict[str, list] = {}
+    by_dir: dict[str, list[str]] = {}
+    for p in paths:
+        if is_remote(p):
+            by_dir.setdefault(p.rsplit("/", 1)[0], []).append(p)
+        else:
+            try:
+                st = os.stat(p)
+                out[p] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                pass
+    for d, files in by_dir.items():
+        fs, root = fsspec.core.url_to_fs(d, **(storage_options or {}))
+        scheme = d.split("://", 1)[0]
+
+        def ls(fs=fs, root=root) -> list[dict]:
+            try:
+                fs.invalidate_cache(root)
+                return fs.ls(root, detail=True)
+            except FileNotFoundError:
+                return []
+
+        listed = {f"{scheme}://{i['name']}": i for i in retrying(ls, "listing", d)}
+        for p in files:
+            if p in listed:
+                i = listed[p]
+                out[p] = [int(i.get("size") or 0), str(i.get("ETag") or i.get("LastModified") or i.get("mtime") or "")]
+    return out
