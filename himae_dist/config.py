@@ -36,8 +36,9 @@ class TrainConfig:
     zero_stage: int = 0
     loss_impl: str = "auto"  # auto (fused Triton on CUDA when available), reference, fused
     seed: int = 0
-    num_workers: int = 1  # DataLoader workers per rank
-    shuffle_buffer: int = 1000
+    num_workers: int = 4  # DataLoader workers per rank (pinned memory on CUDA)
+    shuffle_shards: int = 4  # shards loaded and shuffled together per reader
+    strict_data: bool = False  # a missing/corrupt shard is fatal instead of skipped with a warning
     log_every: int = 10
     save_every: int = 0  # 0 = only at the end
     wandb: bool = False
@@ -50,7 +51,7 @@ class TrainConfig:
 
         if not self.data:
             bad("data", "a manifest.json path/URL or the folder holding it")
-        for name in ("micro_batch", "grad_accum", "steps", "patch_size", "in_chans", "log_every"):
+        for name in ("micro_batch", "grad_accum", "steps", "patch_size", "in_chans", "log_every", "shuffle_shards"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
         if not 0.0 < self.mask_ratio < 1.0:

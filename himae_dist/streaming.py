@@ -129,8 +129,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        # DataLoader hands out batches round-robin from worker 0: batch j of the original stream came from
+        # worker j % nw. Resumed at batch `start`, this loader's worker i plays original worker (i + start) % nw.
+        wid = (wid + self.start_batches) % nw
         reader, n_readers = self.rank * nw + wid, self.world_size * nw
-        # DataLoader hands out batches round-robin over workers: batch j of this rank came from worker j % nw.
         mine = max(0, (self.start_batches - wid + nw - 1) // nw)
         skip = mine * self.batch_size  # samples this reader already delivered
         sizes = [s.n_samples for s in self.shards]

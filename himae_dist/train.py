@@ -22,7 +22,7 @@ from himae_dist.checkpoint import save_weights
 from himae_dist.config import TrainConfig, deepspeed_config, parse_config, resolved
 from himae_dist.model import HiMAE
 from himae_dist.objective import make_objective
-from himae_dist.streaming import load_manifest, make_loader
+from himae_dist.streaming import check_shards, load_manifest, make_loader
 from kernels.masked_mse_reference import check_masking_args
 
 
@@ -54,6 +54,7 @@ def train(cfg: TrainConfig) -> dict:
     if manifest.channels != cfg.in_chans:
         raise ValueError(f"--in-chans={cfg.in_chans} but {manifest.url} holds {manifest.channels}-channel segments")
     check_masking_args(manifest.length, cfg.patch_size, cfg.mask_ratio)
+    extra = {"preprocess": manifest.preprocess, "data": manifest.url}  # so evaluation scales its data the same way
     bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
     if cfg.precision == "bf16" and not bf16:
         raise ValueError("--precision=bf16 needs a GPU with bf16 support; use fp32 or auto")
@@ -77,9 +78,21 @@ def train(cfg: TrainConfig) -> dict:
         if rank == 0:
             print(f"[himae-train] resumed from {ckpt_dir} at step {start}", flush=True)
 
-    loader = make_loader(
-        manifest, cfg.micro_batch, seed=cfg.seed + start, num_workers=cfg.num_workers,
-        shuffle_buffer=cfg.shuffle_buffer, world_size=world, storage_options=cfg.storage_options,
+    # The stream position is the number of micro-batches consumed, so a resumed run continues it.
+    if rank == 0:
+        broken = check_shards(manifest, "train", cfg.storage_options)
+        if broken and cfg.strict_data:
+            raise ValueError(f"{manifest.url}: {len(broken)} shard(s) missing or damaged: {broken[:5]}; re-run himae-prep")
+        if broken:
+            print(f"[himae-train] warning: {len(broken)} shard(s) missing or damaged, they will be skipped: "
+                  f"{broken[:5]}; re-run himae-prep to rebuild them", flush=True)
+    loader, _ = make_loader(
+        manifest, cfg.micro_batch, seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers,
+        shuffle_shards=cfg.shuffle_shards, storage_options=cfg.storage_options, strict=cfg.strict_data,
+        state={"batches": start * cfg.grad_accum, "seed": cfg.seed, "world_size": world, "num_workers": cfg.num_workers,
+               "batch_size": cfg.micro_batch, "shuffle_shards": cfg.shuffle_shards,
+               "n_shards": len(manifest.shards("train")), "split": "train"},
+        pin_memory=device.type == "cuda",
     )
     batches = iter(loader)
     loss_mean = MeanMetric(sync_on_compute=True).to(device)
@@ -90,7 +103,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"[himae-train] already at step {start} >= --steps={cfg.steps}; nothing to train", flush=True)
     for step in range(start, cfg.steps):
         for micro in range(cfg.grad_accum):
-            x = next(batches).to(device, non_blocking=True)  # [B, C, L]
+            x = next(batches)["signal"].to(device, non_blocking=True).float()  # [B, C, L], stored fp16/fp32
             x_masked, mask = objective.mask(x, step, micro)
             if bf16:
                 x_masked = x_masked.to(torch.bfloat16)
@@ -112,20 +125,20 @@ def train(cfg: TrainConfig) -> dict:
                 if wandb_run:
                     wandb_run.log(rec, step=done)
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
-            _save(engine, ckpt_dir, out, done, rank)
+            _save(engine, ckpt_dir, out, done, rank, extra)
     if start < cfg.steps or not (out / "himae_final.pt").exists():
-        _save(engine, ckpt_dir, out, max(start, cfg.steps), rank, final=True)
+        _save(engine, ckpt_dir, out, max(start, cfg.steps), rank, extra, final=True)
     if wandb_run:
         wandb_run.finish()
     return {"history": history, "start_step": start}
 
 
-def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, final: bool = False) -> None:
+def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, extra: dict, final: bool = False) -> None:
     engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}")  # collective; writes `latest` last
     if rank == 0:
-        save_weights(engine.module, out / "weights" / f"step_{step:07d}.pt", step)
+        save_weights(engine.module, out / "weights" / f"step_{step:07d}.pt", step, extra)
         if final:
-            save_weights(engine.module, out / "himae_final.pt", step)
+            save_weights(engine.module, out / "himae_final.pt", step, extra)
             print(f"[himae-train] wrote {out / 'himae_final.pt'} (step {step})", flush=True)
 
 

@@ -1,144 +1,388 @@
+"""The conversion job: format v2 round trips, determinism, resume, tasks, integrity and bad input."""
+
 import csv
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import webdataset as wds
 
-from data_prep.convert import ConvertParams, convert_downstream, convert_pretrain, main as prep_main
+from data_prep.convert import ConvertParams, convert, convert_downstream, convert_pretrain, main as prep_main
 from data_prep.hdf5_sources import BadSampleError
+from data_prep.preprocess import Preprocess
 
 
-def _read_back(folder):
-    manifest = json.loads((folder / "manifest.json").read_text())
-    urls = [str(folder / s["url"]) for s in manifest["shards"]]
-    samples = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False).decode()}
-    return manifest, samples
+def _manifest(folder):
+    return json.loads((Path(folder) / "manifest.json").read_text())
 
 
-def test_pretrain_conversion_reads_back_equal_through_stock_webdataset(tiny_cohort, tiny_shards):
-    manifest, samples = _read_back(tiny_shards)
-    with open(tiny_cohort / "pretrain_index.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    assert manifest["n_samples"] == len(rows) == len(samples)
-    assert (manifest["length"], manifest["channels"]) == (250, 1)
-    assert len(manifest["shards"]) == -(-len(rows) // 64)
-    for r in rows:
-        with h5py.File(tiny_cohort / r["local_path"]) as f:
-            expected = f[r["global_idx"]]["normalized_waveform"][()]
-        s = samples[r["global_idx"]]
-        assert s["signal.npy"].shape == (1, 250) and s["signal.npy"].dtype == np.float32
-        np.testing.assert_array_equal(s["signal.npy"][0], expected)
-        assert s["json"]["global_idx"] == r["global_idx"]
+def _stock_read(folder):
+    """Every segment through stock webdataset: {key: (signal [C, L], patient, label)}."""
+    m = _manifest(folder)
+    urls = [str(Path(folder) / s["url"]) for sp in m["splits"].values() for s in sp["shards"]]
+    out = {}
+    for block in wds.WebDataset(urls, shardshuffle=False).decode():
+        for sig, key, pid, lab in zip(block["signal.npy"], block["key.npy"], block["patient.npy"], block["label.npy"]):
+            assert str(key) not in out, f"key {key} twice"
+            out[str(key)] = (sig, int(pid), int(lab))
+    return m, out
 
 
-def test_downstream_conversion_keeps_labels_and_patients(tiny_cohort, tmp_path):
-    convert_downstream(str(tiny_cohort / "downstream.h5"), "ppg", ConvertParams(str(tmp_path), samples_per_shard=100))
-    manifest, samples = _read_back(tmp_path)
-    with h5py.File(tiny_cohort / "downstream.h5") as f:
-        ppg, labels, pids = f["ppg"][()], f["labels"][()], f["patient_ids"][()]
-    assert manifest["kind"] == "downstream" and len(samples) == len(labels)
-    for key, s in samples.items():
-        row = int(key)
-        np.testing.assert_array_equal(s["signal.npy"][0], ppg[row])
-        assert (s["json"]["label"], s["json"]["patient_id"]) == (labels[row], pids[row])
+def _tree_hashes(folder):
+    root = Path(folder)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _make_shard(path, keys, length=250, bad=None):
-    rng = np.random.default_rng(0)
+def _write_h5(path, segments: dict):
     with h5py.File(path, "w") as f:
-        for k in keys:
-            x = rng.standard_normal(length).astype(np.float32)
-            if bad and k in bad:
-                x = bad[k]
+        for k, x in segments.items():
             f.create_group(k).create_dataset("normalized_waveform", data=x)
 
 
-def _write_index(path, rows):
+def _write_index(path, rows, header=("local_path", "global_idx")):
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["local_path", "global_idx"])
+        w.writerow(header)
         w.writerows(rows)
 
 
-def test_zero_padded_global_idx_is_kept_as_a_string(tmp_path):
-    keys = ["000007", "000123", "004567"]
-    _make_shard(tmp_path / "a.h5", keys)
-    _write_index(tmp_path / "index.csv", [("a.h5", k) for k in keys])
-    with h5py.File(tmp_path / "a.h5") as f:
-        assert str(int("000123")) not in f  # the seed's int() reading would find nothing
-    manifest = convert_pretrain(str(tmp_path / "index.csv"), ConvertParams(str(tmp_path / "out")))
-    assert manifest["n_samples"] == 3 and manifest["skipped"] == {}
-    assert set(_read_back(tmp_path / "out")[1]) == set(keys)
+def _random_index(folder, n=300, length=250, n_files=3, patients=6, seed=0):
+    """n rows in n_files HDF5 files, consecutive rows from one patient (as recordings are)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for f in range(n_files):
+        segs = {}
+        for j in range(f * n // n_files, (f + 1) * n // n_files):
+            segs[f"{j:06d}"] = (rng.standard_normal(length) * 3 + 10).astype(np.float32)
+            rows.append((f"f{f}.h5", f"{j:06d}", j * patients // n))
+        _write_h5(folder / f"f{f}.h5", segs)
+    _write_index(folder / "index.csv", rows, ("local_path", "global_idx", "patient_id"))
+    return folder / "index.csv"
 
+
+def test_float32_round_trip_is_exact_and_stock_webdataset_reads_it(tiny_cohort, tmp_path):
+    p = ConvertParams(str(tmp_path), samples_per_shard=100, block_size=32, dtype="float32", normalize="none")
+    m = convert_pretrain(str(tiny_cohort / "pretrain_index.csv"), p)
+    m2, got = _stock_read(tmp_path)
+    with open(tiny_cohort / "pretrain_index.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert m["n_samples"] == len(rows) == len(got) and m["format"] == "himae-wds-v2"
+    assert (m["length"], m["channels"], m["dtype"]) == (250, 1, "float32")
+    for r in rows:
+        with h5py.File(tiny_cohort / r["local_path"]) as f:
+            expected = f[r["global_idx"]]["normalized_waveform"][()]
+        sig, pid, lab = got[r["global_idx"]]
+        assert sig.dtype == np.float32 and sig.shape == (1, 250)
+        np.testing.assert_array_equal(sig[0], expected)
+        assert lab == -1
+
+
+def test_float16_minmax_within_float16_precision(tmp_path):
+    index = _random_index(tmp_path, n=120)
+    m = convert_pretrain(str(index), ConvertParams(str(tmp_path / "out"), samples_per_shard=50))
+    assert m["dtype"] == "float16" and m["preprocess"]["normalize"] == "minmax"
+    _, got = _stock_read(tmp_path / "out")
+    assert len(got) == 120
+    pre = Preprocess(length=250)
+    with h5py.File(tmp_path / "f0.h5") as f:
+        for k in list(f)[:20]:
+            ref, _ = pre.apply(f[k]["normalized_waveform"][()][None, None])
+            sig = got[k][0]
+            assert sig.dtype == np.float16
+            assert np.abs(sig.astype(np.float32) - ref[0]).max() <= 2.0**-11  # fp16 rounding in [-1, 1]
+            assert sig.min() == -1 and sig.max() == 1
+
+
+def test_shards_are_byte_identical_for_any_workers_and_across_runs(tmp_path):
+    index = _random_index(tmp_path, n=400)
+    for name, workers in (("a", 1), ("b", 2), ("c", 1)):
+        convert_pretrain(str(index), ConvertParams(str(tmp_path / name), samples_per_shard=60, block_size=16, workers=workers))
+    a, b, c = (_tree_hashes(tmp_path / n) for n in "abc")
+    assert a == b == c and any(k.startswith("train/") for k in a)
+    with open(tmp_path / "a" / "train" / "shard-000000.tar", "rb") as fh:
+        head = fh.read(512)
+    assert head[257:263] == b"ustar\x00" and b"PaxHeader" not in (tmp_path / "a" / "train" / "shard-000000.tar").read_bytes()
+    assert oct(os.stat(tmp_path / "a" / "train" / "shard-000000.tar").st_mode & 0o777) == "0o644"
+
+
+def test_bounded_memory_waves_give_the_same_shards(tmp_path):
+    """max_rows smaller than the index forces several passes (waves, duplicate buckets): same bytes."""
+    index = _random_index(tmp_path, n=300)
+    convert_pretrain(str(index), ConvertParams(str(tmp_path / "big"), samples_per_shard=40))
+    convert_pretrain(str(index), ConvertParams(str(tmp_path / "small"), samples_per_shard=40, max_rows=50))
+    assert _tree_hashes(tmp_path / "big") == _tree_hashes(tmp_path / "small")
+
+
+def test_split_is_by_patient_and_shards_mix_patients(tmp_path):
+    index = _random_index(tmp_path, n=600, patients=12)
+    m = convert_pretrain(str(index), ConvertParams(str(tmp_path / "o"), samples_per_shard=100, val_fraction=0.2))
+    _, got = _stock_read(tmp_path / "o")
+    val_keys = set()
+    for s in m["splits"]["val"]["shards"]:
+        for block in wds.WebDataset([str(tmp_path / "o" / s["url"])], shardshuffle=False).decode():
+            val_keys |= {str(k) for k in block["key.npy"]}
+    val_p = {got[k][1] for k in val_keys}
+    train_p = {v[1] for k, v in got.items() if k not in val_keys}
+    assert m["split"]["by"] == "patient" and not val_p & train_p
+    assert sorted(val_p) == m["split"]["val_patients"] and sorted(train_p) == m["split"]["train_patients"]
+    assert 0.15 <= len(val_keys) / 600 <= 0.35
+    # rows of one patient are consecutive in the index, yet each train shard holds many patients
+    first = wds.WebDataset([str(tmp_path / "o" / m["splits"]["train"]["shards"][0]["url"])], shardshuffle=False).decode()
+    assert len({int(p) for b in first for p in b["patient.npy"]}) >= 6
+
+
+def test_without_patient_ids_the_split_is_a_seeded_key_hash(tiny_cohort, tmp_path):
+    m = convert_pretrain(str(tiny_cohort / "pretrain_index.csv"), ConvertParams(str(tmp_path), samples_per_shard=100, val_fraction=0.1))
+    assert m["split"]["by"] == "key_hash"
+    n_val = m["splits"]["val"]["n_samples"]
+    assert 0.05 * m["n_samples"] < n_val < 0.15 * m["n_samples"]
+
+
+def test_resampling_and_normalisation_are_recorded(tmp_path):
+    index = _random_index(tmp_path, n=40)
+    m = convert_pretrain(str(index), ConvertParams(str(tmp_path / "o"), source_rate=25, target_rate=100, val_fraction=0))
+    assert m["length"] == 1000 and m["preprocess"]["output_rate"] == 100 and m["preprocess"]["length"] == 250
+    _, got = _stock_read(tmp_path / "o")
+    assert all(v[0].shape == (1, 1000) for v in got.values())
+    with pytest.raises(SystemExit, match=r"resampling 250 samples from 24.0 Hz to 100.0 Hz gives 1041.67 samples"):
+        prep_main(["--index", str(index), "--out", str(tmp_path / "x"), "--source-rate", "24", "--target-rate", "100"])
+
+
+def test_three_tasks_and_finalize_equal_one_run(tmp_path):
+    index = _random_index(tmp_path, n=350)
+    convert_pretrain(str(index), ConvertParams(str(tmp_path / "one"), samples_per_shard=40))
+    common = ["--index", str(index), "--out", str(tmp_path / "multi"), "--samples-per-shard", "40"]
+    for t in range(3):
+        prep_main(common + ["--num-tasks", "3", "--task-index", str(t)])
+        assert not (tmp_path / "multi" / "manifest.json").exists()
+    prep_main(common + ["--num-tasks", "3", "--finalize"])
+    assert _tree_hashes(tmp_path / "one") == _tree_hashes(tmp_path / "multi")
+
+
+def test_finalize_names_the_missing_task(tmp_path, monkeypatch):
+    index = _random_index(tmp_path, n=200)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    prep_main(["--index", str(index), "--out", str(tmp_path / "o"), "--samples-per-shard", "40"])
+    with pytest.raises(SystemExit, match=r"not finished or not intact.*re-run task\(s\) \[0\] of --num-tasks=2"):
+        prep_main(["--index", str(index), "--out", str(tmp_path / "o"), "--samples-per-shard", "40", "--finalize"])
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "bitflip", "delete_record"])
+def test_damaged_shard_is_rebuilt_on_rerun(tmp_path, damage, capsys):
+    index = _random_index(tmp_path, n=200)
+    p = ConvertParams(str(tmp_path / "o"), samples_per_shard=40)
+    convert_pretrain(str(index), p)
+    before = _tree_hashes(tmp_path / "o")
+    victim = tmp_path / "o" / "train" / "shard-000002.tar"
+    other = tmp_path / "o" / "train" / "shard-000001.tar"
+    other_mtime = other.stat().st_mtime_ns
+    data = victim.read_bytes()
+    if damage == "delete":
+        victim.unlink()
+    elif damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "bitflip":
+        victim.write_bytes(data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])
+    else:
+        (tmp_path / "o" / "_parts" / "train-000002.json").unlink()
+    capsys.readouterr()
+    convert_pretrain(str(index), p)
+    assert _tree_hashes(tmp_path / "o") == before
+    assert other.stat().st_mtime_ns == other_mtime  # intact shards are verified, not rewritten
+    if damage != "delete_record":
+        assert "rebuilding 1: train/2" in capsys.readouterr().out
+
+
+def test_changed_options_or_source_are_refused_unless_overwrite(tmp_path):
+    index = _random_index(tmp_path, n=100)
+    out = str(tmp_path / "o")
+    prep_main(["--index", str(index), "--out", out, "--samples-per-shard", "40"])
+    with pytest.raises(SystemExit, match=r"holds shards from another conversion \(samples_per_shard 40 -> 30\); pass --overwrite"):
+        prep_main(["--index", str(index), "--out", out, "--samples-per-shard", "30"])
+    with h5py.File(tmp_path / "f1.h5", "a") as f:  # the source changes under the same name
+        f["000040"]["normalized_waveform"][0] = 99.0
+    with pytest.raises(SystemExit, match=r"the source changed"):
+        prep_main(["--index", str(index), "--out", out, "--samples-per-shard", "40"])
+    prep_main(["--index", str(index), "--out", out, "--samples-per-shard", "30", "--overwrite"])
+    m = _manifest(out)
+    assert m["options"]["samples_per_shard"] == 30 and m["n_samples"] == 100
+    on_disk = {str(p.relative_to(tmp_path / "o")) for p in (tmp_path / "o").glob("*/*.tar")}
+    assert on_disk == {s["url"] for sp in m["splits"].values() for s in sp["shards"]}  # no stale shards
+
+
+def test_v1_output_folder_is_refused(tmp_path):
+    index = _random_index(tmp_path, n=50)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "manifest.json").write_text(json.dumps({"format": "himae-wds-v1", "shards": []}))
+    with pytest.raises(SystemExit, match=r"format 'himae-wds-v1' -> 'himae-wds-v2'"):
+        prep_main(["--index", str(index), "--out", str(tmp_path / "o")])
+
+
+def test_resume_after_kill_9(tmp_path):
+    index = _random_index(tmp_path, n=3000, n_files=6)
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "data_prep.convert", "--index", str(index), "--out", str(out), "--samples-per-shard", "20"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((out / "_parts").glob("train-*.json"))) < 5:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the job finished before it could be killed"
+    subprocess.run(cmd, check=True, capture_output=True)
+    convert_pretrain(str(index), ConvertParams(str(tmp_path / "clean"), samples_per_shard=20))
+    assert _tree_hashes(out) == _tree_hashes(tmp_path / "clean")
+    assert not list(out.glob(".tmp-*"))
+
+
+# ---- bad input: a clear error naming the file and key, or a counted skip ----
 
 @pytest.fixture
 def bad_index(tmp_path):
-    nan = np.full(250, np.nan, dtype=np.float32)
-    _make_shard(tmp_path / "a.h5", ["000001", "000002", "000003"], bad={"000002": nan, "000003": np.zeros(200, np.float32)})
+    rng = np.random.default_rng(0)
+    good = {f"{i:06d}": rng.standard_normal(250).astype(np.float32) for i in range(1, 9)}
+    segs = dict(good)
+    segs["000090"] = np.full(250, np.nan, np.float32)
+    segs["000091"] = np.linspace(0, 1, 200, dtype=np.float32)
+    segs["000092"] = np.full(250, 3.0, np.float32)  # flat line
+    _write_h5(tmp_path / "a.h5", segs)
     with h5py.File(tmp_path / "a.h5", "a") as f:
-        f.create_group("000004").create_dataset("other", data=np.zeros(250))
-    rows = [("a.h5", "000001"), ("a.h5", "000002"), ("a.h5", "000003"), ("a.h5", "000004"),
-            ("a.h5", "000099"), ("missing.h5", "000005")]
+        f.create_group("000093").create_dataset("other", data=np.zeros(250))
+    (tmp_path / "junk.h5").write_bytes(b"this is not HDF5" * 100)
+    _write_h5(tmp_path / "b.h5", {f"{i:06d}": rng.standard_normal(250).astype(np.float32) for i in range(200, 260)})
+    whole = (tmp_path / "b.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(whole[: len(whole) // 3])
+    rows = [("a.h5", "000091")] + [("a.h5", k) for k in good] + [
+        ("a.h5", "000090"), ("a.h5", "000092"), ("a.h5", "000093"), ("a.h5", "000099"), ("missing.h5", "000105"),
+        ("junk.h5", "000106"), ("junk.h5", "000107"), ("cut.h5", "000201"), ("a.h5", "000003"),
+    ]
     _write_index(tmp_path / "index.csv", rows)
     return tmp_path
 
 
-@pytest.mark.parametrize("row,match", [
-    (1, r"a\.h5 \['000002'\] \(index row 2\): segment has 250 NaN"),
-    (2, r"a\.h5 \['000003'\].*length 200, expected 250"),
-    (3, r"a\.h5 \['000004'\].*no dataset 'normalized_waveform'"),
-    (4, r"a\.h5 \['000099'\].*no group '000099'"),
-    (5, r"missing\.h5 \['000005'\].*does not exist"),
+@pytest.mark.parametrize("key,match", [
+    ("000090", r"a\.h5 \['000090'\] \(index row \d+\): segment has 250 NaN"),
+    ("000091", r"a\.h5 \['000091'\].*length 200"),
+    ("000093", r"a\.h5 \['000093'\].*no dataset 'normalized_waveform'"),
+    ("000099", r"a\.h5 \['000099'\].*no group '000099'"),
+    ("000105", r"missing\.h5 \['000105'\].*does not exist"),
+    ("000106", r"junk\.h5: not a readable HDF5 file"),
+    ("cut", r"cut\.h5.*(not a readable HDF5 file|cannot read)"),
 ])
-def test_bad_input_errors_name_file_and_key(bad_index, row, match):
+def test_bad_input_errors_name_file_and_key(bad_index, key, match):
     with open(bad_index / "index.csv") as fh:
         lines = fh.read().splitlines()
-    (bad_index / "one.csv").write_text("\n".join([lines[0], lines[1], lines[row + 1]]) + "\n")
-    with pytest.raises(BadSampleError, match=match):
-        convert_pretrain(str(bad_index / "one.csv"), ConvertParams(str(bad_index / f"out{row}"), length=250))
-    assert not (bad_index / f"out{row}" / "manifest.json").exists()
+    pick = [ln for ln in lines[1:] if (key == "cut" and ln.startswith("cut")) or ln.endswith(key)][:1]
+    (bad_index / "one.csv").write_text("\n".join([lines[0]] + [ln for ln in lines[2:6]] + pick) + "\n")
+    with pytest.raises(SystemExit, match=match):
+        prep_main(["--index", str(bad_index / "one.csv"), "--out", str(bad_index / "out"), "--length", "250"])
+    assert not (bad_index / "out" / "manifest.json").exists()
 
 
-def test_skip_policy_counts_every_bad_row(bad_index):
-    manifest = convert_pretrain(str(bad_index / "index.csv"), ConvertParams(str(bad_index / "out"), length=250, on_bad="skip"))
-    assert manifest["n_samples"] == 1
-    assert manifest["skipped"] == {"non_finite": 1, "wrong_length": 1, "missing_key": 2, "missing_file": 1}
+def test_skip_policy_counts_every_bad_row_and_the_length_is_the_common_one(bad_index):
+    """The first row is the outlier (length 200): the length comes from most rows, not the first."""
+    m = convert_pretrain(str(bad_index / "index.csv"), ConvertParams(str(bad_index / "out"), on_bad="skip", val_fraction=0))
+    assert m["length"] == 250 and "sampled rows" in m["length_inferred_from"]
+    assert m["n_samples"] == 8
+    assert m["skipped"] == {"wrong_length": 1, "non_finite": 1, "constant": 1, "missing_key": 2, "missing_file": 1,
+                            "unreadable_file": 3, "duplicate_key": 1}
 
 
-def test_index_without_required_columns_is_rejected(tmp_path):
+def test_duplicate_keys_are_an_error_naming_both_rows(bad_index):
+    _write_index(bad_index / "dup.csv", [("a.h5", "000001"), ("a.h5", "000002"), ("a.h5", "000001")])
+    with pytest.raises(BadSampleError, match=r"key '000001' at row 3 repeats row 1; keys must be unique"):
+        convert_pretrain(str(bad_index / "dup.csv"), ConvertParams(str(bad_index / "o")))
+
+
+def test_constant_segments_can_be_kept(bad_index):
+    _write_index(bad_index / "c.csv", [("a.h5", "000001"), ("a.h5", "000092")])
+    m = convert_pretrain(str(bad_index / "c.csv"), ConvertParams(str(bad_index / "o"), constant="keep", val_fraction=0))
+    assert m["n_samples"] == 2 and m["skipped"] == {}
+
+
+def test_crop_pad_policy_is_counted(bad_index):
+    _write_index(bad_index / "c.csv", [("a.h5", "000001"), ("a.h5", "000091")])  # 250 and 200 samples
+    m = convert_pretrain(str(bad_index / "c.csv"), ConvertParams(str(bad_index / "o"), length=220,
+                                                                   length_policy="crop-pad", val_fraction=0))
+    assert m["n_samples"] == 2 and m["noted"] == {"cropped": 1, "padded": 1} and m["length"] == 220
+
+
+def test_index_problems_are_named(tmp_path):
     (tmp_path / "i.csv").write_text("path,idx\na.h5,1\n")
     with pytest.raises(SystemExit, match=r"i\.csv: header \['path', 'idx'\] lacks column\(s\) \['local_path', 'global_idx'\]"):
         prep_main(["--index", str(tmp_path / "i.csv"), "--out", str(tmp_path / "o")])
+    (tmp_path / "p.csv").write_text("local_path,global_idx,patient_id\na.h5,000001,7\na.h5,000002,7.5\n")
+    with pytest.raises(SystemExit, match=r"p\.csv: column 'patient_id' .* must be integers"):
+        prep_main(["--index", str(tmp_path / "p.csv"), "--out", str(tmp_path / "o")])
+    (tmp_path / "q.csv").write_text("local_path,global_idx,patient_id\na.h5,000001,x7\n")
+    with pytest.raises(SystemExit, match=r"q\.csv: row 1: patient_id 'x7' is not an integer"):
+        prep_main(["--index", str(tmp_path / "q.csv"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"pretraining index .*nope\.csv does not exist"):
+        prep_main(["--index", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"--task-index=3: expected an integer in \[0, 2\)"):
+        prep_main(["--index", str(tmp_path / "i.csv"), "--out", str(tmp_path / "o"), "--num-tasks", "2", "--task-index", "3"])
 
 
-def test_downstream_missing_dataset_is_named(tmp_path):
+def _downstream(path, labels, pids, n=20):
+    ppg = np.random.default_rng(0).standard_normal((n, 250)).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        f["ppg"], f["labels"] = ppg, labels
+        if pids is not None:
+            f["patient_ids"] = pids
+    return ppg
+
+
+def test_downstream_conversion_keeps_labels_and_patients(tmp_path):
+    labels, pids = np.arange(20) % 2, np.repeat(np.arange(5), 4)
+    ppg = _downstream(tmp_path / "d.h5", labels, pids)
+    m = convert_downstream(str(tmp_path / "d.h5"), "ppg",
+                           ConvertParams(str(tmp_path / "o"), dtype="float32", normalize="none", val_fraction=0.2))
+    _, got = _stock_read(tmp_path / "o")
+    assert m["kind"] == "downstream" and len(got) == 20 and m["split"]["by"] == "patient"
+    for key, (sig, pid, lab) in got.items():
+        row = int(key)
+        np.testing.assert_array_equal(sig[0], ppg[row])
+        assert (lab, pid) == (labels[row], pids[row])
+
+
+@pytest.mark.parametrize("labels,pids,match", [
+    (np.eye(2)[np.arange(20) % 2], None, r"'/labels' has shape \(20, 2\); expected a 1-D array \[N\] of 0/1"),
+    (np.arange(20) % 3, None, r"'/labels' must hold only 0 and 1"),
+    (np.arange(20) % 2, np.linspace(0, 4.5, 20), r"'/patient_ids' must be integers"),
+])
+def test_downstream_bad_labels_and_patients_are_rejected(tmp_path, labels, pids, match):
+    _downstream(tmp_path / "d.h5", labels, pids)
+    with pytest.raises(SystemExit, match=match):
+        prep_main(["--downstream", str(tmp_path / "d.h5"), "--out", str(tmp_path / "o")])
+
+
+def test_downstream_missing_dataset_and_non_hdf5_are_named(tmp_path):
     with h5py.File(tmp_path / "d.h5", "w") as f:
         f["ppg"] = np.zeros((3, 250), np.float32)
-    with pytest.raises(KeyError, match=r"d\.h5: missing dataset '/labels'"):
-        convert_downstream(str(tmp_path / "d.h5"), "ppg", ConvertParams(str(tmp_path / "o")))
+    with pytest.raises(SystemExit, match=r"d\.h5: missing dataset '/labels'"):
+        prep_main(["--downstream", str(tmp_path / "d.h5"), "--out", str(tmp_path / "o")])
+    (tmp_path / "x.h5").write_text("not hdf5")
+    with pytest.raises(SystemExit, match=r"x\.h5: not a readable HDF5 file"):
+        prep_main(["--downstream", str(tmp_path / "x.h5"), "--out", str(tmp_path / "o")])
 
 
-def test_downstream_skips_are_counted_in_the_manifest_file(tmp_path):
+def test_downstream_skips_are_counted(tmp_path):
     ppg = np.random.default_rng(0).standard_normal((4, 250)).astype(np.float32)
     ppg[2, 7] = np.nan
     with h5py.File(tmp_path / "d.h5", "w") as f:
         f["ppg"], f["labels"], f["patient_ids"] = ppg, np.array([0, 1, 0, 1]), np.array([1, 1, 2, 2])
-    returned = convert_downstream(str(tmp_path / "d.h5"), "ppg", ConvertParams(str(tmp_path / "o"), on_bad="skip"))
-    on_disk, samples = _read_back(tmp_path / "o")
-    assert on_disk == returned
-    assert on_disk["skipped"] == {"non_finite": 1} and on_disk["n_samples"] == 3
-    assert sorted(samples) == ["00000000", "00000001", "00000003"]
-
-
-def test_rerun_resumes_instead_of_redoing(tiny_cohort, tmp_path):
-    p = ConvertParams(str(tmp_path), samples_per_shard=100, workers=2)
-    first = convert_pretrain(str(tiny_cohort / "pretrain_index.csv"), p)
-    shard0, shard1 = tmp_path / "shard-000000.tar", tmp_path / "shard-000001.tar"
-    m0 = shard0.stat().st_mtime_ns
-    shard1.unlink()
-    (tmp_path / "_parts" / "shard-000001.json").unlink()  # as if the job died mid-way
-    assert convert_pretrain(str(tiny_cohort / "pretrain_index.csv"), p) == first
-    assert shard0.stat().st_mtime_ns == m0 and shard1.exists()
-    assert not list(tmp_path.glob(".shard-*"))  # no temp files left behind
+    m = convert(None, str(tmp_path / "d.h5"), ConvertParams(str(tmp_path / "o"), on_bad="skip", val_fraction=0))
+    assert m == _manifest(tmp_path / "o")
+    assert m["skipped"] == {"non_finite": 1} and m["n_samples"] == 3
+    assert sorted(_stock_read(tmp_path / "o")[1]) == ["00000000", "00000001", "00000003"]

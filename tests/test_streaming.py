@@ -1,39 +1,109 @@
+"""The block loader: equal batch counts, exact continuation, patient mix, faults."""
+
+import json
+from collections import Counter
+
+import numpy as np
 import pytest
 import torch
 
-from himae_dist.streaming import check_shard_split, load_manifest, make_loader
+from data_prep.convert import ConvertParams, convert_pretrain
+from himae_dist.streaming import LoaderState, check_shards, load_manifest, make_loader, reader_shards
+from tests.test_convert import _random_index
 
 
-def _keys_for_rank(manifest, rank, world, monkeypatch):
-    import webdataset as wds
-
-    monkeypatch.setenv("RANK", str(rank))
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(manifest.shard_urls), wds.split_by_node, wds.tarfile_to_samples(),
-    )
-    return {s["__key__"] for s in pipeline}
+def _take(m, n, **kw):
+    loader, _ = make_loader(m, **{"batch_size": 16, "seed": 1, **kw})
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
 
 
-def test_loader_yields_full_batches_forever(tiny_shards):
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """5 train shards of uneven size (47 rows per shard over 212 train rows)."""
+    d = tmp_path_factory.mktemp("uneven")
+    index = _random_index(d, n=230, patients=10)
+    convert_pretrain(str(index), ConvertParams(str(d / "o"), samples_per_shard=47, block_size=10, val_fraction=0.1))
+    return load_manifest(str(d / "o"))
+
+
+def test_batches_have_the_stored_dtype_and_shape(tiny_shards):
     m = load_manifest(str(tiny_shards))
-    it = iter(make_loader(m, batch_size=50, seed=0, num_workers=0))
-    batches = [next(it) for _ in range(3 * m.n_samples // 50)]  # three epochs' worth
-    assert all(b.shape == (50, 1, 250) and b.dtype == torch.float32 for b in batches)
+    b = _take(m, 3 * m.n_samples() // 16)  # three epochs' worth, endless
+    assert all(x["signal"].shape == (16, 1, 250) and x["signal"].dtype == torch.float16 for x in b)
+    assert all(len(x["key"]) == 16 and x["shard"].dtype == torch.int32 for x in b)
 
 
-def test_ranks_read_disjoint_shards(tiny_shards, monkeypatch):
-    m = load_manifest(str(tiny_shards))
-    k0, k1 = (_keys_for_rank(m, r, 2, monkeypatch) for r in (0, 1))
-    assert k0 and k1 and not k0 & k1
-    assert len(k0 | k1) == m.n_samples
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_every_rank_gets_the_same_number_of_batches_over_uneven_and_too_few_shards(uneven, world):
+    """7 readers over 5 shards: each rank's share of an epoch is below one micro-batch's worth of shards."""
+    sizes = [s.n_samples for s in uneven.shards()]
+    assert len(set(sizes)) > 1 and len(sizes) < 7
+    per_rank = [_take(uneven, 40, rank=r, world_size=world, batch_size=32) for r in range(world)]
+    assert [len(b) for b in per_rank] == [40] * world
+    seen = Counter(k for b in per_rank for x in b for k in x["key"])
+    assert set(seen) == {k for k in seen} and len(seen) == uneven.n_samples()  # every sample reached
+    counts = np.array(list(seen.values()))
+    assert counts.max() - counts.min() <= 2 + counts.mean() * 0.5  # roughly equal visits
 
 
-def test_too_few_shards_for_the_readers_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"3 shard\(s\) cannot feed 2 rank\(s\) x 2 worker\(s\)"):
-        check_shard_split(3, 2, 2)
+def test_readers_partition_each_epoch_of_shards():
+    n, R = 10, 3
+    first = [list(np.array(list(zip(range(n), reader_shards(n, r, R, 5))))[:, 1]) for r in range(R)]
+    got = sorted(x for r in range(R) for x in first[r][: (n - r + R - 1) // R])
+    assert got == list(range(n))  # the first epoch is split exactly between the readers
 
 
-def test_missing_manifest_is_named(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_continuing_from_a_state_gives_exactly_the_same_stream(uneven, workers):
+    full = _take(uneven, 60, num_workers=workers, rank=1, world_size=2)
+    state = LoaderState(25, 1, 2, workers, 16, 4, len(uneven.shards()))
+    rest = _take(uneven, 35, num_workers=workers, rank=1, world_size=2, state=state.to_dict())
+    assert all(torch.equal(a["signal"], b["signal"]) and list(a["key"]) == list(b["key"]) for a, b in zip(full[25:], rest))
+
+
+def test_a_state_from_another_setup_is_refused(uneven):
+    state = LoaderState(5, 1, 4, 0, 16, 4, len(uneven.shards()))
+    with pytest.raises(ValueError, match=r"cannot continue the data stream exactly.*'world_size': \(4, 1\)"):
+        make_loader(uneven, 16, seed=1, state=state)
+
+
+def test_a_micro_batch_mixes_patients_like_a_uniform_shuffle(tmp_path):
+    """Index rows come one patient after another; a batch should still see about as many patients as uniform draws."""
+    index = _random_index(tmp_path, n=2400, patients=24, n_files=4)
+    convert_pretrain(str(index), ConvertParams(str(tmp_path / "o"), samples_per_shard=200, block_size=32, val_fraction=0))
+    m = load_manifest(str(tmp_path / "o"))
+    B = 32
+    counts = np.bincount([int(i * 24 // 2400) for i in range(2400)])
+    expected = np.sum(1 - (1 - counts / counts.sum()) ** B)  # E[distinct patients] for B uniform draws
+    key_to_patient = {f"{j:06d}": j * 24 // 2400 for j in range(2400)}
+    distinct = [len({key_to_patient[str(k)] for k in b["key"]}) for b in _take(m, 60, batch_size=B, shuffle_shards=4)]
+    assert np.mean(distinct) >= 0.9 * expected, (np.mean(distinct), expected)
+
+
+def test_missing_or_damaged_shards_are_found_at_start_and_skipped_mid_run(tmp_path, capfd):
+    index = _random_index(tmp_path, n=300)
+    convert_pretrain(str(index), ConvertParams(str(tmp_path / "o"), samples_per_shard=50, val_fraction=0))
+    m = load_manifest(str(tmp_path / "o"))
+    assert check_shards(m) == []
+    victim = tmp_path / "o" / m.shards()[2].name
+    victim.write_bytes(victim.read_bytes()[:3000])
+    (tmp_path / "o" / m.shards()[4].name).unlink()
+    problems = check_shards(m)
+    assert problems == [f"{m.shards()[2].name} (3000 bytes, expected {m.shards()[2].bytes})",
+                        f"{m.shards()[4].name} (missing)"]
+    batches = _take(m, 40, batch_size=10, shuffle_shards=1)
+    assert batches[-1]["bad_shards"] >= 2
+    bad = {2, 4}
+    assert not any(int(s) in bad for b in batches for s in b["shard"])
+    assert "skipping shard" in capfd.readouterr().err
+    with pytest.raises(Exception, match=r"shard-00000[24]\.tar"):
+        _take(m, 40, batch_size=10, strict=True)
+
+
+def test_manifest_problems_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"manifest\.json does not exist; convert the data with himae-prep"):
+        load_manifest(str(tmp_path))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "himae-wds-v1", "shards": []}))
+    with pytest.raises(ValueError, match=r"format 'himae-wds-v1', expected 'himae-wds-v2'; re-run himae-prep"):
         load_manifest(str(tmp_path))

@@ -27,7 +27,7 @@ def _run_trainer(shards, out, args=(), nproc=2, env_extra=None, drop_env=()):
 
 
 def _torchrun(shards, out, steps, extra=(), env_extra=None):
-    args = ("--steps", str(steps), "--micro-batch", "16", "--log-every", "5", "--shuffle-buffer", "200", *extra)
+    args = ("--steps", str(steps), "--micro-batch", "16", "--log-every", "5", "--shuffle-shards", "2", *extra)
     proc = _run_trainer(shards, out, args, env_extra=env_extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
