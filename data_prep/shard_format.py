@@ -19,6 +19,7 @@ last, listing every shard with its sample count, bytes and sha256.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -87,28 +88,89 @@ class ShardFormatError(ValueError):
     """A shard that does not parse as format v2; the message names the shard."""
 
 
-def read_shard_blocks(data: bytes, where: str) -> Iterator[Block]:
-    """Parse a whole shard held in memory into its blocks, in order."""
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    order: list[str] = []
+_SUFFIX_FIELD = {v: k for k, v in MEMBERS.items()}
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of an .npy header; cached, since every full block has the same one."""
+    f = io.BytesIO(head)
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise ValueError(f"unsupported .npy version {version}")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if dtype.hasobject or fortran:
+        raise ValueError("object or Fortran-order arrays are not part of the format")
+    return shape, dtype, f.tell()
+
+
+def _npy_view(data: bytes, offset: int, size: int, where: str) -> np.ndarray:
+    """The .npy member at data[offset:offset+size] as a read-only array viewing `data` (no copy)."""
+    if size < 10 or data[offset:offset + 6] != b"\x93NUMPY":
+        raise ShardFormatError(f"{where}: not an .npy array")
+    hlen = (int.from_bytes(data[offset + 8:offset + 10], "little") + 10 if data[offset + 6] == 1
+            else int.from_bytes(data[offset + 8:offset + 12], "little") + 12)
+    try:
+        shape, dtype, start = _npy_header(bytes(data[offset:offset + hlen]))
+    except ValueError as e:
+        raise ShardFormatError(f"{where}: {e}") from e
+    count = int(np.prod(shape, dtype=np.int64))
+    if start + count * dtype.itemsize > size:
+        raise ShardFormatError(f"{where}: truncated array data")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset + start).reshape(shape)
+
+
+def _tar_members(data: bytes, where: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file in a tar held in memory.
+
+    Plain ustar (what write_shard_tar writes) is parsed directly, 512-byte header by header;
+    anything else (PAX or GNU long names, from re-packing with another tool) goes through tarfile.
+    """
+    off, n = 0, len(data)
+    while off + 512 <= n:
+        header = data[off:off + 512]
+        if header.count(0) == 512:  # end-of-archive marker
+            return
+        typeflag = header[156:157]
+        if typeflag not in (b"0", b"\0") or header[257:262] != b"ustar":
+            yield from _tarfile_members(data, where)
+            return
+        if sum(header[:148]) + 8 * 32 + sum(header[156:]) != int(header[148:156].split(b"\0")[0].strip() or b"0", 8):
+            raise ShardFormatError(f"{where}: bad tar header checksum at byte {off}")
+        name = header[:100].split(b"\0", 1)[0].decode()
+        prefix = header[345:500].split(b"\0", 1)[0].decode()
+        size = int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
+        if off + 512 + size > n:
+            raise ShardFormatError(f"{where}: truncated: member {name!r} needs {size} bytes past byte {off + 512}")
+        yield (f"{prefix}/{name}" if prefix else name), off + 512, size
+        off += 512 + -(-size // 512) * 512
+    raise ShardFormatError(f"{where}: truncated: no end-of-archive marker")
+
+
+def _tarfile_members(data: bytes, where: str) -> Iterator[tuple[str, int, int]]:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for m in tar:
-                if not m.isfile():
-                    continue
-                stem, _, suffix = m.name.partition(".")
-                field_name = next((k for k, v in MEMBERS.items() if v == suffix), None)
-                if field_name is None:
-                    raise ShardFormatError(f"{where}: unexpected member {m.name!r}")
-                if stem not in parts:
-                    parts[stem] = {}
-                    order.append(stem)
-                raw = tar.extractfile(m).read()
-                parts[stem][field_name] = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
-    except (tarfile.TarError, ValueError, EOFError) as e:
-        if isinstance(e, ShardFormatError):
-            raise
-        raise ShardFormatError(f"{where}: not a readable shard ({type(e).__name__}: {e})") from e
+                if m.isfile():
+                    yield m.name, m.offset_data, m.size
+    except tarfile.TarError as e:
+        raise ShardFormatError(f"{where}: not a readable tar ({e})") from e
+
+
+def read_shard_blocks(data: bytes, where: str) -> Iterator[Block]:
+    """Parse a whole shard held in memory into its blocks, in order (arrays view `data`, no copy)."""
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    order: list[str] = []
+    for name, offset, size in _tar_members(data, where):
+        stem, _, suffix = name.partition(".")
+        field_name = _SUFFIX_FIELD.get(suffix)
+        if field_name is None:
+            raise ShardFormatError(f"{where}: unexpected member {name!r}")
+        if stem not in parts:
+            parts[stem] = {}
+            order.append(stem)
+        parts[stem][field_name] = _npy_view(data, offset, size, f"{where} member {name!r}")
     for stem in order:
         p = parts[stem]
         missing = set(MEMBERS) - set(p)

@@ -20,6 +20,8 @@ with a warning and counted in each batch's `bad_shards`, or is fatal with `stric
 
 from __future__ import annotations
 
+import mmap
+import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -114,17 +116,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             return None
 
     def _group_samples(self, group: list[int], reader: int, g: int):
+        """The group's segments, concatenated ([n, C, L] etc.), and a seeded permutation of them."""
         sig, key, shard = [], [], []
         for idx in group:
-            blocks = self._read(idx)
-            for b in blocks or []:
+            for b in self._read(idx) or []:
                 sig.append(b.signal)
                 key.append(b.key)
                 shard.append(np.full(len(b), idx, np.int32))
         if not sig:
             return None
-        perm = np.random.default_rng([self.seed, 1, reader, g]).permutation(sum(len(k) for k in key))
-        return np.concatenate(sig)[perm], np.concatenate(key)[perm], np.concatenate(shard)[perm]  # [n, C, L]...
+        pool = (np.concatenate(sig), np.concatenate(key), np.concatenate(shard))  # one copy out of the shard bytes
+        return pool, np.random.default_rng([self.seed, 1, reader, g]).permutation(len(pool[0]))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -136,34 +138,53 @@ class ShardStream(torch.utils.data.IterableDataset):
         mine = max(0, (self.start_batches - wid + nw - 1) // nw)
         skip = mine * self.batch_size  # samples this reader already delivered
         sizes = [s.n_samples for s in self.shards]
-        order = reader_shards(len(self.shards), reader, n_readers, self.seed)
-        g, group = 0, [next(order) for _ in range(self.shuffle_shards)]
+        order_ = reader_shards(len(self.shards), reader, n_readers, self.seed)
+        g, group = 0, [next(order_) for _ in range(self.shuffle_shards)]
         while skip >= sum(sizes[i] for i in group):  # jump whole groups without reading them
             skip -= sum(sizes[i] for i in group)
-            g, group = g + 1, [next(order) for _ in range(self.shuffle_shards)]
-        carry = None
+            g, group = g + 1, [next(order_) for _ in range(self.shuffle_shards)]
+        carry = None  # (signal, key, shard) rows left over from the previous group, in stream order
+        B = self.batch_size
         while True:
-            pool = self._group_samples(group, reader, g)
-            if pool is not None:
-                if skip:
-                    pool, skip = tuple(a[skip:] for a in pool), 0
-                if carry is not None:
-                    pool = tuple(np.concatenate([c, a]) for c, a in zip(carry, pool))
-                n_full = len(pool[0]) // self.batch_size * self.batch_size
-                for s in range(0, n_full, self.batch_size):
-                    yield {
-                        "signal": torch.from_numpy(pool[0][s:s + self.batch_size]),  # [B, C, L], stored dtype
-                        "key": pool[1][s:s + self.batch_size],
-                        "shard": torch.from_numpy(pool[2][s:s + self.batch_size]),
-                        "bad_shards": self.bad_shards,
-                    }
-                carry = tuple(a[n_full:] for a in pool)
-            g, group = g + 1, [next(order) for _ in range(self.shuffle_shards)]
+            got = self._group_samples(group, reader, g)
+            if got is not None:
+                pool, order = got
+                order, skip, pos = order[skip:], 0, 0
+                if carry is not None:  # the stream goes on: the carried rows, then this group's permuted rows
+                    pos = min(B - len(carry[0]), len(order))
+                    carry = tuple(np.concatenate([c, a[order[:pos]]]) for a, c in zip(pool, carry))
+                    if len(carry[0]) == B:
+                        yield self._batch(carry)
+                        carry = None
+                if carry is None:
+                    n_full = pos + (len(order) - pos) // B * B
+                    for s in range(pos, n_full, B):
+                        idx = order[s:s + B]
+                        yield self._batch(tuple(a[idx] for a in pool))  # a gather: the one copy per batch
+                    pos = n_full
+                    if pos < len(order):
+                        carry = tuple(a[order[pos:]] for a in pool)
+            g, group = g + 1, [next(order_) for _ in range(self.shuffle_shards)]
+
+    def _batch(self, rows: tuple) -> dict:
+        return {
+            "signal": torch.from_numpy(rows[0]),  # [B, C, L] in the stored dtype
+            "key": rows[1],
+            "shard": torch.from_numpy(rows[2]),
+            "bad_shards": self.bad_shards,
+        }
 
 
-def _read_local(path: str) -> bytes:
+def _read_local(path: str):
+    """A local shard mapped read-only: block arrays view the page cache, no read copy.
+
+    Shards are never modified in place (a rebuild writes a new file and renames it), so a
+    mapping stays valid while its arrays are in use.
+    """
     with open(path, "rb") as fh:
-        return fh.read()
+        if os.fstat(fh.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def make_loader(

@@ -18,6 +18,7 @@ import webdataset as wds
 from data_prep.convert import ConvertParams, convert, convert_downstream, convert_pretrain, main as prep_main
 from data_prep.hdf5_sources import BadSampleError
 from data_prep.preprocess import Preprocess
+from tests.h5_inputs import random_index as _random_index, write_h5 as _write_h5, write_index as _write_index
 
 
 def _manifest(folder):
@@ -40,33 +41,6 @@ def _tree_hashes(folder):
     root = Path(folder)
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _write_h5(path, segments: dict):
-    with h5py.File(path, "w") as f:
-        for k, x in segments.items():
-            f.create_group(k).create_dataset("normalized_waveform", data=x)
-
-
-def _write_index(path, rows, header=("local_path", "global_idx")):
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-
-
-def _random_index(folder, n=300, length=250, n_files=3, patients=6, seed=0):
-    """n rows in n_files HDF5 files, consecutive rows from one patient (as recordings are)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for f in range(n_files):
-        segs = {}
-        for j in range(f * n // n_files, (f + 1) * n // n_files):
-            segs[f"{j:06d}"] = (rng.standard_normal(length) * 3 + 10).astype(np.float32)
-            rows.append((f"f{f}.h5", f"{j:06d}", j * patients // n))
-        _write_h5(folder / f"f{f}.h5", segs)
-    _write_index(folder / "index.csv", rows, ("local_path", "global_idx", "patient_id"))
-    return folder / "index.csv"
 
 
 def test_float32_round_trip_is_exact_and_stock_webdataset_reads_it(tiny_cohort, tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from data_prep.convert import ConvertParams, convert_pretrain
 from himae_dist.streaming import LoaderState, check_shards, load_manifest, make_loader, reader_shards
-from tests.test_convert import _random_index
+from tests.h5_inputs import random_index as _random_index
 
 
 def _take(m, n, **kw):

@@ -1,0 +1,94 @@
+"""Loader throughput: format-v2 block shards vs a seed-style per-sample Dataset, same run.
+
+Segments/s per loader process (num_workers=0, the work one DataLoader worker does) at L=1000,
+float16 and float32 shards, batch 256. Baseline: the seed-style path, a map-style Dataset whose
+__getitem__ min-max scales one segment of an in-memory array, batched by the default collate.
+
+    .venv/bin/python bench/bench_loader.py [--n 40000] [--batches 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.convert import ConvertParams, convert_pretrain  # noqa: E402
+from himae_dist.streaming import load_manifest, make_loader  # noqa: E402
+from tests.h5_inputs import write_h5, write_index  # noqa: E402
+
+
+class SeedStyleDataset(torch.utils.data.Dataset):
+    """Per-sample __getitem__ with min-max scaling over an in-memory array, as the seed's loader does."""
+
+    def __init__(self, signals: np.ndarray):
+        self.signals = signals  # [N, L] float32
+
+    def __len__(self) -> int:
+        return len(self.signals)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = self.signals[i]
+        x = (x - x.min()) / (x.max() - x.min()) * 2 - 1
+        return torch.tensor(x, dtype=torch.float32).unsqueeze(0)  # [1, L]
+
+
+def _rate(it, n_batches: int, batch: int) -> float:
+    next(it)  # start-up (first shards read) excluded for both paths
+    t = time.perf_counter()
+    for _ in range(n_batches):
+        b = next(it)
+    _ = b
+    return n_batches * batch / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=40_000, help="segments")
+    ap.add_argument("--length", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=400)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    signals = (rng.standard_normal((a.n, a.length)) * 100 + 500).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        per_file = 5000
+        rows = []
+        for f, s in enumerate(range(0, a.n, per_file)):
+            write_h5(tmp / f"f{f}.h5", {f"{j:08d}": signals[j] for j in range(s, min(a.n, s + per_file))})
+            rows += [(f"f{f}.h5", f"{j:08d}") for j in range(s, min(a.n, s + per_file))]
+        write_index(tmp / "index.csv", rows)
+        rates = {}
+        for dtype in ("float16", "float32"):
+            out = tmp / dtype
+            convert_pretrain(str(tmp / "index.csv"), ConvertParams(str(out), samples_per_shard=4096, dtype=dtype,
+                                                                   val_fraction=0, workers=2))
+            loader, _ = make_loader(load_manifest(str(out)), a.batch, seed=0, num_workers=0, shuffle_shards=4)
+            rates[dtype] = _rate(iter(loader), a.batches, a.batch)
+        seed_loader = torch.utils.data.DataLoader(SeedStyleDataset(signals), batch_size=a.batch, shuffle=True,
+                                                  num_workers=0, drop_last=True)
+        seed_rate = _rate(iter(seed_loader), min(a.batches, a.n // a.batch - 2), a.batch)
+
+    print(f"\nrun: {time.strftime('%Y-%m-%d')} | {platform.machine()} | torch {torch.__version__} | "
+          f"numpy {np.__version__} | L={a.length} | batch {a.batch} | {a.n} segments\n")
+    print("| path | seg/s per process | vs seed-style |")
+    print("|---|---|---|")
+    for dtype, r in rates.items():
+        print(f"| v2 shards, {dtype} | {r:,.0f} | {r / seed_rate:.1f}x |")
+    print(f"| seed-style Dataset (per-sample min-max, default collate) | {seed_rate:,.0f} | 1.0x |")
+    print(f"\nloader {rates['float16']:,.0f} seg/s per process, seed-style {seed_rate:,.0f} seg/s, "
+          f"ratio {rates['float16'] / seed_rate:.1f}")
+
+
+if __name__ == "__main__":
+    main()
