@@ -134,16 +134,17 @@ def read_segments(
                 for r, k in zip(grp["row"].to_numpy(), grp["key"].to_numpy()):
                     where = f"{path} [{k!r}] (index row {int(r) + 1})"
                     try:
-                        if k not in f:
-                            policy.reject("missing_key", f"{where}: HDF5 file has no group {k!r}")
-                            continue
-                        g = f[k]
-                        if not hasattr(g, "keys") or WAVEFORM_KEY not in g:
-                            policy.reject("missing_key", f"{where}: group has no dataset {WAVEFORM_KEY!r}")
-                            continue
-                        items.append((int(r), where, np.asarray(g[WAVEFORM_KEY][()])))
-                    except OSError as e:  # truncated file: the group table or the data cannot be read
-                        policy.reject("unreadable_file", f"{where}: cannot read ({e})")
+                        arr = f[f"{k}/{WAVEFORM_KEY}"][()]  # one path lookup: the common case costs what the floor does
+                    except KeyError:  # say what is missing
+                        missing = (f"HDF5 file has no group {k!r}" if k not in f
+                                   else f"group has no dataset {WAVEFORM_KEY!r}")
+                        policy.reject("missing_key", f"{where}: {missing}")
+                        continue
+                    except (OSError, TypeError, AttributeError) as e:  # truncated file, or the key names a dataset
+                        policy.reject("unreadable_file" if isinstance(e, OSError) else "missing_key",
+                                      f"{where}: cannot read {WAVEFORM_KEY!r} ({e})")
+                        continue
+                    items.append((int(r), where, np.asarray(arr)))
             for r, where, arr in items:
                 seg = check_segment(arr, where, None, policy, channels)
                 if seg is None:
