@@ -184,7 +184,8 @@ def _read_local(path: str):
     with open(path, "rb") as fh:
         if os.fstat(fh.fileno()).st_size == 0:
             return b""
-        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        populate = getattr(mmap, "MAP_POPULATE", 0)  # Linux: fault the pages in at once, not one by one
+        return mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
 
 
 def make_loader(
