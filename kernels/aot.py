@@ -92,6 +92,14 @@ def compile_all(arch: int, index_64: bool = False) -> list[dict]:
     return records
 
 
+def unspecialised_params() -> dict[str, list[str]]:
+    """Per kernel, the integer arguments Triton does not specialise (so new values reuse the binary)."""
+    from kernels import masked_mse_triton as k
+
+    kernels = {"patch_mask": k._patch_mask_kernel, "apply_mask": k._apply_mask_kernel, "loss": k._loss_kernel}
+    return {name: [p.name for p in fn.params if p.do_not_specialize] for name, fn in kernels.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if ptxas_path() is None:
         print(json.dumps({"skip": "ptxas not found (triton's bundled CUDA tools are missing)"}))
         return 0
+    print(json.dumps({"do_not_specialize": unspecialised_params()}), flush=True)
     for arch in (int(v) for v in a.arch.split(",")):
         for rec in compile_all(arch, a.index_64):
             print(json.dumps(rec), flush=True)
