@@ -35,10 +35,11 @@ def ptxas_path() -> str | None:
     return path if path and Path(path).is_file() else None
 
 
-def _attrs(names: list[str], ptrs: set[str]) -> dict:
+def _attrs(sig: dict[str, str], ptrs: set[str]) -> dict:
     # What the launcher infers for tensors from the caching allocator (16-byte aligned) and for
     # n = B*C*L when it is a multiple of 16 (any even B at L=1000): that lets loads vectorise.
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs or n == "n"}
+    return {(i,): [["tt.divisibility", 16]] for i, (n, ty) in enumerate(sig.items())
+            if ty != "constexpr" and (n in ptrs or n == "n")}
 
 
 def builds(index_64: bool = False) -> list[tuple[str, object, dict, dict, set[str]]]:
@@ -60,16 +61,24 @@ def builds(index_64: bool = False) -> list[tuple[str, object, dict, dict, set[st
             out.append((f"apply_mask {src}->{dst} L={L}", k._apply_mask_kernel, sig, const,
                         {"x_ptr", "out_ptr", "pmask_ptr"}))
         for zd, xd in LOSS_COMBOS:
-            for backward in (False, True):
+            for mode, name in ((0, "fwd"), (1, "fwd+grad32"), (2, "bwd")):
                 sig = {"z_ptr": f"*{zd}", "x_ptr": f"*{xd}", "pmask_ptr": "*i8",
-                       "out_ptr": f"*{zd}" if backward else "*fp32", "gout_ptr": "*fp32", "n": "i32"}
+                       "out_ptr": f"*{zd}" if mode == 2 else "*fp32", "gout_ptr": "*fp32", "n": "i32"}
                 sig.update({s: "i32" for s in ("z_s0", "z_s1", "z_s2", "x_s0", "x_s1", "x_s2", "pm_s0", "pm_s1")})
                 sig["inv_count"] = "fp32"
-                const = dict(shape, APPLY_TANH=True, BACKWARD=backward, Z_CONTIG=True, X_CONTIG=True,
+                const = dict(shape, APPLY_TANH=True, MODE=mode, Z_CONTIG=True, X_CONTIG=True,
                              INDEX_64=index_64, BLOCK=k.BLOCK)
                 sig.update({c: "constexpr" for c in const})
-                label = f"loss {'bwd' if backward else 'fwd'} z={zd} x={xd} L={L}"
-                out.append((label, k._loss_kernel, sig, const, {"z_ptr", "x_ptr", "pmask_ptr", "out_ptr", "gout_ptr"}))
+                sig["grad32_ptr"] = "*fp32" if mode == 1 else "constexpr"
+                if mode != 1:
+                    const["grad32_ptr"] = None
+                out.append((f"loss {name} z={zd} x={xd} L={L}", k._loss_kernel, sig, const,
+                            {"z_ptr", "x_ptr", "pmask_ptr", "out_ptr", "gout_ptr", "grad32_ptr"}))
+    for d in DTYPES:
+        sig = {"g32_ptr": "*fp32", "gout_ptr": "*fp32", "out_ptr": f"*{d}", "n": "i32",
+               "INDEX_64": "constexpr", "BLOCK": "constexpr"}
+        out.append((f"scale fp32->{d}", k._scale_kernel, sig, {"INDEX_64": index_64, "BLOCK": k.BLOCK},
+                    {"g32_ptr", "gout_ptr", "out_ptr"}))
     return out
 
 
@@ -81,7 +90,7 @@ def compile_all(arch: int, index_64: bool = False) -> list[dict]:
 
     records = []
     for label, fn, sig, const, ptrs in builds(index_64):
-        src = ASTSource(fn, sig, constexprs=const, attrs=_attrs(list(sig), ptrs))
+        src = ASTSource(fn, sig, constexprs=const, attrs=_attrs(sig, ptrs))
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
         ptx = compiled.asm["ptx"]
         records.append({
@@ -96,7 +105,8 @@ def unspecialised_params() -> dict[str, list[str]]:
     """Per kernel, the integer arguments Triton does not specialise (so new values reuse the binary)."""
     from kernels import masked_mse_triton as k
 
-    kernels = {"patch_mask": k._patch_mask_kernel, "apply_mask": k._apply_mask_kernel, "loss": k._loss_kernel}
+    kernels = {"patch_mask": k._patch_mask_kernel, "apply_mask": k._apply_mask_kernel, "loss": k._loss_kernel,
+               "scale": k._scale_kernel}
     return {name: [p.name for p in fn.params if p.do_not_specialize] for name, fn in kernels.items()}
 
 

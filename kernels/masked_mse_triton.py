@@ -18,6 +18,7 @@ backwards). Here masking is two launches and the loss one pass forward and one b
   backward recomputes d loss / d z in fp32 with `grad_output` (the loss scale) folded in before
   the one rounding to the logits' dtype, so fp16 gradients underflow no more than the
   reference's. Nothing is saved but the inputs, and no gradient work happens without autograd.
+  (grad_mode="stored" writes the fp32 gradient in forward instead; see FusedMaskedMSE.)
   The denominator sum(m) = B*C*k*p is known on the host and `grad_output` is read on the
   device, so neither pass copies anything to the host.
 
@@ -146,9 +147,11 @@ def _apply_mask_kernel(
 def _loss_kernel(
     z_ptr, x_ptr, pmask_ptr, out_ptr, gout_ptr, n, z_s0, z_s1, z_s2, x_s0, x_s1, x_s2, pm_s0, pm_s1,
     inv_count, C: tl.constexpr, L: tl.constexpr, PATCH: tl.constexpr, APPLY_TANH: tl.constexpr,
-    BACKWARD: tl.constexpr, Z_CONTIG: tl.constexpr, X_CONTIG: tl.constexpr, INDEX_64: tl.constexpr,
-    BLOCK: tl.constexpr,
+    MODE: tl.constexpr, Z_CONTIG: tl.constexpr, X_CONTIG: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK: tl.constexpr, grad32_ptr=None,
 ):
+    # MODE 0: forward, fp32 partial sums to out_ptr. 1: the same, and the unscaled gradient in fp32
+    # to grad32_ptr ("stored"). 2: backward, the gradient times *gout_ptr in out_ptr's dtype.
     offs, valid = _flat_offsets(n, INDEX_64, BLOCK)
     b = offs // (C * L)
     c = (offs // L) % C
@@ -162,7 +165,7 @@ def _loss_kernel(
     else:
         y = z
     diff = (y - x) * m
-    if BACKWARD:
+    if MODE == 2:
         # d (loss * grad_output) / d z in fp32; one rounding, at the store
         g = diff * (2.0 * inv_count * tl.load(gout_ptr).to(tl.float32))
         if APPLY_TANH:
@@ -170,6 +173,19 @@ def _loss_kernel(
         tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=valid)
     else:
         tl.store(out_ptr + tl.program_id(0), tl.sum(diff * diff, axis=0))
+        if MODE == 1:
+            g = diff * (2.0 * inv_count)
+            if APPLY_TANH:
+                g = g * (1.0 - y * y)
+            tl.store(grad32_ptr + offs, g, mask=valid)
+
+
+@triton.jit
+def _scale_kernel(g32_ptr, gout_ptr, out_ptr, n, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
+    # backward of the "stored" mode: fp32 gradient times grad_output, one rounding to z's dtype
+    offs, valid = _flat_offsets(n, INDEX_64, BLOCK)
+    g = tl.load(g32_ptr + offs, mask=valid, other=0.0) * tl.load(gout_ptr)
+    tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def fused_patch_mask(
@@ -239,53 +255,88 @@ def _check_loss_args(
 
 def _launch_loss(
     z: torch.Tensor, target: torch.Tensor, pmask: torch.Tensor, out: torch.Tensor, gout: torch.Tensor,
-    patch_size: int, count: int, apply_tanh: bool, backward: bool,
+    patch_size: int, count: int, apply_tanh: bool, backward: bool, grad32: torch.Tensor | None = None,
 ) -> None:
     B, C, L = z.shape
     n = z.numel()
+    mode = 2 if backward else (1 if grad32 is not None else 0)
     with device_guard(z.device):
         _loss_kernel[(triton.cdiv(n, BLOCK),)](
             z, target, pmask, out, gout, n, *z.stride(), *target.stride(), *pmask.stride(), 1.0 / count,
-            C=C, L=L, PATCH=patch_size, APPLY_TANH=apply_tanh, BACKWARD=backward,
+            C=C, L=L, PATCH=patch_size, APPLY_TANH=apply_tanh, MODE=mode,
             Z_CONTIG=z.is_contiguous(), X_CONTIG=target.is_contiguous(),
-            INDEX_64=use_int64([z, target, pmask, out], n), BLOCK=BLOCK,
+            INDEX_64=use_int64([z, target, pmask, out], n), BLOCK=BLOCK, grad32_ptr=grad32,
         )
+
+
+GRAD_MODES = ("recompute", "stored")
+
+
+def _loss_forward(
+    z: torch.Tensor, target: torch.Tensor, pmask: torch.Tensor, patch_size: int, ratio: float,
+    apply_tanh: bool, grad_mode: str, need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fp32 loss, the unscaled fp32 gradient when need_grad and grad_mode == 'stored', else None)."""
+    count = _check_loss_args(z, target, pmask, patch_size, ratio)
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    partial = torch.empty(triton.cdiv(z.numel(), BLOCK), dtype=torch.float32, device=z.device)
+    grad32 = None
+    if need_grad and grad_mode == "stored":
+        grad32 = torch.empty(z.shape, dtype=torch.float32, device=z.device)  # [B, C, L]
+    if z.numel():
+        _launch_loss(z, target, pmask, partial, partial, patch_size, count, apply_tanh, backward=False, grad32=grad32)
+    return partial.sum() / count, grad32
 
 
 class FusedMaskedMSE(torch.autograd.Function):
     """Masked MSE over patch-masked samples, with the final tanh fused; grads w.r.t. logits only.
 
-    Backward recomputes the gradient (one more read of z, x and the mask) instead of saving it:
-    the same bytes as saving it in z's dtype and scaling it later, and exact in fp16/bf16 because
-    the loss scale is applied in fp32 before the one rounding."""
+    Two gradient modes, both exact in fp16/bf16 (the loss scale `grad_output` is applied in fp32
+    before the one rounding to z's dtype), both one pass over the data each way:
+    `recompute` (default): backward reads z, x and the mask again and writes the gradient;
+    nothing is saved but references to the inputs. Bytes per element, z of size sz and x of sx:
+    (sz + sx) forward + (sz + sx + sz) backward.
+    `stored`: forward also writes the unscaled gradient in fp32, backward scales it:
+    (sz + sx + 4) + (4 + sz), and an fp32 [B, C, L] buffer held until backward. Recompute moves
+    no more bytes whenever sx <= 4 (every supported dtype: 10 vs 12 for bf16, 14 vs 16 for the
+    trainer's bf16 logits against fp32 input, 20 vs 20 for fp32); bench/bench_masked_mse.py
+    times both. Without autograd (no input requires grad, or no_grad) no gradient work is done."""
 
     @staticmethod
-    def forward(ctx, z, target, pmask, patch_size, ratio, apply_tanh):  # type: ignore[override]
-        count = _check_loss_args(z, target, pmask, patch_size, ratio)
-        partial = torch.empty(triton.cdiv(z.numel(), BLOCK), dtype=torch.float32, device=z.device)
-        if z.numel():
-            _launch_loss(z, target, pmask, partial, partial, patch_size, count, apply_tanh, backward=False)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(z, target, pmask)
-        ctx.args = (patch_size, count, apply_tanh)
-        return partial.sum() / count
+    def forward(ctx, z, target, pmask, patch_size, ratio, apply_tanh, grad_mode):  # type: ignore[override]
+        loss, grad32 = _loss_forward(z, target, pmask, patch_size, ratio, apply_tanh, grad_mode, need_grad=True)
+        ctx.save_for_backward(*((grad32,) if grad32 is not None else (z, target, pmask)))
+        ctx.args = (patch_size, _check_loss_args(z, target, pmask, patch_size, ratio), apply_tanh, grad_mode, z.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
-        z, target, pmask = ctx.saved_tensors
-        patch_size, count, apply_tanh = ctx.args
-        grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)  # [B, C, L], contiguous
-        if z.numel():
-            gout = grad_output.to(device=z.device, dtype=torch.float32)  # fp32: no rounding of the loss scale
+        patch_size, count, apply_tanh, grad_mode, dtype = ctx.args
+        saved = ctx.saved_tensors
+        grad = torch.empty(saved[0].shape, dtype=dtype, device=saved[0].device)  # [B, C, L], contiguous
+        gout = grad_output.to(device=grad.device, dtype=torch.float32)  # fp32: no rounding of the loss scale
+        if grad.numel() == 0:
+            pass
+        elif grad_mode == "stored":
+            (grad32,) = saved
+            n = grad.numel()
+            with device_guard(grad.device):
+                _scale_kernel[(triton.cdiv(n, BLOCK),)](grad32, gout, grad, n, INDEX_64=use_int64([grad32], n), BLOCK=BLOCK)
+        else:
+            z, target, pmask = saved
             _launch_loss(z, target, pmask, grad, gout, patch_size, count, apply_tanh, backward=True)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def fused_masked_mse(
     z: torch.Tensor, target: torch.Tensor, pmask: torch.Tensor, patch_size: int, ratio: float,
-    apply_tanh: bool = True,
+    apply_tanh: bool = True, grad_mode: str = "recompute",
 ) -> torch.Tensor:
     """sum((tanh(z) - x)^2 * m) / sum(m), m the patch mask (from fused_patch_mask with the same
     ratio) expanded over samples and channels; z are logits when apply_tanh, else the reconstruction.
-    Any strides are read correctly; the loss is fp32; the gradient has z's dtype."""
-    return FusedMaskedMSE.apply(z, target, pmask, patch_size, ratio, apply_tanh)
+    Any strides are read correctly; the loss is fp32; the gradient has z's dtype. grad_mode:
+    see FusedMaskedMSE."""
+    if torch.is_grad_enabled() and isinstance(z, torch.Tensor) and z.requires_grad:
+        return FusedMaskedMSE.apply(z, target, pmask, patch_size, ratio, apply_tanh, grad_mode)
+    return _loss_forward(z, target, pmask, patch_size, ratio, apply_tanh, grad_mode, need_grad=False)[0]

@@ -89,9 +89,10 @@ def _near_converged(B, C, L, noise, seed=0):
     return x, torch.atanh(x) + noise * torch.randn(B, C, L, generator=g)
 
 
+@pytest.mark.parametrize("grad_mode", mt.GRAD_MODES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("scale", [1.0, 1024.0])
-def test_low_precision_gradient_matches_the_fp32_reference(dtype, scale):
+def test_low_precision_gradient_matches_the_fp32_reference(dtype, scale, grad_mode):
     # Near convergence the unscaled gradient 2*diff*(1-y^2)/count sits in fp16's subnormal range;
     # the loss scale (grad_output) must be applied before the one rounding, as autograd does for
     # the reference. The old kernel rounded the unscaled gradient in forward: at scale 1024 it
@@ -100,7 +101,7 @@ def test_low_precision_gradient_matches_the_fp32_reference(dtype, scale):
     _, pm = fused_patch_mask(x32, 5, 0.8, seed=7)
     z = z32.to(dtype).requires_grad_(True)
     x = x32.to(dtype)
-    fused_masked_mse(z, x, pm, 5, 0.8).backward(torch.tensor(scale))
+    fused_masked_mse(z, x, pm, 5, 0.8, grad_mode=grad_mode).backward(torch.tensor(scale))
     # fp32 reference on the same (rounded) inputs: the exact gradient, times the loss scale
     z_ref = z.detach().float().requires_grad_(True)
     masked_mse(torch.tanh(z_ref), x.float(), expand_patch_mask(pm.bool(), 5)).backward(torch.tensor(scale))
@@ -117,12 +118,13 @@ def test_low_precision_gradient_matches_the_fp32_reference(dtype, scale):
         assert ((g - g_ref).norm() / g_ref.norm()).item() < eps
 
 
-def test_grad_output_is_applied_in_fp32_not_rounded_to_the_logits_dtype():
+@pytest.mark.parametrize("grad_mode", mt.GRAD_MODES)
+def test_grad_output_is_applied_in_fp32_not_rounded_to_the_logits_dtype(grad_mode):
     x, z32 = _near_converged(4, 1, 250, noise=0.3)
     _, pm = fused_patch_mask(x, 5, 0.8, seed=1)
     gout = torch.tensor(1.0 + 2**-12)  # 1.0 once rounded to fp16, which moves ~1/4 of the results
     z = z32.half().requires_grad_(True)
-    fused_masked_mse(z, x, pm, 5, 0.8).backward(gout)
+    fused_masked_mse(z, x, pm, 5, 0.8, grad_mode=grad_mode).backward(gout)
     z_ref = z.detach().float().requires_grad_(True)  # fp32 math on the same inputs
     masked_mse(torch.tanh(z_ref), x, expand_patch_mask(pm.bool(), 5)).backward(gout)
     expected = z_ref.grad.half()  # one rounding, after the scale
@@ -131,26 +133,40 @@ def test_grad_output_is_applied_in_fp32_not_rounded_to_the_logits_dtype():
     assert same > 0.95, f"only {same:.3f} of the fp16 gradient entries equal the reference's"
 
 
+@pytest.mark.parametrize("B,C,L,p,r", [SHAPES[1], SHAPES[2]])
+def test_stored_gradient_mode_matches_the_reference(B, C, L, p, r):
+    x = torch.rand(B, C, L) * 2 - 1
+    _, pm = fused_patch_mask(x, p, r, seed=5)
+    z = (torch.randn(B, C, L) * 1.5).requires_grad_(True)
+    z_ref = z.detach().clone().requires_grad_(True)
+    fused_masked_mse(z, x, pm, p, r, grad_mode="stored").backward(torch.tensor(2.5))
+    masked_mse(torch.tanh(z_ref), x, expand_patch_mask(pm.bool(), p)).backward(torch.tensor(2.5))
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="grad_mode must be one of"):
+        fused_masked_mse(z, x, pm, p, r, grad_mode="saved")
+
+
 def _count_loss_launches(monkeypatch) -> list[bool]:
     launches: list[bool] = []
     real = mt._launch_loss
 
-    def spy(*args, backward, **kwargs):
-        launches.append(backward)
-        return real(*args, backward=backward, **kwargs)
+    def spy(*args, backward, grad32=None, **kwargs):
+        launches.append("grad32" if grad32 is not None else backward)
+        return real(*args, backward=backward, grad32=grad32, **kwargs)
 
     monkeypatch.setattr(mt, "_launch_loss", spy)
     return launches
 
 
+@pytest.mark.parametrize("grad_mode", mt.GRAD_MODES)
 @pytest.mark.parametrize("requires_grad,no_grad", [(False, False), (True, True)])
-def test_no_gradient_work_without_autograd(monkeypatch, requires_grad, no_grad):
+def test_no_gradient_work_without_autograd(monkeypatch, requires_grad, no_grad, grad_mode):
     launches = _count_loss_launches(monkeypatch)
     x = torch.rand(2, 1, 250) * 2 - 1
     _, pm = fused_patch_mask(x, 5, 0.8, seed=1)
     z = torch.randn(2, 1, 250, requires_grad=requires_grad)
     with torch.no_grad() if no_grad else contextlib.nullcontext():
-        loss = fused_masked_mse(z, x, pm, 5, 0.8)
+        loss = fused_masked_mse(z, x, pm, 5, 0.8, grad_mode=grad_mode)
     assert not loss.requires_grad
     assert launches == [False]  # the forward pass only: no gradient computed or kept
 
@@ -163,6 +179,9 @@ def test_gradient_is_computed_only_in_backward(monkeypatch):
     assert launches == [False]
     loss.backward()
     assert launches == [False, True]
+    launches.clear()
+    fused_masked_mse(torch.randn(2, 1, 250, requires_grad=True), x, pm, 5, 0.8, grad_mode="stored").backward()
+    assert launches == ["grad32"]  # stored: the forward pass writes it, backward only scales
 
 
 def test_strided_arguments_are_read_through_their_strides():

@@ -41,14 +41,16 @@ def test_every_kernel_compiles_for_sm80_and_sm90_in_every_dtype(compiled):
         for d in ("fp32", "bf16", "fp16"):
             for L in (250, 1000):
                 assert f"apply_mask {d}->{d} L={L}" in built
-                assert f"loss fwd z={d} x={d} L={L}" in built and f"loss bwd z={d} x={d} L={L}" in built
+                for mode in ("fwd", "fwd+grad32", "bwd"):
+                    assert f"loss {mode} z={d} x={d} L={L}" in built
+            assert f"scale fp32->{d}" in built
         assert "loss bwd z=bf16 x=fp32 L=1000" in built and "apply_mask fp32->bf16 L=1000" in built
 
 
 def test_no_integer_division_in_the_loss_and_mask_kernels(compiled):
     # the old loss kernel's sm_90 PTX held 32 div/rem.s64 (software division on the GPU)
     kernels = [r for r in compiled if "kernel" in r]
-    assert len(kernels) == 2 * 25
+    assert len(kernels) == 2 * (1 + 2 * (4 + 4 * 3) + 3)
     for r in kernels:
         assert r["div_rem_64"] == 0, r
         assert r["div_rem_32"] == 0, r
@@ -57,7 +59,7 @@ def test_no_integer_division_in_the_loss_and_mask_kernels(compiled):
 def test_flat_kernels_load_16_bytes_at_a_time(compiled):
     # flat blocks start at multiples of BLOCK, so loads vectorise whatever L is (250 included)
     for r in compiled:
-        if r.get("kernel", "").startswith(("loss", "apply_mask")):
+        if r.get("kernel", "").startswith(("loss", "apply_mask", "scale")):
             assert r["ld_global_v4"] > 0, r
 
 
