@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from himae_dist.objective import make_objective
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE = os.environ.get("HIMAE_TEST_DEVICE", "cpu")  # cuda: compiled kernels on a GPU (bench/gpu_check.sh)
 SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "item"}
 
 
@@ -39,9 +40,11 @@ class _SyncRecorder(TorchDispatchMode):
 def test_mask_loss_and_backward_do_not_sync(impl):
     if impl == "fused":
         pytest.importorskip("triton")
-    obj = make_objective(impl, torch.device("cpu"), patch_size=5, ratio=0.8, base_seed=0, rank=1, world_size=2)
-    x = torch.rand(4, 1, 250) * 2 - 1
-    z = torch.randn(4, 1, 250, requires_grad=True)
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("HIMAE_TEST_DEVICE=cuda but no GPU is visible")
+    obj = make_objective(impl, torch.device(DEVICE), patch_size=5, ratio=0.8, base_seed=0, rank=1, world_size=2)
+    x = torch.rand(4, 1, 250, device=DEVICE) * 2 - 1
+    z = torch.randn(4, 1, 250, device=DEVICE, requires_grad=True)
     with _SyncRecorder() as rec:
         for micro in range(2):
             xm, mask = obj.mask(x, step=3, micro=micro, out_dtype=torch.bfloat16)
