@@ -26,7 +26,8 @@ Index math is 32-bit while every offset fits (int64 beyond 2**31 elements, see `
 C, L and the patch size are compile-time constants (fixed for a training run), so the divisions
 that map a flat offset to (sample, channel, patch) compile to multiplies, with no division
 instruction (tests/test_kernel_compile.py checks the PTX). Flat blocks start at multiples of the
-block size, so loads stay 16-byte aligned whatever L is.
+block size, so loads stay 16-byte aligned whatever L is (and vectorise when B*C*L is a multiple
+of 16, which Triton detects at launch).
 """
 
 from __future__ import annotations
@@ -275,8 +276,8 @@ GRAD_MODES = ("recompute", "stored")
 def _loss_forward(
     z: torch.Tensor, target: torch.Tensor, pmask: torch.Tensor, patch_size: int, ratio: float,
     apply_tanh: bool, grad_mode: str, need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(fp32 loss, the unscaled fp32 gradient when need_grad and grad_mode == 'stored', else None)."""
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(fp32 loss, the unscaled fp32 gradient when need_grad and grad_mode == 'stored' else None, sum(m))."""
     count = _check_loss_args(z, target, pmask, patch_size, ratio)
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
@@ -286,7 +287,7 @@ def _loss_forward(
         grad32 = torch.empty(z.shape, dtype=torch.float32, device=z.device)  # [B, C, L]
     if z.numel():
         _launch_loss(z, target, pmask, partial, partial, patch_size, count, apply_tanh, backward=False, grad32=grad32)
-    return partial.sum() / count, grad32
+    return partial.sum() / count, grad32, count
 
 
 class FusedMaskedMSE(torch.autograd.Function):
@@ -305,9 +306,9 @@ class FusedMaskedMSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, target, pmask, patch_size, ratio, apply_tanh, grad_mode):  # type: ignore[override]
-        loss, grad32 = _loss_forward(z, target, pmask, patch_size, ratio, apply_tanh, grad_mode, need_grad=True)
+        loss, grad32, count = _loss_forward(z, target, pmask, patch_size, ratio, apply_tanh, grad_mode, need_grad=True)
         ctx.save_for_backward(*((grad32,) if grad32 is not None else (z, target, pmask)))
-        ctx.args = (patch_size, _check_loss_args(z, target, pmask, patch_size, ratio), apply_tanh, grad_mode, z.dtype)
+        ctx.args = (patch_size, count, apply_tanh, grad_mode, z.dtype)
         return loss
 
     @staticmethod
