@@ -11,7 +11,8 @@
 #   --results    results folder (default gpu_results/<UTC time>; on the device tool: $OUT)
 #   --scratch    synthetic data and trainer runs (default /tmp/himae_gpu_check)
 # Environment: PYTHON (default .venv/bin/python if present, else python3), SCALE (himae-synth
-# --scale, default 0.3), STEPS (trainer steps, default 60), MICRO_BATCH (default 256), BENCH_ARGS
+# --scale, default 0.3), STEPS (trainer steps, default 60), MICRO_BATCH (default 256), NUM_WORKERS
+# (loader workers per rank, default 2; the shards must number at least ranks x workers), BENCH_ARGS
 # (extra bench_masked_mse.py flags, default none: the full grid).
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,7 +34,7 @@ if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-SCALE="${SCALE:-0.3}"; STEPS="${STEPS:-60}"; MB="${MICRO_BATCH:-256}"; LOG_EVERY=20
+SCALE="${SCALE:-0.3}"; STEPS="${STEPS:-60}"; MB="${MICRO_BATCH:-256}"; WORKERS="${NUM_WORKERS:-2}"; LOG_EVERY=20
 NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 PORT=$((29500 + RANDOM % 1000))
 
@@ -44,7 +45,7 @@ prep()  { if command -v himae-prep >/dev/null 2>&1; then himae-prep "$@"
           else "$PY" -c 'import sys; from data_prep.convert import main; sys.argv[0] = "himae-prep"; main()' "$@"; fi; }
 trun()  { local n="$1"; shift; "$PY" -m torch.distributed.run --nproc_per_node="$n" --master_addr=127.0.0.1 \
             --master_port=$((PORT++)) "$@"; }
-TRAIN_ARGS=(--micro-batch "$MB" --log-every "$LOG_EVERY" --num-workers 4 --loss-impl auto)
+TRAIN_ARGS=(--micro-batch "$MB" --log-every "$LOG_EVERY" --num-workers "$WORKERS" --loss-impl auto)
 KERNEL_TESTS=(tests/test_fused_kernels.py tests/test_masking.py tests/test_kernel_compile.py tests/test_objective_sync.py)
 
 if [ "$DRY" = 1 ]; then
@@ -95,6 +96,7 @@ run_logged() {  # LOG CMD...: run, append output to LOG, return the command's st
   echo "\$ $*" >>"$log"
   "$@" >>"$log" 2>&1
 }
+first_error() { grep -E 'himae-train: error|^[A-Za-z_.]*(Error|Exception): ' "$1" | grep -v ChildFailedError | tail -1 | cut -c1-200; }
 pytest_counts() { grep -Eo '[0-9]+ (passed|failed|skipped|error|errors)' "$1" | tail -4 | paste -sd, - ; }
 
 { date -u; nvidia-smi 2>&1 | head -15; "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "gpus", torch.cuda.device_count(), torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
@@ -142,7 +144,7 @@ if [ "$data_ok" = 1 ]; then
       row "trainer $prec, 1 GPU, local tars" pass "$(seg_per_s "$SCRATCH/run_$prec/metrics.jsonl" "$MB") segments/s" "$L5"
       break
     else
-      row "trainer $prec, 1 GPU, local tars" FAIL "$(grep -E 'Error|error' "$L5" | tail -1 | cut -c1-160)" "$L5"
+      row "trainer $prec, 1 GPU, local tars" FAIL "$(first_error "$L5")" "$L5"
     fi
   done
 fi
@@ -151,7 +153,7 @@ for prec in bf16 fp32; do
   if run_logged "$L6" trun 1 bench/gpu_model_from_memory.py --precision "$prec" "${TRAIN_ARGS[@]}"; then
     row "same model fed from memory, $prec" pass "$(grep -o '"segments_per_s": [0-9.]*' "$L6" | tail -1 | cut -d' ' -f2) segments/s" "$L6"
     break
-  else row "same model fed from memory, $prec" FAIL "$(grep -E 'Error|error' "$L6" | tail -1 | cut -c1-160)" "$L6"; fi
+  else row "same model fed from memory, $prec" FAIL "$(first_error "$L6")" "$L6"; fi
 done
 
 # 7: two processes over NCCL (one GPU each: NCCL refuses two ranks on one GPU)
@@ -162,7 +164,7 @@ if [ "$NGPU" -lt 2 ]; then
 elif [ "$data_ok" = 1 ] && run_logged "$L7" trun 2 -m himae_dist.train --data "$SCRATCH/shards" \
        --out "$SCRATCH/run_nccl" --steps 20 "${TRAIN_ARGS[@]}"; then
   row "2-process NCCL run" pass "$(grep -o 'world=2 device=cuda' "$L7" | head -1); $(seg_per_s "$SCRATCH/run_nccl/metrics.jsonl" $((2 * MB))) segments/s" "$L7"
-else row "2-process NCCL run" FAIL "$(grep -E 'Error|error' "$L7" | tail -1 | cut -c1-160)" "$L7"; fi
+else row "2-process NCCL run" FAIL "$(first_error "$L7")" "$L7"; fi
 
 {
   echo "### $(date -u +%Y-%m-%d), bench/gpu_check.sh on $(grep -m1 -o 'NVIDIA [A-Za-z0-9 ]*' "$RES/env.txt" || echo 'an unnamed GPU')"
