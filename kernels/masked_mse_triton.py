@@ -16,8 +16,8 @@ backwards). Here masking is two launches and the loss one pass forward and one b
 * `_loss_kernel`, a flat 1-D grid over B*C*L, reads the logits (the final tanh is fused here),
   the target and the patch mask. Forward writes fp32 partial sums of (tanh(z) - x)^2 * m;
   backward recomputes d loss / d z in fp32 with `grad_output` (the loss scale) folded in before
-  the one rounding to the logits' dtype, so fp16 gradients underflow no more than the
-  reference's. Nothing is saved but the inputs, and no gradient work happens without autograd.
+  the one rounding to the logits' dtype, so an fp16 gradient is zero only where the scaled
+  fp32 gradient is below fp16's range. Nothing is saved but the inputs, and no gradient work happens without autograd.
   (grad_mode="stored" writes the fp32 gradient in forward instead; see FusedMaskedMSE.)
   The denominator sum(m) = B*C*k*p is known on the host and `grad_output` is read on the
   device, so neither pass copies anything to the host.
