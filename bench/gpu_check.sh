@@ -34,7 +34,8 @@ if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-SCALE="${SCALE:-0.3}"; STEPS="${STEPS:-60}"; MB="${MICRO_BATCH:-256}"; WORKERS="${NUM_WORKERS:-2}"; LOG_EVERY=20
+SCALE="${SCALE:-0.3}"; STEPS="${STEPS:-60}"; MB="${MICRO_BATCH:-256}"; WORKERS="${NUM_WORKERS:-2}"
+LOG_EVERY=$(( STEPS >= 6 ? STEPS / 3 : 1 ))  # segments/s is taken between the first and the last log record
 NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 PORT=$((29500 + RANDOM % 1000))
 
@@ -96,7 +97,7 @@ run_logged() {  # LOG CMD...: run, append output to LOG, return the command's st
   echo "\$ $*" >>"$log"
   "$@" >>"$log" 2>&1
 }
-first_error() { grep -E 'himae-train: error|^[A-Za-z_.]*(Error|Exception): ' "$1" | grep -v ChildFailedError | tail -1 | cut -c1-200; }
+first_error() { grep -E 'himae-train: error|gpu_model_from_memory: error|^[A-Za-z_.]*(Error|Exception): ' "$1" | grep -v ChildFailedError | tail -1 | cut -c1-200; }
 pytest_counts() { grep -Eo '[0-9]+ (passed|failed|skipped|error|errors)' "$1" | tail -4 | paste -sd, - ; }
 
 { date -u; nvidia-smi 2>&1 | head -15; "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "gpus", torch.cuda.device_count(), torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    if cfg.precision == "bf16" and not bf16:  # as the trainer: no silent fp32 under a bf16 label
+        sys.exit("gpu_model_from_memory: error: --precision=bf16 needs a GPU with bf16 support")
     objective = make_objective(cfg.loss_impl, device, cfg.patch_size, cfg.mask_ratio, cfg.seed, rank, world)
     torch.manual_seed(cfg.seed)
     model = HiMAE(cfg.in_chans, cfg.channels)
