@@ -3,6 +3,9 @@
 `reference`: the plain PyTorch functions (any device). `fused`: the Triton kernels (CUDA, or
 CPU under TRITON_INTERPRET=1), which also fuse the model's final tanh into the loss, so the
 model is asked for logits. `auto` picks fused on CUDA when Triton imports, else reference.
+Neither path copies anything to the host in mask + loss + backward
+(tests/test_objective_sync.py), so a trainer that logs once per log step does not wait on the
+GPU per micro-step.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ class ReferenceObjective:
     def __init__(self, patch_size: int, ratio: float, base_seed: int, rank: int):
         self.patch_size, self.ratio, self.base_seed, self.rank = patch_size, ratio, base_seed, rank
 
-    def mask(self, x: torch.Tensor, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def mask(
+        self, x: torch.Tensor, step: int, micro: int, out_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked x in out_dtype (default x's), mask [B, 1, L])."""
         gen = torch.Generator(device=x.device).manual_seed(mask_seed(self.base_seed, step, self.rank, micro))
-        return mask_input(x, self.patch_size, self.ratio, gen)  # mask [B, 1, L]
+        x_masked, mask = mask_input(x, self.patch_size, self.ratio, gen)  # mask [B, 1, L]
+        return x_masked.to(out_dtype or x.dtype), mask
 
     def loss(self, recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return masked_mse(recon, x, mask)
@@ -42,10 +49,15 @@ class FusedObjective:
         self.patch_size, self.ratio, self.base_seed = patch_size, ratio, base_seed
         self.rank, self.world_size = rank, world_size
 
-    def mask(self, x: torch.Tensor, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # One seed per step for all ranks; each sample keyed by its index in the global batch.
+    def mask(
+        self, x: torch.Tensor, step: int, micro: int, out_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked x written by the kernel in out_dtype, patch mask int8 [B, P])."""
+        # One seed per step for all ranks; each sample keyed by its position in the global batch
+        # (micro-batch, rank, row), so a position's mask does not depend on the world size.
         offset = (micro * self.world_size + self.rank) * x.shape[0]
-        return self.k.fused_patch_mask(x, self.patch_size, self.ratio, mask_seed(self.base_seed, step), offset)
+        seed = mask_seed(self.base_seed, step)
+        return self.k.fused_patch_mask(x, self.patch_size, self.ratio, seed, offset, out_dtype=out_dtype)
 
     def loss(self, logits: torch.Tensor, x: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
         return self.k.fused_masked_mse(logits, x, pmask, self.patch_size, self.ratio, apply_tanh=True)

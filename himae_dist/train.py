@@ -46,7 +46,6 @@ def _init_distributed():
 def train(cfg: TrainConfig) -> dict:
     deepspeed, device = _init_distributed()
     import torch.distributed as dist
-    from torchmetrics.aggregation import MeanMetric
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(cfg.out)
@@ -95,7 +94,7 @@ def train(cfg: TrainConfig) -> dict:
         pin_memory=device.type == "cuda",
     )
     batches = iter(loader)
-    loss_mean = MeanMetric(sync_on_compute=True).to(device)
+    loss_sum, loss_n = torch.zeros((), device=device), 0  # on the device: no host sync per micro-step
     wandb_run = _wandb(cfg) if rank == 0 else None
     metrics_path = out / "metrics.jsonl"
     history, t0 = [], time.time()
@@ -104,18 +103,19 @@ def train(cfg: TrainConfig) -> dict:
     for step in range(start, cfg.steps):
         for micro in range(cfg.grad_accum):
             x = next(batches)["signal"].to(device, non_blocking=True).float()  # [B, C, L], stored fp16/fp32
-            x_masked, mask = objective.mask(x, step, micro)
-            if bf16:
-                x_masked = x_masked.to(torch.bfloat16)
+            x_masked, mask = objective.mask(x, step, micro, torch.bfloat16 if bf16 else None)
             recon = engine(x_masked, apply_tanh=objective.apply_tanh)  # [B, C, L]
             loss = objective.loss(recon, x, mask)
             engine.backward(loss)
             engine.step()
-            loss_mean.update(loss.detach())
+            loss_sum += loss.detach()
+            loss_n += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            mean = float(loss_mean.compute())  # collective: every rank reaches it at the same step
-            loss_mean.reset()
+            dist.all_reduce(loss_sum)  # collective: every rank reaches it at the same step
+            mean = float(loss_sum) / (loss_n * world)  # the one host sync per log step
+            loss_sum.zero_()
+            loss_n = 0
             rec = {"step": done, "loss": mean, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 2)}
             history.append(rec)
             if rank == 0:
