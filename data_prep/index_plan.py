@@ -213,7 +213,7 @@ def scan(source, seed: int, sample_size: int = 256) -> IndexStats:
     n, counts, files, picked = 0, Counter(), set(), []
     for chunk in source.chunks():
         n += len(chunk)
-        counts.update(chunk["patient"].to_numpy().tolist()) if (chunk["patient"] != NO_PATIENT).any() else None
+        counts.update(chunk["patient"].value_counts().to_dict())
         files.update(chunk["path"].unique().tolist())
         # Bottom-k by a seeded hash of the row number: a uniform sample without knowing n in advance.
         h = _mix(chunk["row"].to_numpy().astype(np.uint64), np.uint64(seed + 0xA5))
