@@ -94,15 +94,16 @@ def test_trainer_reads_the_loss_once_per_log_step(tiny_shards, tmp_path):
                LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # 4 steps x 3 micro-steps, logged at steps 2 and 4
     args = ["--data", str(tiny_shards), "--out", str(tmp_path / "run"), "--num-workers", "0", "--steps", "4",
-            "--grad-accum", "3", "--micro-batch", "8", "--log-every", "2", "--shuffle-buffer", "50",
+            "--grad-accum", "3", "--micro-batch", "8", "--log-every", "2", "--shuffle-shards", "2",
             "--loss-impl", "reference"]
     proc = subprocess.run([sys.executable, "-c", _TRAIN_UNDER_RECORDER, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("SITES ")]
     sites = json.loads(line[len("SITES "):])
-    # the loader's fetch works on host tensors before the copy to the device: not a GPU sync
-    in_loop = [s for s in sites if ("train.py" in s or "kernels/" in s or "objective.py" in s) and "next(batches)" not in s]
+    # the loader's set-up and fetch work on host tensors before the copy to the device: not a GPU sync
+    in_loop = [s for s in sites if ("train.py" in s or "kernels/" in s or "objective.py" in s)
+               and "next(batches)" not in s and "iter(loader)" not in s]
     assert len(in_loop) == 2, in_loop  # one per log step, none per micro-step
     assert all("float(loss_sum)" in s for s in in_loop), in_loop
     hist = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
