@@ -77,10 +77,10 @@ would run, each step logged, failures recorded and the next step run:
   1 kernel tests on CUDA:  HIMAE_TEST_DEVICE=cuda TRITON_INTERPRET=0 $PY -m pytest -q ${KERNEL_TESTS[*]}
   2 trainer tests:         TRITON_INTERPRET=0 $PY -m pytest -q tests/test_train_distributed.py
   3 kernel benchmark:      $PY bench/bench_masked_mse.py   (B 256/1024/4096, L 250/1000, fp32/bf16/fp16)
-  4 data:                  himae-synth --out $SCRATCH/cohort --scale $SCALE; himae-prep --index $SCRATCH/cohort/pretrain_index.csv --out $SCRATCH/shards
+  4 data:                  himae-synth --out $SCRATCH/cohort --scale $SCALE; himae-prep --index $SCRATCH/cohort/pretrain_index.csv --out $SCRATCH/shards --source-rate 25 --target-rate 100 (L=1000)
   5 trainer from tars:     torchrun --nproc_per_node=1 -m himae_dist.train --data $SCRATCH/shards --precision bf16 --steps $STEPS ${TRAIN_ARGS[*]}
                            (again with --precision fp32 if bf16 fails)
-  6 model from memory:     torchrun --nproc_per_node=1 bench/gpu_model_from_memory.py --precision bf16 ${TRAIN_ARGS[*]}
+  6 model from memory:     torchrun --nproc_per_node=1 bench/gpu_model_from_memory.py --precision bf16 --length 1000 ${TRAIN_ARGS[*]}
   7 NCCL, 2 processes:     torchrun --nproc_per_node=2 -m himae_dist.train ... --steps 20   (needs 2 GPUs; $NGPU visible)
   -> $RES/summary.md (Markdown table for bench/RESULTS.md) and logs
 EOF
@@ -135,7 +135,8 @@ EOF
 }
 data_ok=0
 if run_logged "$L5" synth --out "$SCRATCH/cohort" --scale "$SCALE" && \
-   run_logged "$L5" prep --index "$SCRATCH/cohort/pretrain_index.csv" --out "$SCRATCH/shards"; then data_ok=1
+   run_logged "$L5" prep --index "$SCRATCH/cohort/pretrain_index.csv" --out "$SCRATCH/shards" \
+     --source-rate 25 --target-rate 100 --workers 8; then data_ok=1  # 25 Hz cohort -> L=1000 at 100 Hz, as pretraining
 else row "synthetic tars" FAIL "himae-synth/himae-prep failed" "$L5"; fi
 if [ "$data_ok" = 1 ]; then
   for prec in bf16 fp32; do
@@ -151,7 +152,7 @@ if [ "$data_ok" = 1 ]; then
 fi
 L6="$RES/model_from_memory.log"
 for prec in bf16 fp32; do
-  if run_logged "$L6" trun 1 bench/gpu_model_from_memory.py --precision "$prec" "${TRAIN_ARGS[@]}"; then
+  if run_logged "$L6" trun 1 bench/gpu_model_from_memory.py --precision "$prec" --length 1000 "${TRAIN_ARGS[@]}"; then
     row "same model fed from memory, $prec" pass "$(grep -o '"segments_per_s": [0-9.]*' "$L6" | tail -1 | cut -d' ' -f2) segments/s" "$L6"
     break
   else row "same model fed from memory, $prec" FAIL "$(first_error "$L6")" "$L6"; fi
