@@ -246,8 +246,10 @@ def run(a: argparse.Namespace) -> list[ModelReport]:
 
     table = format_table(reports, protocol_label)
     print("\n" + table)
+    with atomic_path(out / "table.txt") as tmp:
+        tmp.write_text(table + "\n")
     _write_outputs(out, reports, data, a, protocol_label, data_line, n_constant, cache)
-    print(f"[himae-probe] wrote {out}/results.json, results.md, pvc_predictions.csv ({reports[0].name}, headline), "
+    print(f"[himae-probe] wrote {out}/results.json, results.md, table.txt, pvc_predictions.csv ({reports[0].name}, headline), "
           f"predictions/, *.png; features: {cache.hits} from cache, {cache.misses} encoded; {time.time() - t0:.0f} s")
     return reports
 

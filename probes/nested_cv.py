@@ -65,7 +65,7 @@ def grouped_folds(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int)
     return out
 
 
-def _usable_inner_splits(labels, groups, folds, seed):
+def usable_inner_splits(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Inner grouped splits whose both sides hold both classes (ROC-AUC needs them)."""
     if len(np.unique(groups)) < 2:
         return []
@@ -77,11 +77,12 @@ def _usable_inner_splits(labels, groups, folds, seed):
             if len(np.unique(labels[tr])) == 2 and len(np.unique(labels[te])) == 2]
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, inner_folds: int, seed: int,
+def fit_probe(x: np.ndarray, y: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]],
               c_grid: tuple[float, ...] = C_GRID):
-    """Standardise + logistic regression with C chosen on inner grouped folds.
+    """Standardise + logistic regression with C chosen on the given inner splits (indices into x).
 
-    Returns (fitted pipeline, best mean inner ROC-AUC or NaN, chosen C).
+    Returns (fitted pipeline, best mean inner ROC-AUC or NaN, chosen C). With no usable inner
+    split (too few patients with PVC) C is the middle of the grid and the inner score NaN.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
@@ -89,7 +90,6 @@ def fit_probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, inner_folds: int
     from sklearn.preprocessing import StandardScaler
 
     x = np.asarray(x, dtype=np.float64)  # float32 features against float64 coefficients miss BLAS: 10x slower
-    inner = _usable_inner_splits(y, groups, inner_folds, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if not inner:  # too few patients with PVC to choose C: the middle of the grid, said in the output
@@ -142,8 +142,9 @@ def _outer_fold(features, labels, groups, tr, te, inner_folds, seed) -> list[tup
     out = []
     # Single-threaded BLAS: these matrices are small, and multi-threaded BLAS on a few cores runs
     # the L-BFGS iterations several times slower than one thread does.
+    inner = usable_inner_splits(labels[tr], groups[tr], inner_folds, seed)
     with threadpool_limits(1, user_api="blas"):
         for x in features.values():
-            clf, inner_auc, chosen = fit_probe(x[tr], labels[tr], groups[tr], inner_folds, seed)
+            clf, inner_auc, chosen = fit_probe(x[tr], labels[tr], inner)
             out.append((clf.predict_proba(np.asarray(x[te], dtype=np.float64))[:, 1], inner_auc, chosen))
     return out

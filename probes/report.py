@@ -77,7 +77,7 @@ def format_table(reports: list[ModelReport], protocol_label: str, markdown: bool
     rs = random_summary(reports)
     if rs:
         n = len(rs["seeds"])
-        rows.append([f"random init ({n} seeds)"]
+        rows.append([f"random init ({n} seed{'s' if n > 1 else ''})"]
                     + [f"{rs['candidates'][c]['roc_auc']['mean']:.3f}±{rs['candidates'][c]['roc_auc']['sd']:.3f}" for c in cands]
                     + [f"{rs['headline'][k]['mean']:.3f}±{rs['headline'][k]['sd']:.3f}" for k, _ in HEADLINE_METRICS] + ["-"])
     if markdown:
