@@ -46,8 +46,12 @@ def test_convert_to_s3_and_stream_back(tiny_cohort, s3):
     assert m.n_samples == manifest["n_samples"] and m.shard_urls[0].startswith("s3://")
     batch = next(iter(make_loader(m, batch_size=16, seed=0, num_workers=0, storage_options=opts)))
     assert batch.shape == (16, 1, 250) and batch.dtype == torch.float32
-    with h5py.File(tiny_cohort / "downstream.h5") as f:
-        ppg = f["ppg"][()]
+    ppg = []  # the pretraining segments (himae-synth writes other patients' segments to downstream.h5)
+    with open(tiny_cohort / "pretrain_index.csv") as fh:
+        for r in csv.DictReader(fh):
+            with h5py.File(tiny_cohort / r["local_path"]) as f:
+                ppg.append(f[r["global_idx"]]["normalized_waveform"][()])
+    ppg = np.stack(ppg)
     for row in batch[:, 0].numpy():  # every streamed segment is one of the cohort's, bit for bit
         assert (np.abs(ppg - row).max(axis=1) == 0).any()
 
