@@ -89,9 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     _run([py, "-m", "data_prep.convert", "--index", str(cohort / "pretrain_index.csv"), "--out", str(shards),
           "--workers", "2", "--samples-per-shard", "250"])
     pretrain(shards, run_dir, a.nproc, a.steps, a.micro_batch, a.seed, max(1, a.steps // a.checkpoints))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    # the shards' recorded preprocessing, for checkpoints that do not carry their own
+    manifest_flag = ["--manifest", str(shards / "manifest.json")] if "preprocess" in manifest else []
     _run([py, "-m", "probes.evaluate", "--run", str(run_dir), "--h5", str(cohort / "downstream.h5"),
           "--out", str(probe_out), "--random-baselines", str(a.random_baselines), "--n-boot", str(a.n_boot),
-          "--seed", str(a.seed)])
+          "--seed", str(a.seed), *manifest_flag])
 
     res = json.loads((probe_out / "results.json").read_text())
     coh = json.loads((cohort / "cohort.json").read_text())

@@ -97,15 +97,17 @@ def test_seed_protocol_is_labelled_everywhere(tiny_cohort, tmp_path):
     assert abs(len(rows) - 0.2 * res["n_segments"]) <= 1  # the 20 % test split only
 
 
-def test_skipped_rows_keep_their_row_ids(tiny_cohort, tmp_path):
+def test_skipped_and_flat_rows_keep_their_row_ids(tiny_cohort, tmp_path):
     with h5py.File(tiny_cohort / "downstream.h5") as f, h5py.File(tmp_path / "d.h5", "w") as g:
         ppg = f["ppg"][()]
-        ppg[3, 10] = np.nan
+        ppg[3, 10] = np.nan  # bad: skipped by --on-bad skip
+        ppg[5] = 0.25  # flat line: no min-max scale, dropped and counted
         g["ppg"], g["labels"], g["patient_ids"] = ppg, f["labels"][()], f["patient_ids"][()]
     probe_main(["--random-baselines", "1", "--h5", str(tmp_path / "d.h5"), "--fs", "25", "--on-bad", "skip",
                 "--out", str(tmp_path / "o"), "--no-plots", *FAST])
     rows = [int(r["row"]) for r in _rows(tmp_path / "o" / "pvc_predictions.csv")]
-    assert 3 not in rows and rows[:4] == [0, 1, 2, 4] and len(rows) == len(ppg) - 1
+    assert rows[:5] == [0, 1, 2, 4, 6] and len(rows) == len(ppg) - 2
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["n_constant_dropped"] == 1
 
 
 def _h5(path, labels, pids, n=40):
@@ -168,3 +170,11 @@ def test_seed_probe_of_the_wrong_width_is_a_clear_error(tmp_path):
     data = DownstreamSet(np.zeros((4, 1, 250), np.float32), np.array([0, 1, 0, 1]), np.arange(4), np.arange(4))
     with pytest.raises(ValueError, match=r"p\.pt: fc\.weight \(1, 128\).*expected \[1, 256\]"):
         apply_seed_probe(level_features(random_encoder(1, 0), data.signals)[-1], data.labels, str(tmp_path / "p.pt"))
+
+
+def test_seed_format_probe_from_the_cli(tiny_cohort, tmp_path):
+    torch.save({"fc.weight": torch.ones(1, 256) * 0.01, "fc.bias": torch.zeros(1)}, tmp_path / "p.pt")
+    probe_main(["--random-baselines", "1", "--h5", str(tiny_cohort / "downstream.h5"), "--seed-probe", str(tmp_path / "p.pt"),
+                "--out", str(tmp_path / "o"), "--no-plots", *FAST])
+    rows = _rows(tmp_path / "o" / "seed_probe" / "random-init(0).csv")
+    assert len(rows) == 559 and list(rows[0]) == ["patient_id", "label", "p_pvc", "row"]
