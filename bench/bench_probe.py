@@ -85,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
         model, name = random_baseline(1, a.seed, x), "random init (BatchNorm re-estimated)"
     labels, groups = data.labels, data.patient_ids
     folds = seed_protocol.random_folds(len(labels), 5, a.seed)
-    torch.set_num_threads(torch.get_num_threads())
     print(f"data: {len(labels)} segments, {int(labels.sum())} PVC, {len(np.unique(groups))} patients; model: {name}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)

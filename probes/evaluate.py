@@ -31,7 +31,7 @@ from himae_dist.checkpoint import load_himae
 from probes import seed_protocol
 from probes.features import FeatureCache
 from probes.metrics import score
-from probes.model_inputs import InputRecipe, input_recipe, manifest_preprocess, model_input
+from probes.model_inputs import SEED_DEFAULT, InputRecipe, input_recipe, manifest_preprocess, model_input
 from probes.nested_cv import C_GRID, nested_probe
 from probes.pooling import POOLINGS, candidates
 from probes.random_baseline import random_baseline, random_encoder  # noqa: F401  (random_encoder: public API)
@@ -227,8 +227,6 @@ def run(a: argparse.Namespace) -> list[ModelReport]:
                                    p, stats["mean"][-1]))
         print(f"[himae-probe] {name}: {recipe.note}; headline ROC-AUC {headline['metrics']['roc_auc']['value']:.3f} "
               f"({headline['selected_mode']})", flush=True)
-    from probes.model_inputs import SEED_DEFAULT
-
     base_recipe = first_recipe or InputRecipe(SEED_DEFAULT, "seed default", "seed default: per-segment min-max to [-1, 1]")
     in_chans = data.signals.shape[1]
     for s in range(a.random_baselines):
