@@ -8,11 +8,19 @@ weak or absent pulse, followed by a full compensatory pause and a potentiated ne
 PVC segments cluster in episodes. The cohort shape (patients, segments per patient, PVC
 segments per patient) is the authors' metadata, embedded as `cohort_shape.csv`, scalable.
 
+Pretraining and downstream segments come from disjoint patients, so a probe never scores an
+encoder on patients it was pretrained on (no transduction). The downstream set keeps the seed's
+cohort shape (patient ids 0-17); the pretraining set is a second, unlabelled cohort from the same
+generator: the same shape again (scaled by `pretrain_scale`) under patient ids starting at
+PRETRAIN_ID_OFFSET, so every pretraining patient has its own physiology.
+
 Writes both HDF5 layouts of the seed README:
-  pretraining: `pretrain_index.csv` (local_path,global_idx; paths relative to the CSV) into
-               `pretrain/shard_XXXX.h5` where h5[global_idx]['normalized_waveform'] is a segment
-  downstream:  `downstream.h5` with /ppg [N, L], /labels [N], /patient_ids [N]
-plus `metadata.csv` in the seed's columns and `examples.png` with PVC beats marked.
+  pretraining: `pretrain_index.csv` (local_path,global_idx,patient_id; paths relative to the
+               CSV) into `pretrain/shard_XXXX.h5` where h5[global_idx]['normalized_waveform']
+               is a segment
+  downstream:  `downstream.h5` with /ppg [N, L], /labels [N], /patient_ids [N] (attrs fs)
+plus `metadata.csv` (downstream, the seed's columns), `examples.png` with PVC beats marked, and
+`cohort.json` recording both cohorts' patients (written last: the completion marker).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from himae_dist.atomic_write import atomic_path, write_json_atomic
 SEGMENT_SECONDS = 10.0
 DEFAULT_FS = 25
 COMPLETE_MARKER = "cohort.json"
+PRETRAIN_ID_OFFSET = 1000  # pretraining patient ids start here; downstream ids are the seed's 0-17
 
 
 @dataclass(frozen=True)
@@ -196,13 +205,52 @@ def pvc_beats_for_segment(rng: np.random.Generator) -> int:
     return int(rng.choice([1, 1, 1, 2, 2, 3]))
 
 
+def synth_patients(
+    shape: list[PatientShape], seed: int, fs: int, examples: list | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """Segments of every patient in `shape`: (ppg [N, L], labels [N], patient_ids [N], segment_idx).
+
+    Each patient's stream is seeded by (seed, patient_id) alone, so a patient's segments do not
+    depend on which other patients are generated.
+    """
+    signals, labels, patients, seg_idx = [], [], [], []
+    for p in shape:
+        rng = np.random.default_rng([seed, p.patient_id])
+        phys = sample_physiology(rng)
+        for i, lab in enumerate(episode_labels(p.n_segments, p.n_pvc_segments, rng)):
+            x, pvc_t = synth_segment(phys, rng, fs, pvc_beats_for_segment(rng) if lab else 0)
+            signals.append(x)
+            labels.append(int(lab))
+            patients.append(p.patient_id)
+            seg_idx.append(i)
+            # Examples for the PNG: 4 PVC and 2 normal segments, each from a different patient.
+            if examples is not None and sum(e[3] == lab for e in examples) < (4 if lab else 2) and all(
+                e[0] != p.patient_id or e[3] != lab for e in examples
+            ):
+                examples.append((p.patient_id, x, pvc_t, int(lab)))
+    return (np.stack(signals), np.asarray(labels, dtype=np.int64),
+            np.asarray(patients, dtype=np.int64), seg_idx)
+
+
+def pretrain_cohort_shape(scale: float) -> list[PatientShape]:
+    """The seed's cohort shape under new patient ids (PRETRAIN_ID_OFFSET + i): disjoint from downstream."""
+    return [PatientShape(PRETRAIN_ID_OFFSET + p.patient_id, p.n_segments, p.n_pvc_segments)
+            for p in scale_cohort(embedded_cohort_shape(), scale)]
+
+
 def generate(
     out_dir: str | Path, scale: float = 1.0, seed: int = 0, fs: int = DEFAULT_FS,
-    segments_per_shard: int = 5000, overwrite: bool = False,
+    segments_per_shard: int = 5000, overwrite: bool = False, pretrain_scale: float | None = None,
 ) -> dict:
-    """Generate the cohort into out_dir (a no-op when the same cohort is already complete)."""
+    """Generate the downstream and the (disjoint) pretraining cohort into out_dir.
+
+    A no-op when the same cohort is already complete. `pretrain_scale` (default: `scale`) sizes
+    the pretraining cohort against the seed's 55,861 segments.
+    """
     out = Path(out_dir)
-    params = {"scale": scale, "seed": seed, "fs": fs, "segments_per_shard": segments_per_shard}
+    pretrain_scale = scale if pretrain_scale is None else pretrain_scale
+    params = {"scale": scale, "seed": seed, "fs": fs, "segments_per_shard": segments_per_shard,
+              "pretrain_scale": pretrain_scale}
     marker = out / COMPLETE_MARKER
     if marker.exists() and not overwrite:
         done = json.loads(marker.read_text())
@@ -214,37 +262,30 @@ def generate(
             f"pass --overwrite or choose another --out"
         )
     shape = scale_cohort(embedded_cohort_shape(), scale)
-    signals, labels, patients, seg_idx, examples = [], [], [], [], []
-    for p in shape:
-        rng = np.random.default_rng([seed, p.patient_id])
-        phys = sample_physiology(rng)
-        for i, lab in enumerate(episode_labels(p.n_segments, p.n_pvc_segments, rng)):
-            x, pvc_t = synth_segment(phys, rng, fs, pvc_beats_for_segment(rng) if lab else 0)
-            signals.append(x)
-            labels.append(int(lab))
-            patients.append(p.patient_id)
-            seg_idx.append(i)
-            # Examples for the PNG: 4 PVC and 2 normal segments, each from a different patient.
-            if sum(e[3] == lab for e in examples) < (4 if lab else 2) and all(
-                e[0] != p.patient_id or e[3] != lab for e in examples
-            ):
-                examples.append((p.patient_id, x, pvc_t, int(lab)))
-    ppg = np.stack(signals)  # [N, L]
-    y, pid = np.asarray(labels, dtype=np.int64), np.asarray(patients, dtype=np.int64)
+    pre_shape = pretrain_cohort_shape(pretrain_scale)
+    examples: list = []
+    ppg, y, pid, seg_idx = synth_patients(shape, seed, fs, examples)
+    pre_ppg, pre_y, pre_pid, _ = synth_patients(pre_shape, seed, fs)
+    assert not set(pid.tolist()) & set(pre_pid.tolist())  # disjoint patients, by construction
     out.mkdir(parents=True, exist_ok=True)
     _write_downstream(out / "downstream.h5", ppg, y, pid, fs)
-    _write_pretrain(out, ppg, segments_per_shard)
+    _write_pretrain(out, pre_ppg, pre_pid, segments_per_shard)
     _write_metadata(out / "metadata.csv", y, pid, seg_idx, fs)
     _plot_examples(out / "examples.png", examples, fs)
     summary = {
         "params": params, "n_segments": int(len(y)), "n_patients": len(shape),
         "n_pvc_segments": int(y.sum()), "pvc_rate": float(y.mean()), "length": int(ppg.shape[1]),
         "patients": [asdict(p) for p in shape],
+        "pretrain": {
+            "n_segments": int(len(pre_y)), "n_patients": len(pre_shape), "n_pvc_segments": int(pre_y.sum()),
+            "labels_written": False, "patients": [asdict(p) for p in pre_shape],
+        },
     }
     write_json_atomic(marker, summary)  # written last: its presence means the cohort is complete
     print(
-        f"[himae-synth] wrote {len(y)} segments of {ppg.shape[1]} samples at {fs} Hz from {len(shape)} "
-        f"patients, {int(y.sum())} with PVC ({100 * y.mean():.2f} %) to {out}"
+        f"[himae-synth] wrote downstream: {len(y)} segments of {ppg.shape[1]} samples at {fs} Hz from "
+        f"{len(shape)} patients, {int(y.sum())} with PVC ({100 * y.mean():.2f} %); pretraining: "
+        f"{len(pre_y)} unlabelled segments from {len(pre_shape)} other patients (ids {pre_shape[0].patient_id}+) to {out}"
     )
     return summary
 
@@ -259,7 +300,7 @@ def _write_downstream(path: Path, ppg: np.ndarray, y: np.ndarray, pid: np.ndarra
         f.attrs["fs"] = fs
 
 
-def _write_pretrain(out: Path, ppg: np.ndarray, per_shard: int) -> None:
+def _write_pretrain(out: Path, ppg: np.ndarray, pid: np.ndarray, per_shard: int) -> None:
     import h5py
 
     rows = []
@@ -269,10 +310,10 @@ def _write_pretrain(out: Path, ppg: np.ndarray, per_shard: int) -> None:
             for gidx in range(start, min(start + per_shard, len(ppg))):
                 key = f"{gidx:06d}"  # zero-padded, as the seed README documents
                 f.create_group(key).create_dataset("normalized_waveform", data=ppg[gidx])
-                rows.append((rel, key))
+                rows.append((rel, key, int(pid[gidx])))
     with atomic_path(out / "pretrain_index.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["local_path", "global_idx"])
+        w.writerow(["local_path", "global_idx", "patient_id"])
         w.writerows(rows)
 
 
@@ -313,10 +354,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="segments per patient x this factor")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fs", type=int, default=DEFAULT_FS, help="sampling rate (Hz); L = 10 * fs")
+    ap.add_argument("--pretrain-scale", type=float, default=None,
+                    help="pretraining cohort (other patients) size vs 55,861 segments; default: --scale")
     ap.add_argument("--segments-per-shard", type=int, default=5000, help="segments per pretraining HDF5")
     ap.add_argument("--overwrite", action="store_true", help="replace a different cohort in --out")
     a = ap.parse_args(argv)
-    generate(a.out, a.scale, a.seed, a.fs, a.segments_per_shard, a.overwrite)
+    generate(a.out, a.scale, a.seed, a.fs, a.segments_per_shard, a.overwrite, a.pretrain_scale)
 
 
 if __name__ == "__main__":

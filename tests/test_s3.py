@@ -54,8 +54,12 @@ def test_convert_to_s3_stream_back_and_resume_without_reupload(tiny_cohort, s3):
     loader, _ = make_loader(m, batch_size=16, seed=0, storage_options=opts)
     batch = next(iter(loader))["signal"]
     assert batch.shape == (16, 1, 250) and batch.dtype == torch.float32
-    with h5py.File(tiny_cohort / "downstream.h5") as f:
-        ppg = f["ppg"][()]
+    ppg = []  # the pretraining segments (himae-synth writes other patients' segments to downstream.h5)
+    with open(tiny_cohort / "pretrain_index.csv") as fh:
+        for r in csv.DictReader(fh):
+            with h5py.File(tiny_cohort / r["local_path"]) as f:
+                ppg.append(f[r["global_idx"]]["normalized_waveform"][()])
+    ppg = np.stack(ppg)
     for row in batch[:, 0].numpy():  # every streamed segment is one of the cohort's, bit for bit
         assert (np.abs(ppg - row).max(axis=1) == 0).any()
 

@@ -3,8 +3,11 @@ import csv
 import h5py
 import numpy as np
 
+import json
+
 from data_prep.synth_cohort import (
-    _beats, embedded_cohort_shape, episode_labels, generate, sample_physiology, scale_cohort,
+    PRETRAIN_ID_OFFSET, _beats, embedded_cohort_shape, episode_labels, generate, pretrain_cohort_shape,
+    sample_physiology, scale_cohort,
 )
 
 
@@ -37,9 +40,11 @@ def test_generated_cohort_has_the_scaled_shape_and_both_layouts(tiny_cohort):
     assert np.isfinite(ppg).all() and ppg.min() >= -1 and ppg.max() <= 1
     with open(tiny_cohort / "pretrain_index.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == len(ppg) and rows[0]["global_idx"] == "000000"
+    assert list(rows[0]) == ["local_path", "global_idx", "patient_id"] and rows[0]["global_idx"] == "000000"
+    assert len(rows) == sum(p.n_segments for p in pretrain_cohort_shape(0.01))
     with h5py.File(tiny_cohort / rows[123]["local_path"]) as f:
-        np.testing.assert_array_equal(f[rows[123]["global_idx"]]["normalized_waveform"][()], ppg[123])
+        x = f[rows[123]["global_idx"]]["normalized_waveform"][()]
+    assert x.shape == (250,) and x.min() == -1 and x.max() == 1
     assert (tiny_cohort / "examples.png").stat().st_size > 10_000
 
 
@@ -72,3 +77,25 @@ def test_pvc_segments_cluster_in_episodes():
     # P(next segment is PVC | this one is) far exceeds the base rate of 8 %
     follow = labels[1:][labels[:-1] == 1].mean()
     assert follow > 0.3
+
+
+def test_pretraining_and_downstream_patients_are_disjoint(tiny_cohort):
+    """No downstream patient, and no downstream segment, is in the pretraining set."""
+    with open(tiny_cohort / "pretrain_index.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    pre_ids = {int(r["patient_id"]) for r in rows}
+    with h5py.File(tiny_cohort / "downstream.h5") as f:
+        down_ids, ppg = set(f["patient_ids"][()].tolist()), f["ppg"][()]
+    assert down_ids == set(range(18)) and len(pre_ids) == 18 and min(pre_ids) == PRETRAIN_ID_OFFSET
+    assert not pre_ids & down_ids
+    down_rows = {seg.tobytes() for seg in ppg}
+    by_file: dict[str, list[str]] = {}
+    for r in rows:
+        by_file.setdefault(r["local_path"], []).append(r["global_idx"])
+    for path, keys in by_file.items():
+        with h5py.File(tiny_cohort / path) as f:
+            assert not any(f[k]["normalized_waveform"][()].tobytes() in down_rows for k in keys)
+    cohort = json.loads((tiny_cohort / "cohort.json").read_text())
+    assert {p["patient_id"] for p in cohort["pretrain"]["patients"]} == pre_ids
+    assert {p["patient_id"] for p in cohort["patients"]} == down_ids
+    assert cohort["pretrain"]["n_segments"] == len(rows)
