@@ -114,8 +114,11 @@ def test_split_is_by_patient_and_shards_mix_patients(tmp_path):
     assert len({int(p) for b in first for p in b["patient.npy"]}) >= 6
 
 
-def test_without_patient_ids_the_split_is_a_seeded_key_hash(tiny_cohort, tmp_path):
-    m = convert_pretrain(str(tiny_cohort / "pretrain_index.csv"), ConvertParams(str(tmp_path), samples_per_shard=100, val_fraction=0.1))
+def test_without_patient_ids_the_split_is_a_seeded_key_hash(tmp_path):
+    index = _random_index(tmp_path, n=600)
+    lines = index.read_text().splitlines()
+    (tmp_path / "nopid.csv").write_text("\n".join(ln.rsplit(",", 1)[0] for ln in lines) + "\n")
+    m = convert_pretrain(str(tmp_path / "nopid.csv"), ConvertParams(str(tmp_path / "o"), samples_per_shard=100, val_fraction=0.1))
     assert m["split"]["by"] == "key_hash"
     n_val = m["splits"]["val"]["n_samples"]
     assert 0.05 * m["n_samples"] < n_val < 0.15 * m["n_samples"]
