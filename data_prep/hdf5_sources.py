@@ -14,10 +14,11 @@ Bad input policy (`on_bad`): "error" (default) raises BadSampleError naming the 
 from __future__ import annotations
 
 import collections
+import functools
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -45,28 +46,32 @@ class BadSamplePolicy:
 
 
 def check_segment(
-    arr: np.ndarray, where: str, expected_length: int | None, policy: BadSamplePolicy,
+    arr: np.ndarray, where: str | Callable[[], str], expected_length: int | None, policy: BadSamplePolicy,
     expected_channels: int | None = None,
 ) -> np.ndarray | None:
-    """Return arr as float32 [C, L], or None if the policy skipped it."""
+    """Return arr as float32 [C, L], or None if the policy skipped it.
+
+    `where` names the segment in messages; a callable is only formatted when one is needed.
+    """
+    def w() -> str:
+        return where() if callable(where) else where
+
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or (expected_channels is not None and arr.shape[0] != expected_channels):
         want = f"[{expected_channels}, L]" if expected_channels else "[L] or [C, L]"
-        policy.reject("bad_shape", f"{where}: expected a segment {want}, got shape {arr.shape}")
+        policy.reject("bad_shape", f"{w()}: expected a segment {want}, got shape {arr.shape}")
         return None
     if expected_length is not None and arr.shape[-1] != expected_length:
-        policy.reject(
-            "wrong_length", f"{where}: segment has length {arr.shape[-1]}, expected {expected_length}"
-        )
+        policy.reject("wrong_length", f"{w()}: segment has length {arr.shape[-1]}, expected {expected_length}")
         return None
-    if not np.issubdtype(arr.dtype, np.number):
-        policy.reject("bad_dtype", f"{where}: segment dtype {arr.dtype} is not numeric")
+    if arr.dtype.kind not in "biuf":
+        policy.reject("bad_dtype", f"{w()}: segment dtype {arr.dtype} is not numeric")
         return None
     arr = arr.astype(np.float32, copy=False)
-    if not np.isfinite(arr).all():
+    if not np.isfinite(arr.sum()) and not np.isfinite(arr).all():  # the sum is the cheap test; overflow falls through
         n = int((~np.isfinite(arr)).sum())
-        policy.reject("non_finite", f"{where}: segment has {n} NaN/inf value(s)")
+        policy.reject("non_finite", f"{w()}: segment has {n} NaN/inf value(s)")
         return None
     return arr
 
@@ -99,18 +104,53 @@ def open_h5(path: str, storage_options: dict | None = None):
         raise UnreadableFile(f"{path}: not a readable HDF5 file ({e})") from e
 
 
+class OpenFiles:
+    """HDF5 files kept open across the shards one process builds (LRU).
+
+    After the global shuffle every shard reads a few rows from each of many files, so opening
+    and closing them per shard would cost more than the reads. Never carried across a fork:
+    a child process starts with an empty cache (HDF5 handles are not fork-safe).
+    """
+
+    def __init__(self, max_open: int = 64):
+        self.max_open, self._pid = max_open, os.getpid()
+        self._files: collections.OrderedDict[str, object] = collections.OrderedDict()
+
+    def get(self, path: str, storage_options: dict | None = None):
+        if self._pid != os.getpid():  # forked: the parent's handles are not ours to use or close
+            self._files, self._pid = collections.OrderedDict(), os.getpid()
+        if path in self._files:
+            self._files.move_to_end(path)
+            return self._files[path]
+        f = open_h5(path, storage_options)
+        self._files[path] = f
+        if len(self._files) > self.max_open:
+            self._files.popitem(last=False)[1].close()
+        return f
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for f in self._files.values():
+                f.close()
+        self._files.clear()
+
+
+OPEN_FILES = OpenFiles()
+
+
 def read_segments(
     rows, kind: str, policy: BadSamplePolicy, fit_length, signal_keys: tuple[str, ...] = ("ppg",),
     channels: int | None = None, storage_options: dict | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (row, segment [C, L] float32) for the usable rows of a DataFrame (row, path, key).
 
-    Files are opened once each and read in sorted key order (the source is read in order).
+    Rows are read file by file in sorted key order (the source is read in order); files stay open
+    in OPEN_FILES for the next shard.
     `fit_length(seg) -> (seg | None, note)` applies the length policy. Bad rows go to `policy`.
     """
     for path, grp in rows.sort_values(["path", "key"]).groupby("path", sort=False):
         try:
-            f = open_h5(path, storage_options)
+            f = OPEN_FILES.get(path, storage_options)
         except FileNotFoundError:
             for r, k in zip(grp["row"], grp["key"]):
                 policy.reject("missing_file", f"{path} [{k!r}] (row {r + 1}): HDF5 file does not exist")
@@ -119,43 +159,45 @@ def read_segments(
             for r, k in zip(grp["row"], grp["key"]):
                 policy.reject("unreadable_file", f"{e} [{k!r}] (row {r + 1})")
             continue
-        with f:
-            if kind == "downstream":
-                idx = grp["row"].to_numpy()
+        # the file stays open in OPEN_FILES for the next shard
+        if kind == "downstream":
+            idx = grp["row"].to_numpy()
+            try:
+                stacked = np.stack([np.asarray(f[k][idx]) for k in signal_keys], axis=1)  # [n, C, L]
+            except (OSError, KeyError) as e:
+                for r in idx:
+                    policy.reject("unreadable_file", f"{path} (row {r}): cannot read ({e})")
+                continue
+            name = "+".join(signal_keys)
+            items = [(int(r), functools.partial("{} ['/{}' row {}]".format, path, name, int(r)), a)
+                     for r, a in zip(idx, stacked)]
+        else:
+            items = []
+            for r, k in zip(grp["row"].to_numpy(), grp["key"].to_numpy()):
+                where = functools.partial("{} [{!r}] (index row {})".format, path, k, int(r) + 1)
                 try:
-                    stacked = np.stack([np.asarray(f[k][idx]) for k in signal_keys], axis=1)  # [n, C, L]
-                except (OSError, KeyError) as e:
-                    for r in idx:
-                        policy.reject("unreadable_file", f"{path} (row {r}): cannot read ({e})")
+                    arr = f[f"{k}/{WAVEFORM_KEY}"][()]  # one path lookup: the common case costs what the floor does
+                except KeyError:  # say what is missing
+                    missing = (f"HDF5 file has no group {k!r}" if k not in f
+                               else f"group has no dataset {WAVEFORM_KEY!r}")
+                    policy.reject("missing_key", f"{where()}: {missing}")
                     continue
-                items = [(int(r), f"{path} ['/{'+'.join(signal_keys)}' row {r}]", a) for r, a in zip(idx, stacked)]
-            else:
-                items = []
-                for r, k in zip(grp["row"].to_numpy(), grp["key"].to_numpy()):
-                    where = f"{path} [{k!r}] (index row {int(r) + 1})"
-                    try:
-                        arr = f[f"{k}/{WAVEFORM_KEY}"][()]  # one path lookup: the common case costs what the floor does
-                    except KeyError:  # say what is missing
-                        missing = (f"HDF5 file has no group {k!r}" if k not in f
-                                   else f"group has no dataset {WAVEFORM_KEY!r}")
-                        policy.reject("missing_key", f"{where}: {missing}")
-                        continue
-                    except (OSError, TypeError, AttributeError) as e:  # truncated file, or the key names a dataset
-                        policy.reject("unreadable_file" if isinstance(e, OSError) else "missing_key",
-                                      f"{where}: cannot read {WAVEFORM_KEY!r} ({e})")
-                        continue
-                    items.append((int(r), where, np.asarray(arr)))
-            for r, where, arr in items:
-                seg = check_segment(arr, where, None, policy, channels)
-                if seg is None:
+                except (OSError, TypeError, AttributeError) as e:  # truncated file, or the key names a dataset
+                    policy.reject("unreadable_file" if isinstance(e, OSError) else "missing_key",
+                                  f"{where()}: cannot read {WAVEFORM_KEY!r} ({e})")
                     continue
-                seg, note = fit_length(seg)
-                if seg is None:
-                    policy.reject(note, f"{where}: segment has length {arr.shape[-1]}, expected the data's length")
-                    continue
-                if note:
-                    policy.noted[note] += 1
-                yield r, seg
+                items.append((int(r), where, np.asarray(arr)))
+        for r, where, arr in items:
+            seg = check_segment(arr, where, None, policy, channels)
+            if seg is None:
+                continue
+            seg, note = fit_length(seg)
+            if seg is None:
+                policy.reject(note, f"{where()}: segment has length {arr.shape[-1]}, expected the data's length")
+                continue
+            if note:
+                policy.noted[note] += 1
+            yield r, seg
 
 
 def segment_shape(rows, kind: str, signal_keys: tuple[str, ...], storage_options: dict | None = None) -> Counter:
