@@ -73,7 +73,7 @@ class ConvertParams:
     def byte_options(self, kind: str) -> dict:
         """The options that decide the shards' bytes (not workers, tasks or memory)."""
         keep = ("samples_per_shard", "block_size", "dtype", "length", "length_policy", "normalize", "source_rate",
-                "target_rate", "constant", "val_fraction", "seed", "on_bad")
+                "target_rate", "constant", "val_fraction", "seed")  # not on_bad: a finished shard is the same either way
         d = {k: getattr(self, k) for k in keep}
         if kind == "downstream":
             d["signal_key"] = self.signal_key
@@ -133,13 +133,18 @@ def prepare(source, p: ConvertParams) -> dict:
 
 def _check_against_existing(out: Folder, record: dict, overwrite: bool) -> None:
     """Refuse to mix shards of two different conversions in one folder, unless --overwrite."""
-    old = None
-    if out.exists(PLAN):
-        old = json.loads(out.read_text(PLAN))
-    elif out.exists(MANIFEST):
-        old = json.loads(out.read_text(MANIFEST))
+    old, name = None, None
+    for name in (PLAN, MANIFEST):
+        if out.exists(name):
+            try:
+                old = json.loads(out.read_text(name))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                old = {"unreadable": f"{out.child_url(name)} is not readable JSON ({e})"}
+            break
     if old is None or old.get("plan_id") == record["plan_id"]:
         return
+    if "unreadable" in old and not overwrite:
+        raise ValueError(f"{old['unreadable']}; pass --overwrite to rebuild the folder, or choose another --out")
     what = []
     if old.get("format") != record["format"]:
         what.append(f"format {old.get('format')!r} -> {record['format']!r}")
@@ -182,7 +187,11 @@ def _verified_records(out: Folder, shards: list[tuple[str, int]], plan_id: str) 
         name = part_name(*sh)
         if name not in parts:
             return sh, None, "no record"
-        rec = json.loads(out.read_text(name))
+        try:
+            rec = json.loads(out.read_text(name))
+            rec["url"], rec["bytes"]  # noqa: B018 (the fields _verify needs)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            return sh, None, "unreadable record"  # rebuilt like a missing one
         why = _verify(out, rec, listed, plan_id)
         return sh, (rec if why is None else None), why or ""
 
@@ -240,10 +249,15 @@ def _build_waves(source, plan: Plan, todo: list[tuple[str, int]], wp: WriteParam
             for s, i in wave:
                 sel = code == (0 if s == "train" else 1) * (1 << 40) + i
                 futures.append(pool.submit(build_shard, s, i, rows[sel], wp))
-            for f in as_completed(futures):
-                rec = f.result()
-                done[(rec["split"], rec["index"])] = rec
-                bar.update(rec["n_rows"])
+            try:
+                for f in as_completed(futures):
+                    rec = f.result()
+                    done[(rec["split"], rec["index"])] = rec
+                    bar.update(rec["n_rows"])
+            except BaseException:
+                for f in futures:  # stop at the first error, not after the whole wave
+                    f.cancel()
+                raise
 
 
 class _Inline:
@@ -268,12 +282,13 @@ def finalize(source, p: ConvertParams, prep: dict | None = None, known: dict | N
     prep = prep or prepare(source, p)
     record, plan, pre = prep["record"], prep["plan"], prep["preprocess"]
     out = Folder(p.out, p.storage_options, create=True)
-    _check_against_existing(out, record, p.overwrite and known is not None)
+    _check_against_existing(out, record, p.overwrite)
     known = dict(known or {})
     rest = [sh for sh in plan.all_shards() if sh not in known]
     good, bad = _verified_records(out, rest, record["plan_id"]) if rest else ({}, {})
     if bad:
-        tasks = sorted({plan.all_shards().index(sh) % p.num_tasks for sh in bad})
+        position = {sh: g for g, sh in enumerate(plan.all_shards())}
+        tasks = sorted({position[sh] % p.num_tasks for sh in bad})
         sample = ", ".join(f"{s}/{i} ({w})" for (s, i), w in list(bad.items())[:5])
         raise ValueError(f"{out.url}: {len(bad)} shard(s) not finished or not intact: {sample}; "
                          f"re-run task(s) {tasks} of --num-tasks={p.num_tasks}, then --finalize")
@@ -300,7 +315,7 @@ def finalize(source, p: ConvertParams, prep: dict | None = None, known: dict | N
     manifest = {
         **{k: record[k] for k in ("format", "kind", "options", "source", "channels", "length_inferred_from",
                                   "preprocess", "n_rows", "split", "plan_id")},
-        "length": pre.output_length(), "dtype": p.dtype, "block_size": p.block_size, "members": MEMBERS,
+        "length": pre.output_length(), "dtype": p.dtype, "block_size": p.block_size, "members": MEMBERS, "on_bad": p.on_bad,
         "n_samples": n, "splits": splits, "skipped": dict(skipped), "noted": dict(noted),
     }
     out.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
@@ -332,11 +347,20 @@ def convert_downstream(h5_path: str, signal_key: str, p: ConvertParams) -> dict:
     return convert(None, h5_path, ConvertParams(**{**asdict(p), "signal_key": signal_key}))
 
 
-def _slurm_task() -> tuple[int | None, int | None]:
-    tid, count = os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_ARRAY_TASK_COUNT")
-    if tid is None or count is None:
+def _slurm_task(num_tasks: int | None) -> tuple[int | None, int | None]:
+    """(task index, task count) from a SLURM array: the index is the array id itself, so re-submitting
+    one failed task (`--array=7`) redoes task 7. The count comes from --num-tasks, or from the array
+    only when it is a whole 0..N-1 array."""
+    tid = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if tid is None:
         return None, None
-    return int(tid) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0")), int(count)
+    if num_tasks is None:
+        env = {k: os.environ.get(f"SLURM_ARRAY_TASK_{k}") for k in ("MIN", "MAX", "COUNT")}
+        if env["MIN"] != "0" or env["COUNT"] is None or env["MAX"] is None or int(env["MAX"]) + 1 != int(env["COUNT"]):
+            raise ValueError(f"SLURM array task {tid} of a partial array ({env}): pass --num-tasks with the "
+                             f"task count of the whole conversion")
+        num_tasks = int(env["COUNT"])
+    return int(tid), num_tasks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -365,15 +389,19 @@ def main(argv: list[str] | None = None) -> None:
                     help="bad segment (missing/unreadable file or key, wrong length, NaN, duplicate key): stop with "
                          "an error, or skip and count it")
     ap.add_argument("--workers", type=int, default=1, help="processes building shards in parallel")
-    ap.add_argument("--num-tasks", type=int, default=None, help="independent tasks (default: SLURM_ARRAY_TASK_COUNT or 1)")
-    ap.add_argument("--task-index", type=int, default=None, help="this task (default: SLURM_ARRAY_TASK_ID or 0)")
+    ap.add_argument("--num-tasks", type=int, default=None,
+                    help="independent tasks (default: the SLURM array's task count when it is a whole 0..N-1 array, else 1)")
+    ap.add_argument("--task-index", type=int, default=None, help="this task (default: SLURM_ARRAY_TASK_ID, else 0)")
     ap.add_argument("--finalize", action="store_true", help="verify every task's shards and write manifest.json")
     ap.add_argument("--overwrite", action="store_true", help="replace shards made with other options or source")
     ap.add_argument("--max-rows", type=int, default=2_000_000, help="index rows held in memory at once")
     ap.add_argument("--storage-options", type=json.loads, default=None,
                     help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
     a = ap.parse_args(argv)
-    s_idx, s_cnt = _slurm_task()
+    try:
+        s_idx, s_cnt = _slurm_task(a.num_tasks) if a.task_index is None else (None, None)
+    except ValueError as e:
+        sys.exit(f"himae-prep: error: {e}")
     num_tasks = a.num_tasks if a.num_tasks is not None else (s_cnt or 1)
     task_index = a.task_index if a.task_index is not None else (s_idx or 0)
     p = ConvertParams(

@@ -100,7 +100,10 @@ class IndexSource:
     def chunks(self) -> Iterator[pd.DataFrame]:
         start = 0
         with retrying(lambda: self._fs.open(self._path, "rb"), "opening", self.url) as fh:
-            reader = pd.read_csv(fh, dtype=str, keep_default_na=False, chunksize=self.chunk_rows)
+            try:
+                reader = pd.read_csv(fh, dtype=str, keep_default_na=False, chunksize=self.chunk_rows)
+            except pd.errors.EmptyDataError as e:
+                raise ValueError(f"{self.url}: empty file; expected a CSV with columns local_path,global_idx") from e
             for chunk in reader:
                 missing = [c for c in INDEX_COLUMNS if c not in chunk.columns]
                 if missing:
@@ -114,9 +117,8 @@ class IndexSource:
             raise ValueError(f"pretraining index {self.url} has no rows")
 
     def _rows(self, chunk: pd.DataFrame, start: int) -> pd.DataFrame:
-        paths = chunk["local_path"].str.strip()
-        keys = chunk["global_idx"].str.strip()
-        empty = (paths == "") | (keys == "")
+        paths, keys = chunk["local_path"], chunk["global_idx"]  # verbatim: "  pad  " is a key like any other
+        empty = (paths.str.strip() == "") | (keys.str.strip() == "")
         if empty.any():
             i = int(np.flatnonzero(empty.to_numpy())[0])
             raise ValueError(f"{self.url}: row {start + i + 1} has an empty local_path or global_idx")
@@ -125,10 +127,14 @@ class IndexSource:
             paths = paths.where(~rel, self.base + "/" + paths)
         if PATIENT_COLUMN in chunk.columns:
             raw = chunk[PATIENT_COLUMN].str.strip()
-            num = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
-            if np.isnan(num).any():
-                i = int(np.flatnonzero(np.isnan(num))[0])
+            num = pd.to_numeric(raw, errors="coerce")  # int64 when every id is an integer: exact beyond 2**53
+            if num.isna().any():
+                i = int(np.flatnonzero(num.isna().to_numpy())[0])
                 raise ValueError(f"{self.url}: row {start + i + 1}: patient_id {raw.iloc[i]!r} is not an integer")
+            num = num.to_numpy()
+            if num.dtype.kind == "f" and (np.abs(num) >= 2.0**53).any():
+                raise ValueError(f"{self.url}: column 'patient_id' (rows {start + 1}..{start + len(chunk)}): ids beyond "
+                                 f"2**53 must be written as plain integers, not floats")
             patients = check_patient_ids(num, f"{self.url}: column 'patient_id' (rows {start + 1}..{start + len(chunk)})")
         else:
             patients = np.full(len(chunk), NO_PATIENT, np.int64)
@@ -170,8 +176,9 @@ class DownstreamSource:
             self.n = len(f["labels"])
             check_labels(np.broadcast_to(0, f["labels"].shape), f"{self.url}: '/labels'")  # shape only
             for k in self.signal_keys:
-                if f[k].ndim != 2 or f[k].shape[0] != self.n:
-                    raise ValueError(f"{self.url}: '/{k}' has shape {f[k].shape}, expected [N={self.n}, L]")
+                if f[k].ndim != 2 or f[k].shape != f[self.signal_keys[0]].shape or f[k].shape[0] != self.n:
+                    shapes = ", ".join(f"'/{j}' {f[j].shape}" for j in self.signal_keys)
+                    raise ValueError(f"{self.url}: signal datasets must all be [N={self.n}, L] with one L; found {shapes}")
             self.length = int(f[self.signal_keys[0]].shape[1])
             self.has_patients = "patient_ids" in f
             if self.has_patients and len(f["patient_ids"]) != self.n:

@@ -136,11 +136,15 @@ def _tar_members(data: bytes, where: str) -> Iterator[tuple[str, int, int]]:
         if typeflag not in (b"0", b"\0") or header[257:262] != b"ustar":
             yield from _tarfile_members(data, where)
             return
-        if sum(header[:148]) + 8 * 32 + sum(header[156:]) != int(header[148:156].split(b"\0")[0].strip() or b"0", 8):
+        try:
+            checksum = int(header[148:156].split(b"\0")[0].strip() or b"0", 8)
+            size = int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
+            name = header[:100].split(b"\0", 1)[0].decode()
+            prefix = header[345:500].split(b"\0", 1)[0].decode()
+        except ValueError as e:  # a garbled octal field or name
+            raise ShardFormatError(f"{where}: damaged tar header at byte {off} ({e})") from e
+        if sum(header[:148]) + 8 * 32 + sum(header[156:]) != checksum:
             raise ShardFormatError(f"{where}: bad tar header checksum at byte {off}")
-        name = header[:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0].decode()
-        size = int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
         if off + 512 + size > n:
             raise ShardFormatError(f"{where}: truncated: member {name!r} needs {size} bytes past byte {off + 512}")
         yield (f"{prefix}/{name}" if prefix else name), off + 512, size

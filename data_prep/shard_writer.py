@@ -54,6 +54,11 @@ def build_shard(split: str, index: int, rows: pd.DataFrame, p: WriteParams) -> d
             policy.skipped["constant"] += int((~kept).sum())
     else:
         y = np.zeros((0, p.channels, p.preprocess.output_length()), np.float32)
+    if p.dtype == "float16" and len(y) and np.abs(y).max() > np.finfo(np.float16).max:
+        raise ValueError(
+            f"shard {split}/{index}: values up to {np.abs(y).max():.4g} do not fit float16 (max 65504); "
+            f"with --normalize {p.preprocess.normalize} use --dtype float32"
+        )
     keys = ordered["key"].to_numpy(dtype=str)
     patients, labels = ordered["patient"].to_numpy(np.int64), ordered["label"].to_numpy(np.int8)
     blocks = [Block(y[s:s + p.block_size], keys[s:s + p.block_size], patients[s:s + p.block_size],

@@ -14,12 +14,15 @@ and a loader built with a state skips straight there using the manifest's shard 
 reading the skipped data.
 
 Faults: shards listed in the manifest but missing or of the wrong size are found at start
-(`check_shards`, one listing per split); a shard that fails mid-run (after retries) is skipped
-with a warning and counted in each batch's `bad_shards`, or is fatal with `strict=True`.
+(`check_shards`, one listing per split); a shard that fails mid-run (after retries; with
+`verify`, also a sha256 mismatch) is skipped with a warning and counted in each batch's
+`bad_shards`, or is fatal with `strict=True`. When a whole epoch's worth of reads fails in a row,
+the reader stops with an error instead of spinning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import sys
@@ -93,27 +96,36 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shards: list[ShardInfo], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  shuffle_shards: int = 4, storage_options: dict | None = None, strict: bool = False,
-                 start_batches: int = 0, num_workers: int = 0):
+                 start_batches: int = 0, verify: bool = False):
         if not shards:
             raise ValueError("no shards to read: the manifest lists none for this split")
         self.shards, self.batch_size, self.seed = shards, batch_size, seed
         self.rank, self.world_size, self.shuffle_shards = rank, world_size, max(1, shuffle_shards)
-        self.storage_options, self.strict = storage_options, strict
-        self.start_batches, self.num_workers = start_batches, num_workers
+        self.storage_options, self.strict, self.verify = storage_options, strict, verify
+        self.start_batches = start_batches
         self.bad_shards = 0
+        self._failed_in_a_row = 0
 
     def _read(self, idx: int) -> list | None:
         s = self.shards[idx]
         try:
             folder, name = s.url.rsplit("/", 1)
             data = Folder(folder, self.storage_options).read_bytes(name) if is_remote(s.url) else _read_local(s.url)
-            return list(read_shard_blocks(data, s.url))
-        except (OSError, StorageError, ShardFormatError) as e:
+            if self.verify and hashlib.sha256(data).hexdigest() != s.sha256:
+                raise ShardFormatError(f"{s.url}: sha256 differs from the manifest's (the shard was altered)")
+            blocks = list(read_shard_blocks(data, s.url))
+        except (OSError, ValueError, StorageError) as e:  # ShardFormatError is a ValueError
             if self.strict:
                 raise
             self.bad_shards += 1
+            self._failed_in_a_row += 1
             print(f"[himae-data] warning: skipping shard {s.url}: {e}", file=sys.stderr, flush=True)
+            if self._failed_in_a_row >= len(self.shards):  # a whole epoch's worth: nothing left to train on
+                raise RuntimeError(f"the last {self._failed_in_a_row} shard reads all failed (the split has "
+                                   f"{len(self.shards)}); last error: {e}") from e
             return None
+        self._failed_in_a_row = 0
+        return blocks
 
     def _group_samples(self, group: list[int], reader: int, g: int):
         """The group's segments, concatenated ([n, C, L] etc.), and a seeded permutation of them."""
@@ -191,12 +203,15 @@ def _read_local(path: str):
 def make_loader(
     manifest: Manifest, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
     shuffle_shards: int = 4, split: str = "train", storage_options: dict | None = None, strict: bool = False,
-    state: LoaderState | dict | None = None, pin_memory: bool = False,
+    state: LoaderState | dict | None = None, pin_memory: bool = False, verify: bool = False,
 ) -> tuple[torch.utils.data.DataLoader, LoaderState]:
     """Endless loader of this rank's batches, and its state at the start (advance `.batches` as you consume).
 
     With `state` (from a previous run), the stream continues exactly where that run stopped; the
     seed, world size, workers, batch size and shuffle width must match, or this refuses.
+    `verify=True` checks every shard read against the manifest's sha256 (costs a hash of the bytes,
+    about as much CPU as the rest of the loader), so a shard altered without a change of size is
+    skipped (or fatal with `strict`) instead of read.
     """
     shards = manifest.shards(split)
     start = 0
@@ -208,7 +223,7 @@ def make_loader(
         if mismatch:
             raise ValueError(f"cannot continue the data stream exactly: saved vs now {mismatch}")
         start = state.batches
-    ds = ShardStream(shards, batch_size, seed, rank, world_size, shuffle_shards, storage_options, strict, start)
+    ds = ShardStream(shards, batch_size, seed, rank, world_size, shuffle_shards, storage_options, strict, start, verify)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,

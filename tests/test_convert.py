@@ -150,6 +150,7 @@ def test_finalize_names_the_missing_task(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "1")
     prep_main(["--index", str(index), "--out", str(tmp_path / "o"), "--samples-per-shard", "40"])
     with pytest.raises(SystemExit, match=r"not finished or not intact.*re-run task\(s\) \[0\] of --num-tasks=2"):
         prep_main(["--index", str(index), "--out", str(tmp_path / "o"), "--samples-per-shard", "40", "--finalize"])
@@ -363,3 +364,74 @@ def test_downstream_skips_are_counted(tmp_path):
     assert m == _manifest(tmp_path / "o")
     assert m["skipped"] == {"non_finite": 1} and m["n_samples"] == 3
     assert sorted(_stock_read(tmp_path / "o")[1]) == ["00000000", "00000001", "00000003"]
+
+
+def test_a_resubmitted_slurm_task_redoes_only_its_own_shards(tmp_path, monkeypatch):
+    index = _random_index(tmp_path, n=200)
+    common = ["--index", str(index), "--out", str(tmp_path / "o"), "--samples-per-shard", "40"]
+    for t in range(3):
+        prep_main(common + ["--num-tasks", "3", "--task-index", str(t)])
+    victim = tmp_path / "o" / "train" / "shard-000002.tar"  # shard 2 belongs to task 2
+    victim.unlink()
+    others = {p: p.stat().st_mtime_ns for p in (tmp_path / "o" / "train").glob("*.tar")}
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")  # sbatch --array=2: a partial array
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "1")
+    with pytest.raises(SystemExit, match=r"partial array.*pass --num-tasks"):
+        prep_main(common)
+    prep_main(common + ["--num-tasks", "3"])
+    assert victim.exists() and not (tmp_path / "o" / "manifest.json").exists()
+    assert {p: p.stat().st_mtime_ns for p in others} == others
+
+
+def test_float16_overflow_without_normalisation_is_refused(tmp_path):
+    _write_h5(tmp_path / "a.h5", {f"{i:03d}": np.linspace(69000, 71000, 250, dtype=np.float32) + i for i in range(5)})
+    _write_index(tmp_path / "i.csv", [("a.h5", f"{i:03d}") for i in range(5)])
+    with pytest.raises(SystemExit, match=r"values up to 7\.1e\+04 do not fit float16.*--normalize none use --dtype float32"):
+        prep_main(["--index", str(tmp_path / "i.csv"), "--out", str(tmp_path / "o"), "--normalize", "none"])
+    prep_main(["--index", str(tmp_path / "i.csv"), "--out", str(tmp_path / "o2"), "--normalize", "none", "--dtype", "float32"])
+    assert _manifest(tmp_path / "o2")["n_samples"] == 5
+
+
+def test_large_patient_ids_stay_exact(tmp_path):
+    ids = [9007199254740993, 9007199254740992, 100000000000000001, 100000000000000000]
+    _write_h5(tmp_path / "a.h5", {f"{i:03d}": np.random.default_rng(i).standard_normal(250) for i in range(8)})
+    _write_index(tmp_path / "i.csv", [("a.h5", f"{i:03d}", ids[i % 4]) for i in range(8)],
+                 ("local_path", "global_idx", "patient_id"))
+    m = convert_pretrain(str(tmp_path / "i.csv"), ConvertParams(str(tmp_path / "o"), val_fraction=0.3))
+    assert sorted(m["split"]["val_patients"] + m["split"]["train_patients"]) == sorted(ids)
+    assert {p for _, p, _ in _stock_read(tmp_path / "o")[1].values()} == set(ids)
+
+
+def test_damaged_records_are_rebuilt_and_a_damaged_plan_is_named(tmp_path):
+    index = _random_index(tmp_path, n=120)
+    p = ConvertParams(str(tmp_path / "o"), samples_per_shard=40)
+    convert_pretrain(str(index), p)
+    before = _tree_hashes(tmp_path / "o")
+    (tmp_path / "o" / "_parts" / "train-000001.json").write_text('{"split": "tr')
+    convert_pretrain(str(index), p)
+    assert _tree_hashes(tmp_path / "o") == before
+    (tmp_path / "o" / "_parts" / "plan.json").write_text('{"plan')
+    with pytest.raises(ValueError, match=r"_parts/plan\.json is not readable JSON.*pass --overwrite"):
+        convert_pretrain(str(index), p)
+    convert_pretrain(str(index), ConvertParams(str(tmp_path / "o"), samples_per_shard=40, overwrite=True))
+    assert _tree_hashes(tmp_path / "o") == before
+
+
+def test_empty_index_and_mismatched_channels_are_named(tmp_path):
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(SystemExit, match=r"e\.csv: empty file; expected a CSV"):
+        prep_main(["--index", str(tmp_path / "e.csv"), "--out", str(tmp_path / "o")])
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["ppg"], f["ecg"] = np.zeros((4, 100), np.float32), np.zeros((4, 120), np.float32)
+        f["labels"] = np.array([0, 1, 0, 1])
+    with pytest.raises(SystemExit, match=r"d\.h5: signal datasets must all be \[N=4, L\].*'/ppg' \(4, 100\), '/ecg' \(4, 120\)"):
+        prep_main(["--downstream", str(tmp_path / "d.h5"), "--signal-key", "ppg+ecg", "--out", str(tmp_path / "o")])
+
+
+def test_keys_are_kept_verbatim(tmp_path):
+    _write_h5(tmp_path / "a.h5", {k: np.random.default_rng(0).standard_normal(250) for k in ("  pad  ", "x,y", "0001", "1")})
+    _write_index(tmp_path / "i.csv", [("a.h5", k) for k in ("  pad  ", "x,y", "0001", "1")])
+    convert_pretrain(str(tmp_path / "i.csv"), ConvertParams(str(tmp_path / "o"), val_fraction=0))
+    assert sorted(_stock_read(tmp_path / "o")[1]) == sorted(["  pad  ", "x,y", "0001", "1"])

@@ -2,12 +2,14 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from data_prep.convert import ConvertParams, convert_pretrain
+from data_prep.shard_format import read_shard_blocks
 from himae_dist.streaming import LoaderState, check_shards, load_manifest, make_loader, reader_shards
 from tests.h5_inputs import random_index as _random_index
 
@@ -41,8 +43,12 @@ def test_every_rank_gets_the_same_number_of_batches_over_uneven_and_too_few_shar
     assert len(set(sizes)) > 1 and len(sizes) < 7
     per_rank = [_take(uneven, 40, rank=r, world_size=world, batch_size=32) for r in range(world)]
     assert [len(b) for b in per_rank] == [40] * world
-    seen = Counter(k for b in per_rank for x in b for k in x["key"])
-    assert set(seen) == {k for k in seen} and len(seen) == uneven.n_samples()  # every sample reached
+    seen = Counter(str(k) for b in per_rank for x in b for k in x["key"])
+    train_keys = set()
+    for s in uneven.shards():
+        for blk in read_shard_blocks(Path(s.url).read_bytes(), s.url):
+            train_keys |= {str(k) for k in blk.key}
+    assert set(seen) == train_keys  # every training sample reached, nothing else
     counts = np.array(list(seen.values()))
     assert counts.max() - counts.min() <= 2 + counts.mean() * 0.5  # roughly equal visits
 
@@ -107,3 +113,34 @@ def test_manifest_problems_are_named(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "himae-wds-v1", "shards": []}))
     with pytest.raises(ValueError, match=r"format 'himae-wds-v1', expected 'himae-wds-v2'; re-run himae-prep"):
         load_manifest(str(tmp_path))
+
+
+def test_a_garbled_header_is_skipped_and_an_altered_shard_caught_with_verify(tmp_path, capfd):
+    index = _random_index(tmp_path, n=300)
+    convert_pretrain(str(index), ConvertParams(str(tmp_path / "o"), samples_per_shard=50, val_fraction=0))
+    m = load_manifest(str(tmp_path / "o"))
+    garbled = tmp_path / "o" / m.shards()[1].name
+    data = bytearray(garbled.read_bytes())
+    data[148:150] = b"9x"  # the checksum field of the first header: same size, not octal
+    garbled.write_bytes(bytes(data))
+    altered = tmp_path / "o" / m.shards()[3].name
+    data = bytearray(altered.read_bytes())
+    data[2000:2008] = b"\xff" * 8  # inside the signal array: still parses, same size
+    altered.write_bytes(bytes(data))
+    assert check_shards(m) == []  # sizes are right: only reading can tell
+    plain = _take(m, 30, batch_size=10, shuffle_shards=1)
+    assert not any(int(s) == 1 for b in plain for s in b["shard"]) and any(int(s) == 3 for b in plain for s in b["shard"])
+    assert "damaged tar header" in capfd.readouterr().err
+    verified = _take(m, 30, batch_size=10, shuffle_shards=1, verify=True)
+    assert not any(int(s) in (1, 3) for b in verified for s in b["shard"])
+    assert "sha256 differs from the manifest" in capfd.readouterr().err
+
+
+def test_a_reader_whose_shards_all_fail_stops_with_an_error(tmp_path):
+    index = _random_index(tmp_path, n=200)
+    convert_pretrain(str(index), ConvertParams(str(tmp_path / "o"), samples_per_shard=50, val_fraction=0))
+    m = load_manifest(str(tmp_path / "o"))
+    for s in m.shards():
+        Path(s.url).unlink()
+    with pytest.raises(RuntimeError, match=r"the last 4 shard reads all failed \(the split has 4\)"):
+        _take(m, 1)
