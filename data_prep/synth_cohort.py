@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from himae_dist.atomic_write import atomic_path, write_json_atomic
+from data_prep.atomic_write import atomic_path, write_json_atomic
 
 SEGMENT_SECONDS = 10.0
 DEFAULT_FS = 25

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from himae_dist.atomic_write import atomic_path
+from data_prep.atomic_write import atomic_path
 from himae_dist.model import HiMAE, HiMAEConfig
 
 WEIGHTS_FORMAT = "himae-dist-weights-v1"

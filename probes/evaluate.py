@@ -26,7 +26,7 @@ import torch
 
 from data_prep.hdf5_sources import BadSamplePolicy, DownstreamSet, check_labels, check_patient_ids, read_downstream
 from data_prep.preprocess import Preprocess
-from himae_dist.atomic_write import atomic_path, write_json_atomic
+from data_prep.atomic_write import atomic_path, write_json_atomic
 from himae_dist.checkpoint import load_himae
 from probes import seed_protocol
 from probes.features import FeatureCache

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from himae_dist.atomic_write import atomic_path
+from data_prep.atomic_write import atomic_path
 from himae_dist.model import HiMAE
 from probes.pooling import STATS, pool_stats
 

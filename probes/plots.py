@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from himae_dist.atomic_write import atomic_path
+from data_prep.atomic_write import atomic_path
 from probes.metrics import curve_bands
 
 

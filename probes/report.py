@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from himae_dist.atomic_write import atomic_path
+from data_prep.atomic_write import atomic_path
 
 HEADLINE_METRICS = (("roc_auc", "ROC-AUC"), ("ap", "AP"), ("sens_at_spec90", "sens@spec90"), ("f1_at_spec90", "F1@spec90"))
 
