@@ -88,12 +88,21 @@ def test_shards_are_byte_identical_for_any_workers_and_across_runs(tmp_path):
     assert oct(os.stat(tmp_path / "a" / "train" / "shard-000000.tar").st_mode & 0o777) == "0o644"
 
 
-def test_bounded_memory_waves_give_the_same_shards(tmp_path):
-    """max_rows smaller than the index forces several passes (waves, duplicate buckets): same bytes."""
+def test_bounded_memory_waves_give_the_same_shards(tmp_path, monkeypatch):
+    """max_rows smaller than the index forces several passes (waves, duplicate buckets): same bytes,
+    and no index chunk, duplicate bucket or wave ever holds more than max_rows rows."""
+    import data_prep.convert as conv
+    import data_prep.index_plan as plan_mod
+
     index = _random_index(tmp_path, n=300)
     convert_pretrain(str(index), ConvertParams(str(tmp_path / "big"), samples_per_shard=40))
+    held = []
+    chunks, rows_for = plan_mod.IndexSource.chunks, conv.rows_for_shards
+    monkeypatch.setattr(plan_mod.IndexSource, "chunks", lambda self: (held.append(len(c)) or c for c in chunks(self)))
+    monkeypatch.setattr(conv, "rows_for_shards", lambda *a: (lambda r: held.append(len(r)) or r)(rows_for(*a)))
     convert_pretrain(str(index), ConvertParams(str(tmp_path / "small"), samples_per_shard=40, max_rows=50))
     assert _tree_hashes(tmp_path / "big") == _tree_hashes(tmp_path / "small")
+    assert max(held) <= 50 and len(held) > 20
 
 
 def test_split_is_by_patient_and_shards_mix_patients(tmp_path):
