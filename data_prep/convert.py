@@ -23,7 +23,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 
-from data_prep.hdf5_sources import OPEN_FILES, BadSamplePolicy, segment_shape
+from data_prep.hdf5_sources import BadSamplePolicy, segment_shape
 from data_prep.index_plan import DownstreamSource, IndexSource, Plan, find_duplicate_rows, make_plan, rows_for_shards, scan
 from data_prep.preprocess import CONSTANT_POLICIES, LENGTH_POLICIES, NORMALIZE, Preprocess
 from data_prep.shard_format import DTYPES, FORMAT, MANIFEST, MEMBERS, PARTS, PLAN, part_name
@@ -227,14 +227,6 @@ def run_task(source, p: ConvertParams, prep: dict | None = None) -> dict:
 
 
 def _build(source, plan: Plan, todo: list[tuple[str, int]], wp: WriteParams, p: ConvertParams, done: dict) -> None:
-    OPEN_FILES.close()  # no HDF5 handle may cross the fork into the pool's processes
-    try:
-        _build_waves(source, plan, todo, wp, p, done)
-    finally:
-        OPEN_FILES.close()
-
-
-def _build_waves(source, plan: Plan, todo: list[tuple[str, int]], wp: WriteParams, p: ConvertParams, done: dict) -> None:
     from tqdm import tqdm
 
     per_wave = max(1, p.max_rows // p.samples_per_shard)
