@@ -92,3 +92,55 @@ def test_stalled_rank_is_a_clear_timeout_error(tiny_shards, tmp_path):
     assert proc.returncode != 0
     assert "rank 0 made no progress for" in proc.stderr and "after step 3" in proc.stderr, proc.stderr[-3000:]
     assert "(--collective-timeout-s=5)" in proc.stderr
+
+
+def _two_agents(shards, outs, args):
+    """Two torchrun agents on loopback, one rank each: a 2-node x 1 job; node i writes to outs[i]."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}", "--nproc_per_node=1",
+         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "himae_dist.train", "--data", str(shards),
+         "--out", str(out), "--num-workers", "0", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for i, out in enumerate(outs)]
+    results = []
+    for p in procs:
+        try:
+            so, se = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                os.killpg(q.pid, signal.SIGKILL)
+            raise
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+    return results
+
+
+def test_two_nodes_match_one_node_bitwise_and_node_local_out_is_refused_on_resume(tiny_shards, tmp_path):
+    args = ("--steps", "8", "--save-every", "4", *ARGS)
+    one = tmp_path / "1x2"
+    _ok(_run_trainer(tiny_shards, one, args))
+    shared = tmp_path / "2x1"
+    for r in _two_agents(tiny_shards, [shared, shared], args):  # both "nodes" see the same --out
+        _ok(r)
+    a, b = _final(one), _final(shared)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["loss"] for h in _hist(one)] == [h["loss"] for h in _hist(shared)]
+
+    local = [tmp_path / "node0", tmp_path / "node1"]  # node-local --out: only node 0 holds the checkpoint
+    for r in _two_agents(tiny_shards, local, ("--steps", "4", *ARGS)):
+        _ok(r)
+    resumed = _two_agents(tiny_shards, local, ("--steps", "8", "--allow-schedule-change", "true", *ARGS))
+    assert all(r.returncode != 0 for r in resumed)
+    err = resumed[0].stderr + resumed[1].stderr
+    assert "step0000004 (rank 0's newest) is not visible to rank 1 on" in err, err[-3000:]
+    assert "every node sees" in err
