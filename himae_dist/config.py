@@ -44,6 +44,8 @@ class TrainConfig:
     strict_data: bool = False  # a missing/corrupt shard is fatal instead of skipped with a warning
     log_every: int = 10
     save_every: int = 0  # 0 = only at the end
+    val_every: int = 0  # masked MSE on the val split every N steps (0 = off), logged at the next log step
+    val_batches: int = 4  # val micro-batches per rank (the same ones every time)
     wandb: bool = False
     wandb_project: str = "himae-dist"
     ds_config: str | None = None  # JSON file merged over the generated DeepSpeed config
@@ -75,6 +77,8 @@ class TrainConfig:
             bad("on_nonfinite", "abort or skip")
         if self.keep_checkpoints < 1 or self.collective_timeout_s < 1:
             bad("keep_checkpoints" if self.keep_checkpoints < 1 else "collective_timeout_s", "an integer >= 1")
+        if self.val_every < 0 or self.val_batches < 1:
+            bad("val_every" if self.val_every < 0 else "val_batches", ">= 0" if self.val_every < 0 else ">= 1")
         if self.num_workers < 0 or self.save_every < 0:
             bad("num_workers" if self.num_workers < 0 else "save_every", "an integer >= 0")
 

@@ -34,6 +34,7 @@ from himae_dist.guards import NonFiniteError, bad_rows, check_weights_finite, de
 from himae_dist.model import HiMAE
 from himae_dist.objective import make_objective
 from himae_dist.streaming import check_shards, load_manifest, make_loader
+from himae_dist.validation import Validator
 from himae_dist.watchdog import Watchdog
 from kernels.masked_mse_reference import check_masking_args
 
@@ -178,6 +179,8 @@ def train(cfg: TrainConfig) -> dict:
     shard_names = [sh.name for sh in manifest.shards("train")]
     batches = iter(loader)
     loss_sum, loss_n = torch.zeros((), device=device), 0  # on the device: no host sync per micro-step
+    validator = Validator(manifest, cfg, rank, world, device, objective, bf16) if cfg.val_every else None
+    val_sum, val_n = torch.zeros((), device=device), 0  # the latest validation, read at the next log step
     wandb_run = _wandb(cfg) if rank == 0 else None
     metrics_path = out / "metrics.jsonl"
     history, t0 = [], time.time()
@@ -215,20 +218,29 @@ def train(cfg: TrainConfig) -> dict:
             loss_sum += loss.detach()
             loss_n += 1
         done = step + 1
+        if validator and validator.enabled and (done % cfg.val_every == 0 or done == cfg.steps):
+            val_sum, val_n = validator.run(engine.module), len(validator.batches)
         if done % cfg.log_every == 0 or done == cfg.steps:
-            dist.all_reduce(loss_sum)  # collective: every rank reaches it at the same step
-            mean = float(loss_sum) / (loss_n * world)  # the one host sync per log step
+            stats = torch.stack([loss_sum, val_sum])
+            dist.all_reduce(stats)  # collective: every rank reaches it at the same step
+            host = stats.cpu()  # the one device->host copy (sync) per log step
+            loss_total, val_total = float(host[0]), float(host[1])  # host reads of that copy
+            mean = loss_total / (loss_n * world)
             if not math.isfinite(mean):
                 raise NonFiniteError(f"loss is {mean} at steps {done - cfg.log_every + 1}..{done} on finite data; "
                                      f"lower --lr or set --grad-clip (last good checkpoint kept)")
             loss_sum.zero_()
             loss_n = 0
             rec = {"step": done, "loss": mean, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 2)}
+            if val_n:
+                rec["val_loss"] = val_total / (val_n * world)
+                val_n = 0
             history.append(rec)
             if rank == 0:
                 with open(metrics_path, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
-                print(f"[himae-train] step {done}/{cfg.steps} loss {mean:.5f} lr {rec['lr']:.2e}", flush=True)
+                val = f" val {rec['val_loss']:.5f}" if "val_loss" in rec else ""
+                print(f"[himae-train] step {done}/{cfg.steps} loss {mean:.5f}{val} lr {rec['lr']:.2e}", flush=True)
                 if wandb_run:
                     wandb_run.log(rec, step=done)
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:

@@ -65,7 +65,8 @@ def test_bf16_autocast_trains_over_fp32_masters(tiny_shards, tmp_path):
 
 
 def test_killed_rank_restarts_and_ends_bitwise_equal_to_uninterrupted_run(tiny_shards, tmp_path):
-    steps, args = 24, ("--steps", "24", "--save-every", "5", "--keep-checkpoints", "2", *ARGS)
+    steps, args = 24, ("--steps", "24", "--save-every", "5", "--keep-checkpoints", "2", "--val-every", "10",
+                       "--val-batches", "2", *ARGS)
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"
     _ok(_run_trainer(tiny_shards, clean, args))
     kill_at = random.Random().randrange(6, steps - 1)  # any step after the first checkpoint
@@ -82,6 +83,9 @@ def test_killed_rank_restarts_and_ends_bitwise_equal_to_uninterrupted_run(tiny_s
         assert {int(s["step"]) for s in st["optimizer"]["state"].values()} == {steps}
     assert [h["step"] for h in _hist(faulty)] == [5, 10, 15, 20, 24]  # no step logged twice
     assert [h["loss"] for h in _hist(faulty)] == [h["loss"] for h in _hist(clean)]
+    val = [(h["step"], h["val_loss"]) for h in _hist(faulty) if "val_loss" in h]
+    assert val == [(h["step"], h["val_loss"]) for h in _hist(clean) if "val_loss" in h]
+    assert [s for s, _ in val] == [10, 20, 24] and val[-1][1] < val[0][1], val  # held-out loss falls
     kept = sorted(p.name for p in (faulty / "checkpoints").iterdir() if p.is_dir())
     assert kept == ["step0000020", "step0000024"]  # --keep-checkpoints 2
 
