@@ -46,7 +46,8 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     val_every: int = 0  # masked MSE on the val split every N steps (0 = off), logged at the next log step
     val_batches: int = 4  # val micro-batches per rank (the same ones every time)
-    wandb: bool = False
+    wandb: str = "off"  # off, offline, online
+    plot_every: int = 0  # reconstruction PNG of val samples every N steps (needs --val-every; 0 = off)
     wandb_project: str = "himae-dist"
     ds_config: str | None = None  # JSON file merged over the generated DeepSpeed config
     keep_checkpoints: int = 3  # complete checkpoints kept in --out/checkpoints (older ones deleted)
@@ -77,6 +78,10 @@ class TrainConfig:
             bad("on_nonfinite", "abort or skip")
         if self.keep_checkpoints < 1 or self.collective_timeout_s < 1:
             bad("keep_checkpoints" if self.keep_checkpoints < 1 else "collective_timeout_s", "an integer >= 1")
+        if self.wandb not in ("off", "offline", "online"):
+            bad("wandb", "off, offline or online")
+        if self.plot_every < 0:
+            bad("plot_every", "an integer >= 0")
         if self.val_every < 0 or self.val_batches < 1:
             bad("val_every" if self.val_every < 0 else "val_batches", ">= 0" if self.val_every < 0 else ">= 1")
         if self.num_workers < 0 or self.save_every < 0:

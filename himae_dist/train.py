@@ -33,6 +33,7 @@ from himae_dist.config import TrainConfig, deepspeed_config, lr_lambda, parse_co
 from himae_dist.guards import NonFiniteError, bad_rows, check_weights_finite, describe
 from himae_dist.model import HiMAE
 from himae_dist.objective import make_objective
+from himae_dist.train_log import TrainLog
 from himae_dist.streaming import check_shards, load_manifest, make_loader
 from himae_dist.validation import Validator
 from himae_dist.watchdog import Watchdog
@@ -180,10 +181,11 @@ def train(cfg: TrainConfig) -> dict:
     batches = iter(loader)
     loss_sum, loss_n = torch.zeros((), device=device), 0  # on the device: no host sync per micro-step
     validator = Validator(manifest, cfg, rank, world, device, objective, bf16) if cfg.val_every else None
+    grad_norm = torch.zeros((), device=device)
     val_sum, val_n = torch.zeros((), device=device), 0  # the latest validation, read at the next log step
-    wandb_run = _wandb(cfg) if rank == 0 else None
-    metrics_path = out / "metrics.jsonl"
-    history, t0 = [], time.time()
+    log = TrainLog(cfg, rank, start, out, cfg.micro_batch * cfg.grad_accum * world, device)
+    history = []
+    params = [p for p in engine.module.parameters() if p.requires_grad]
 
     def save(step: int, final: bool = False) -> None:
         loader_now = dataclasses.replace(lstate, batches=consumed).to_dict()
@@ -196,7 +198,9 @@ def train(cfg: TrainConfig) -> dict:
         watchdog.beat(f"step {step}")
         _fault_hook(rank, step)
         for micro in range(cfg.grad_accum):
+            t_wait = time.perf_counter()
             batch = next(batches)
+            log.waited(time.perf_counter() - t_wait)
             consumed += 1
             while len(rows := bad_rows(batch["signal"])):  # host-side check, before the copy to the device
                 what = f"rank {rank}, step {step + 1}: {describe(batch, rows, shard_names)}"
@@ -213,36 +217,32 @@ def train(cfg: TrainConfig) -> dict:
             with autocast(device, bf16):
                 recon = engine(x_masked, apply_tanh=objective.apply_tanh)  # [B, C, L], bf16 under autocast
             loss = objective.loss(recon.float(), x, mask)  # fp32 loss and gradients
-            engine.backward(loss)
+            engine.backward(loss)  # all-reduces the gradients at the accumulation boundary
+            if micro == cfg.grad_accum - 1 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                grad_norm = _grad_norm(params, device)  # device scalar; NaN where ZeRO holds the gradients
             engine.step()
             loss_sum += loss.detach()
             loss_n += 1
         done = step + 1
+        log.step()
         if validator and validator.enabled and (done % cfg.val_every == 0 or done == cfg.steps):
-            val_sum, val_n = validator.run(engine.module), len(validator.batches)
+            plot = out / "plots" / f"recon_{done:07d}.png" if rank == 0 and cfg.plot_every and done % cfg.plot_every == 0 else None
+            val_sum, val_n = validator.run(engine.module, plot, done), len(validator.batches)
         if done % cfg.log_every == 0 or done == cfg.steps:
-            stats = torch.stack([loss_sum, val_sum])
+            stats = torch.stack([loss_sum, val_sum, grad_norm])
             dist.all_reduce(stats)  # collective: every rank reaches it at the same step
             host = stats.cpu()  # the one device->host copy (sync) per log step
-            loss_total, val_total = float(host[0]), float(host[1])  # host reads of that copy
+            loss_total, val_total, gn_total = float(host[0]), float(host[1]), float(host[2])  # host reads of it
             mean = loss_total / (loss_n * world)
             if not math.isfinite(mean):
                 raise NonFiniteError(f"loss is {mean} at steps {done - cfg.log_every + 1}..{done} on finite data; "
                                      f"lower --lr or set --grad-clip (last good checkpoint kept)")
             loss_sum.zero_()
             loss_n = 0
-            rec = {"step": done, "loss": mean, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 2)}
-            if val_n:
-                rec["val_loss"] = val_total / (val_n * world)
-                val_n = 0
+            rec = log.record(done, mean, scheduler.get_last_lr()[0], val_total / (val_n * world) if val_n else None,
+                             gn_total / world)  # the same norm on every rank (all-reduced gradients)
+            val_n = 0
             history.append(rec)
-            if rank == 0:
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
-                val = f" val {rec['val_loss']:.5f}" if "val_loss" in rec else ""
-                print(f"[himae-train] step {done}/{cfg.steps} loss {mean:.5f}{val} lr {rec['lr']:.2e}", flush=True)
-                if wandb_run:
-                    wandb_run.log(rec, step=done)
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
             watchdog.beat(f"step {done} (saving)")
             save(done)
@@ -251,8 +251,7 @@ def train(cfg: TrainConfig) -> dict:
     if need_final:  # decided by rank 0: _save is collective
         save(max(start, cfg.steps), final=True)
     watchdog.stop()
-    if wandb_run:
-        wandb_run.finish()
+    log.close()
     return {"history": history, "start_step": start}
 
 
@@ -276,12 +275,12 @@ def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, extra: dict, 
     dist.barrier()  # nobody runs ahead of (or exits before) rank 0's writes
 
 
-def _wandb(cfg: TrainConfig):
-    if not cfg.wandb:
-        return None
-    import wandb
-
-    return wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.out)
+def _grad_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """L2 norm of the (reduced) gradients as a device scalar: no host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if len(grads) < len(params):
+        return torch.full((), float("nan"), device=device)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 def main(argv: list[str] | None = None) -> None:

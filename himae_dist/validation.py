@@ -44,7 +44,7 @@ class Validator:
         return bool(self.batches)
 
     @torch.no_grad()
-    def run(self, model: torch.nn.Module) -> torch.Tensor:
+    def run(self, model: torch.nn.Module, plot=None, step: int = 0) -> torch.Tensor:
         """Collective (BatchNorm pooling): the sum of this rank's batch losses, a device scalar."""
         from himae_dist.train import autocast
 
@@ -57,5 +57,13 @@ class Validator:
             with autocast(self.device, self.bf16):
                 recon = model(x_masked, apply_tanh=self.objective.apply_tanh)
             total += self.objective.loss(recon.float(), x, mask)
+            if plot is not None and i == 0:  # a host copy: only at plot steps, rank 0
+                from himae_dist.train_log import plot_reconstructions
+
+                if mask.dim() == 2:  # fused objective: patch mask [B, P] -> [B, 1, L]
+                    mask = mask.repeat_interleave(x.shape[-1] // mask.shape[1], dim=1)[:, None, :]
+                if not self.objective.apply_tanh:
+                    recon = torch.tanh(recon)
+                plot_reconstructions(x, mask, recon, plot, step)
         model.train()
         return total

@@ -34,13 +34,22 @@ def _ds_states(out):
 
 def test_bf16_autocast_trains_over_fp32_masters(tiny_shards, tmp_path):
     bf, fp = tmp_path / "bf16", tmp_path / "fp32"
-    log = _ok(_run_trainer(tiny_shards, bf, ("--steps", "20", "--precision", "bf16", *ARGS)))
+    log = _ok(_run_trainer(tiny_shards, bf, ("--steps", "20", "--precision", "bf16", "--val-every", "10",
+                                             "--plot-every", "10", "--val-batches", "1", "--save-every", "5", *ARGS)))
     assert "bf16=True" in log
+    assert "himae-train: 100%" in log and "20/20" in log  # the progress bar (rank 0, stderr)
     _ok(_run_trainer(tiny_shards, fp, ("--steps", "20", "--precision", "fp32", *ARGS)))
     hb, hf = _hist(bf), _hist(fp)
     assert hb[-1]["loss"] < 0.7 * hb[0]["loss"], hb
     assert [h["loss"] for h in hb] != [h["loss"] for h in hf]  # autocast did run the forward in bf16
     assert abs(hb[-1]["loss"] - hf[-1]["loss"]) < 0.05 * hf[-1]["loss"]  # ...and tracks fp32 closely
+    for h in hb:  # per log step: throughput, data wait, memory, gradient norm
+        assert h["segments_per_s"] > 0 and 0 <= h["data_wait_frac"] <= 1 and h["peak_mem_mb"] > 10, h
+        assert 0 < h["grad_norm"] < 100, h
+    assert len({h["grad_norm"] for h in hb}) == len(hb)
+    assert [h["step"] for h in hb if "val_loss" in h] == [10, 20]
+    for png in (bf / "loss_curve.png", bf / "plots" / "recon_0000010.png", bf / "plots" / "recon_0000020.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     exported, masters = _final(bf), _ds_states(bf)["module"]
     assert set(exported) == set(masters)
     for k, v in masters.items():  # the engine's module is fp32 (the masters), BatchNorm buffers included
@@ -48,8 +57,9 @@ def test_bf16_autocast_trains_over_fp32_masters(tiny_shards, tmp_path):
             assert v.dtype == torch.float32 and exported[k].dtype == torch.float32, k
         assert torch.equal(exported[k], v), k
     # BatchNorm: every rank holds the same statistics after the save, pooled from both ranks' own estimates
-    tag = (bf / "checkpoints" / "latest").read_text().strip()
-    ranks = torch.load(bf / "checkpoints" / tag / "himae_run_state.pt", weights_only=True)["ranks"]
+    # (at step 15: no validation, which also pools them, right before it)
+    ranks = torch.load(bf / "checkpoints" / "step0000015" / "himae_run_state.pt", weights_only=True)["ranks"]
+    exported = torch.load(bf / "weights" / "step_0000015.pt", weights_only=True)["state_dict"]
     assert ranks[0]["bn_digest"] == ranks[1]["bn_digest"]
     own = [r["bn_before_sync"] for r in ranks]
     for k in own[0]:
