@@ -1,4 +1,4 @@
-"""launch/train_slurm.sbatch as SLURM would run it on one node (srun replaced by `env`): 2 CPU ranks, ZeRO 1."""
+"""launch/train_slurm.sbatch as SLURM would run it on one node (srun replaced by `env`): 2 CPU ranks, ZeRO 1, wandb offline."""
 
 import json
 import os
@@ -22,8 +22,10 @@ def test_slurm_script_trains_with_the_zero_stage_it_says(tiny_shards, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(["bash", str(ROOT / "launch" / "train_slurm.sbatch"), str(tiny_shards), str(out),
                            "--steps", "4", "--micro-batch", "8", "--log-every", "2", "--num-workers", "0",
-                           "--shuffle-shards", "2"], env=env, capture_output=True, text=True, timeout=300)
+                           "--shuffle-shards", "2", "--wandb", "offline"], env={**env, "WANDB_SILENT": "true"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "world=2" in proc.stdout
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 1
     assert (out / "himae_final.pt").is_file()
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # --wandb offline: rank 0's local run log
+    assert len(runs) == 1 and runs[0].stat().st_size > 0, list((out / "wandb").glob("*"))
