@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timed-steps", type=int, default=50)
     own, rest = ap.parse_known_args(argv)
 
-    from himae_dist.config import deepspeed_config, parse_config
+    from himae_dist.config import parse_config
     from himae_dist.model import HiMAE
     from himae_dist.objective import make_objective
-    from himae_dist.train import _init_distributed
+    from himae_dist.train import _init_distributed, autocast, build_engine
 
     cfg = parse_config(["--data", "unused", "--out", "unused", *rest])
     deepspeed, device = _init_distributed()
@@ -41,16 +41,15 @@ def main(argv: list[str] | None = None) -> None:
     objective = make_objective(cfg.loss_impl, device, cfg.patch_size, cfg.mask_ratio, cfg.seed, rank, world)
     torch.manual_seed(cfg.seed)
     model = HiMAE(cfg.in_chans, cfg.channels)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(),
-        config=deepspeed_config(cfg, world, bf16, torch_adam=device.type != "cuda"),
-    )
+    engine, _, _, _ = build_engine(deepspeed, cfg, model, device, world)  # as the trainer: fp32 engine, bf16 autocast
     x = torch.rand(cfg.micro_batch, cfg.in_chans, own.length, device=device) * 2 - 1  # [B, C, L], resident
 
     def step(s: int) -> torch.Tensor:
         for micro in range(cfg.grad_accum):
             x_masked, mask = objective.mask(x, s, micro, torch.bfloat16 if bf16 else None)
-            loss = objective.loss(engine(x_masked, apply_tanh=objective.apply_tanh), x, mask)
+            with autocast(device, bf16):
+                recon = engine(x_masked, apply_tanh=objective.apply_tanh)
+            loss = objective.loss(recon.float(), x, mask)
             engine.backward(loss)
             engine.step()
         return loss

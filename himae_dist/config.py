@@ -3,6 +3,9 @@
 Defaults are the seed's recipe: patch 5, mask ratio 0.8, AdamW lr 1e-3, weight decay 1e-3,
 10 % linear warmup then linear decay. Values come from the dataclass defaults, then an
 optional `--config FILE.json`, then command-line flags; the resolved result is printed at start.
+The optimizer and schedule are built by the trainer (`make_optimizer`, `lr_lambda`), not by
+DeepSpeed: PyTorch's fused AdamW on GPUs (no JIT build), and a schedule whose every update has
+lr > 0. A user `--ds-config` may tune DeepSpeed but not contradict a flag (`deepspeed_config`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class TrainConfig:
     weight_decay: float = 1e-3
     warmup_frac: float = 0.1
     grad_clip: float = 0.0  # 0 = off, as the seed
-    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32), fp32, bf16
+    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32), fp32, bf16 (autocast; CPU too)
     zero_stage: int = 0
     loss_impl: str = "auto"  # auto (fused Triton on CUDA when available), reference, fused
     seed: int = 0
@@ -41,9 +44,16 @@ class TrainConfig:
     strict_data: bool = False  # a missing/corrupt shard is fatal instead of skipped with a warning
     log_every: int = 10
     save_every: int = 0  # 0 = only at the end
-    wandb: bool = False
+    val_every: int = 0  # masked MSE on the val split every N steps (0 = off), logged at the next log step
+    val_batches: int = 4  # val micro-batches per rank (the same ones every time)
+    wandb: str = "off"  # off, offline, online
+    plot_every: int = 0  # reconstruction PNG of val samples every N steps (needs --val-every; 0 = off)
     wandb_project: str = "himae-dist"
     ds_config: str | None = None  # JSON file merged over the generated DeepSpeed config
+    keep_checkpoints: int = 3  # complete checkpoints kept in --out/checkpoints (older ones deleted)
+    allow_schedule_change: bool = False  # resume even if --steps/lr/warmup/batch differ from the checkpoint's
+    on_nonfinite: str = "abort"  # a batch with NaN/inf: abort naming shard and keys, or skip it (counted, logged)
+    collective_timeout_s: int = 300  # a collective waiting longer (stalled/dead rank) is an error
 
     def validate(self) -> None:
         def bad(name: str, want: str) -> None:
@@ -64,6 +74,16 @@ class TrainConfig:
             bad("zero_stage", "0, 1 or 2 (a 1.2 M-parameter model gains nothing from stage 3)")
         if self.loss_impl not in ("auto", "reference", "fused"):
             bad("loss_impl", "one of auto, reference, fused")
+        if self.on_nonfinite not in ("abort", "skip"):
+            bad("on_nonfinite", "abort or skip")
+        if self.keep_checkpoints < 1 or self.collective_timeout_s < 1:
+            bad("keep_checkpoints" if self.keep_checkpoints < 1 else "collective_timeout_s", "an integer >= 1")
+        if self.wandb not in ("off", "offline", "online"):
+            bad("wandb", "off, offline or online")
+        if self.plot_every < 0:
+            bad("plot_every", "an integer >= 0")
+        if self.val_every < 0 or self.val_batches < 1:
+            bad("val_every" if self.val_every < 0 else "val_batches", ">= 0" if self.val_every < 0 else ">= 1")
         if self.num_workers < 0 or self.save_every < 0:
             bad("num_workers" if self.num_workers < 0 else "save_every", "an integer >= 0")
 
@@ -110,41 +130,84 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool, torch_adam: bool = False) -> dict:
-    """The DeepSpeed config implied by cfg (optimizer, schedule, batch, precision, ZeRO).
+# DeepSpeed keys that a flag sets: a --ds-config may repeat them with the same value only.
+_OWNED = {
+    ("train_micro_batch_size_per_gpu",): "--micro-batch",
+    ("gradient_accumulation_steps",): "--grad-accum",
+    ("train_batch_size",): "--micro-batch x --grad-accum x world size",
+    ("zero_optimization", "stage"): "--zero-stage",
+    ("gradient_clipping",): "--grad-clip",
+    ("optimizer",): "--lr/--weight-decay (the trainer builds AdamW)",
+    ("scheduler",): "--lr/--warmup-frac/--steps (the trainer builds the schedule)",
+    ("bf16",): "--precision (bf16 is autocast over fp32 masters)",
+    ("fp16",): "--precision",
+}
 
-    torch_adam=True selects torch.optim.AdamW instead of DeepSpeed's fused op, which on CPU
-    would be JIT-compiled with a C++ toolchain on every fresh machine.
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config implied by cfg (batch, ZeRO, clipping; fp32 engine), merged with --ds-config.
+
+    DeepSpeed runs in fp32: bf16 is the trainer's autocast, so gradients accumulate and are
+    all-reduced in fp32 and the module weights are the fp32 masters. A --ds-config that sets a
+    key a flag owns to a different value is refused, so the recorded config is the one used.
     """
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
-        },
-        # Linear warmup to lr over warmup_frac of the steps, then linear decay to 0 (the seed's schedule).
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": {
-                "total_num_steps": cfg.steps, "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
-                "warmup_num_steps": max(1, cfg.warmup_steps), "warmup_type": "linear",
-            },
-        },
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # the trainer logs itself
         "wall_clock_breakdown": False,
     }
-    if torch_adam:
-        ds["optimizer"]["params"]["torch_adam"] = True
     if cfg.grad_clip > 0:
         ds["gradient_clipping"] = cfg.grad_clip
     if cfg.ds_config:
-        with open(cfg.ds_config) as fh:
-            _merge(ds, json.load(fh))
+        try:
+            with open(cfg.ds_config) as fh:
+                user = json.load(fh)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--ds-config={cfg.ds_config}: expected a readable JSON object ({e})") from e
+        if not isinstance(user, dict):
+            raise ValueError(f"--ds-config={cfg.ds_config}: expected a JSON object, got {type(user).__name__}")
+        for path, flag in _OWNED.items():
+            mine, theirs = _get(ds, path), _get(user, path)
+            if theirs is not None and theirs != mine:
+                raise ValueError(
+                    f"--ds-config={cfg.ds_config}: {'.'.join(path)}={theirs!r} contradicts {flag} "
+                    f"(= {mine!r}); set it with the flag instead"
+                )
+        _merge(ds, user)
     return ds
+
+
+def _get(d: dict, path: tuple[str, ...]):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of --lr for update i (0-based): linear warmup from lr/W, then linear decay to lr/(S-W) > 0.
+
+    No update gets lr 0 (DeepSpeed's WarmupDecayLR gave the first two updates lr 0).
+    """
+    steps, warm = cfg.steps, min(cfg.warmup_steps, cfg.steps - 1)
+
+    def f(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        return max(steps - i, 1) / (steps - warm)
+
+    return f
+
+
+def schedule_params(cfg: TrainConfig, world_size: int) -> dict:
+    """What must not change on resume (the update sequence depends on it)."""
+    return {"steps": cfg.steps, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps,
+            "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "world_size": world_size,
+            "seed": cfg.seed, "mask_ratio": cfg.mask_ratio, "patch_size": cfg.patch_size}
 
 
 def _merge(base: dict, over: dict) -> None:

@@ -1,39 +1,60 @@
 """The multi-node trainer: `torchrun ... -m himae_dist.train` or `deepspeed --module himae_dist.train`.
 
 One code path for CPU (gloo, `DS_ACCELERATOR=cpu`) and GPUs (NCCL): the accelerator picks the
-backend. Each step masks the batch, reconstructs it and takes the masked-MSE loss; DeepSpeed
-owns the optimizer (AdamW), the warmup/decay schedule, gradient accumulation and checkpoints.
-Outputs under --out: `checkpoints/` (DeepSpeed, resumable), `weights/step_XXXXXXX.pt` and
-`himae_final.pt` (plain fp32 weights with the seed's names), `metrics.jsonl`, `config.json`.
+backend. Each step masks the batch, reconstructs it and takes the masked-MSE loss. DeepSpeed runs
+in fp32 (gradient accumulation, all-reduce, ZeRO, checkpoints); bf16 is `torch.autocast` around
+the forward pass, so BatchNorm statistics, gradients and the exported weights stay fp32 masters.
+The optimizer (AdamW, fused on GPUs) and schedule are the trainer's (`himae_dist.config`).
+Outputs under --out: `checkpoints/` (DeepSpeed + `himae_run_state.pt`, resumable exactly, the
+last --keep-checkpoints kept), `weights/step_XXXXXXX.pt` and `himae_final.pt` (plain fp32
+weights with the seed's names), `metrics.jsonl`, `config.json`, `ds_config.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
+import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
+from himae_dist import run_state
+from himae_dist.bn_sync import digest as bn_digest
+from himae_dist.bn_sync import sync_batchnorm_stats
 from himae_dist.checkpoint import save_weights
-from himae_dist.config import TrainConfig, deepspeed_config, parse_config, resolved
+from himae_dist.config import TrainConfig, deepspeed_config, lr_lambda, parse_config, resolved, schedule_params
+from himae_dist.guards import NonFiniteError, bad_rows, check_weights_finite, describe
 from himae_dist.model import HiMAE
 from himae_dist.objective import make_objective
+from himae_dist.train_log import TrainLog
 from himae_dist.streaming import check_shards, load_manifest, make_loader
+from himae_dist.validation import Validator
+from himae_dist.watchdog import Watchdog
 from kernels.masked_mse_reference import check_masking_args
 
 
-def _init_distributed():
+def _init_distributed(timeout_s: int = 300):
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    backend, timeout = acc.communication_backend_name(), timedelta(seconds=timeout_s)
+    store = _attempt_store(timeout)
+    if store is not None:
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group if already made
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if acc.device_name() == "cuda":
         acc.set_device(local_rank)
@@ -43,8 +64,59 @@ def _init_distributed():
     return deepspeed, device
 
 
+def _attempt_store(timeout: timedelta):
+    """Under torchrun: the agent's store, prefixed by the restart attempt, or None.
+
+    After a restart, the agent's store still holds the previous attempt's gloo addresses, and
+    the new workers connect to dead ones (tried: torch 2.13, static and c10d rendezvous). A
+    per-attempt prefix gives each attempt fresh keys.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"himae/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """auto: bf16 on GPUs that support it; bf16: also on CPU (CPU autocast supports it); fp32: never."""
+    if cfg.precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("--precision=bf16: this GPU has no bf16 support; use fp32 or auto")
+        return True
+    return cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def build_engine(deepspeed, cfg: TrainConfig, model: HiMAE, device: torch.device, world: int):
+    """(engine, optimizer, scheduler, ds_config): an fp32 DeepSpeed engine over the trainer's AdamW and schedule."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=cfg.weight_decay, fused=device.type == "cuda")  # no JIT build on GPU
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    ds = deepspeed_config(cfg, world)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
+    return engine, optimizer, scheduler, ds
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _fault_hook(rank: int, step: int) -> None:
+    """Test hook: HIMAE_FAULT=kill:RANK:STEP or stall:RANK:STEP acts once, in the first attempt of a torchrun job."""
+    spec = os.environ.get("HIMAE_FAULT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    what, r, s = spec.split(":")
+    if int(r) == rank and int(s) == step:
+        if what == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(3600)  # stall: the others' next collective times out
+
+
 def train(cfg: TrainConfig) -> dict:
-    deepspeed, device = _init_distributed()
+    deepspeed, device = _init_distributed(cfg.collective_timeout_s)
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -54,28 +126,42 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"--in-chans={cfg.in_chans} but {manifest.url} holds {manifest.channels}-channel segments")
     check_masking_args(manifest.length, cfg.patch_size, cfg.mask_ratio)
     extra = {"preprocess": manifest.preprocess, "data": manifest.url}  # so evaluation scales its data the same way
-    bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
-    if cfg.precision == "bf16" and not bf16:
-        raise ValueError("--precision=bf16 needs a GPU with bf16 support; use fp32 or auto")
+    bf16 = use_bf16(cfg, device)
     objective = make_objective(cfg.loss_impl, device, cfg.patch_size, cfg.mask_ratio, cfg.seed, rank, world)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = HiMAE(cfg.in_chans, cfg.channels)
+    engine, optimizer, scheduler, ds = build_engine(deepspeed, cfg, model, device, world)
     if rank == 0:
         print(f"[himae-train] world={world} device={device.type} bf16={bf16} "
               f"objective={type(objective).__name__} resolved config:\n{resolved(cfg)}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(resolved(cfg) + "\n")
+        (out / "ds_config.json").write_text(json.dumps(ds, indent=2, sort_keys=True) + "\n")  # as used
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = HiMAE(cfg.in_chans, cfg.channels)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, world, bf16, torch_adam=device.type != "cuda")
-    )
     ckpt_dir = out / "checkpoints"
-    start = 0
-    if (ckpt_dir / "latest").is_file():
-        engine.load_checkpoint(str(ckpt_dir))
+    schedule = schedule_params(cfg, world)
+    start, loader_state = 0, None
+    tag, saved = run_state.choose_resume(ckpt_dir, rank)
+    if tag is not None:
+        changed = run_state.schedule_changes(saved["schedule"], schedule)
+        if changed and not cfg.allow_schedule_change:
+            raise ValueError(f"{ckpt_dir / tag} was trained with a different schedule (saved, now): {changed}; "
+                             f"resume with the same flags, or pass --allow-schedule-change")
+        engine.load_checkpoint(str(ckpt_dir), tag=tag)
         start = engine.global_steps
+        if start != saved["step"]:
+            raise ValueError(f"{ckpt_dir / tag}: DeepSpeed step {start} != run state step {saved['step']}")
+        if changed:  # the new schedule from here on
+            for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                g["lr"] = base * lr_lambda(cfg)(start)
+            scheduler.lr_lambdas = [lr_lambda(cfg)] * len(optimizer.param_groups)
+        mine = saved["ranks"][rank]
+        loader_state = mine["loader"]
+        run_state.set_rng_state(mine["rng"])
         if rank == 0:
-            print(f"[himae-train] resumed from {ckpt_dir} at step {start}", flush=True)
+            run_state.truncate_metrics(out / "metrics.jsonl", start)
+            print(f"[himae-train] resumed from {ckpt_dir / tag} at step {start}", flush=True)
 
     # The stream position is the number of micro-batches consumed, so a resumed run continues it.
     if rank == 0:
@@ -85,69 +171,116 @@ def train(cfg: TrainConfig) -> dict:
         if broken:
             print(f"[himae-train] warning: {len(broken)} shard(s) missing or damaged, they will be skipped: "
                   f"{broken[:5]}; re-run himae-prep to rebuild them", flush=True)
-    loader, _ = make_loader(
+    loader, lstate = make_loader(
         manifest, cfg.micro_batch, seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers,
         shuffle_shards=cfg.shuffle_shards, storage_options=cfg.storage_options, strict=cfg.strict_data,
-        state={"batches": start * cfg.grad_accum, "seed": cfg.seed, "world_size": world, "num_workers": cfg.num_workers,
-               "batch_size": cfg.micro_batch, "shuffle_shards": cfg.shuffle_shards,
-               "n_shards": len(manifest.shards("train")), "split": "train"},
-        pin_memory=device.type == "cuda",
+        state=loader_state, pin_memory=device.type == "cuda",
     )
+    consumed, skipped = lstate.batches, 0
+    shard_names = [sh.name for sh in manifest.shards("train")]
     batches = iter(loader)
     loss_sum, loss_n = torch.zeros((), device=device), 0  # on the device: no host sync per micro-step
-    wandb_run = _wandb(cfg) if rank == 0 else None
-    metrics_path = out / "metrics.jsonl"
-    history, t0 = [], time.time()
+    validator = Validator(manifest, cfg, rank, world, device, objective, bf16) if cfg.val_every else None
+    grad_norm = torch.zeros((), device=device)
+    val_sum, val_n = torch.zeros((), device=device), 0  # the latest validation, read at the next log step
+    log = TrainLog(cfg, rank, start, out, cfg.micro_batch * cfg.grad_accum * world, device)
+    history = []
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+
+    def save(step: int, final: bool = False) -> None:
+        loader_now = dataclasses.replace(lstate, batches=consumed).to_dict()
+        _save(engine, ckpt_dir, out, step, rank, extra, loader_now, schedule, cfg.keep_checkpoints, final)
+
     if rank == 0 and start >= cfg.steps:
         print(f"[himae-train] already at step {start} >= --steps={cfg.steps}; nothing to train", flush=True)
+    watchdog = Watchdog(cfg.collective_timeout_s, rank)
     for step in range(start, cfg.steps):
+        watchdog.beat(f"step {step}")
+        _fault_hook(rank, step)
         for micro in range(cfg.grad_accum):
-            x = next(batches)["signal"].to(device, non_blocking=True).float()  # [B, C, L], stored fp16/fp32
+            t_wait = time.perf_counter()
+            batch = next(batches)
+            log.waited(time.perf_counter() - t_wait)
+            consumed += 1
+            while len(rows := bad_rows(batch["signal"])):  # host-side check, before the copy to the device
+                what = f"rank {rank}, step {step + 1}: {describe(batch, rows, shard_names)}"
+                if cfg.on_nonfinite == "abort":
+                    raise NonFiniteError(f"{what}; fix the data or pass --on-nonfinite skip")
+                skipped += 1
+                print(f"[himae-train] warning: skipped batch {skipped} of this rank ({what})", file=sys.stderr, flush=True)
+                if skipped > max(100, step):
+                    raise NonFiniteError(f"{what}: {skipped} batches skipped on this rank; the data is broken")
+                batch = next(batches)  # the same micro-step count on every rank: no collective mismatch
+                consumed += 1
+            x = batch["signal"].to(device, non_blocking=True).float()  # [B, C, L], stored fp16/fp32
             x_masked, mask = objective.mask(x, step, micro, torch.bfloat16 if bf16 else None)
-            recon = engine(x_masked, apply_tanh=objective.apply_tanh)  # [B, C, L]
-            loss = objective.loss(recon, x, mask)
-            engine.backward(loss)
+            with autocast(device, bf16):
+                recon = engine(x_masked, apply_tanh=objective.apply_tanh)  # [B, C, L], bf16 under autocast
+            loss = objective.loss(recon.float(), x, mask)  # fp32 loss and gradients
+            engine.backward(loss)  # all-reduces the gradients at the accumulation boundary
+            if micro == cfg.grad_accum - 1 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                grad_norm = _grad_norm(params, device)  # device scalar; NaN where ZeRO holds the gradients
             engine.step()
             loss_sum += loss.detach()
             loss_n += 1
         done = step + 1
+        log.step()
+        if validator and validator.enabled and (done % cfg.val_every == 0 or done == cfg.steps):
+            plot = out / "plots" / f"recon_{done:07d}.png" if rank == 0 and cfg.plot_every and done % cfg.plot_every == 0 else None
+            val_sum, val_n = validator.run(engine.module, plot, done), len(validator.batches)
         if done % cfg.log_every == 0 or done == cfg.steps:
-            dist.all_reduce(loss_sum)  # collective: every rank reaches it at the same step
-            mean = float(loss_sum) / (loss_n * world)  # the one host sync per log step
+            stats = torch.stack([loss_sum, val_sum, grad_norm])
+            dist.all_reduce(stats)  # collective: every rank reaches it at the same step
+            host = stats.cpu()  # the one device->host copy (sync) per log step
+            loss_total, val_total, gn_total = float(host[0]), float(host[1]), float(host[2])  # host reads of it
+            mean = loss_total / (loss_n * world)
+            if not math.isfinite(mean):
+                raise NonFiniteError(f"loss is {mean} at steps {done - cfg.log_every + 1}..{done} on finite data; "
+                                     f"lower --lr or set --grad-clip (last good checkpoint kept)")
             loss_sum.zero_()
             loss_n = 0
-            rec = {"step": done, "loss": mean, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 2)}
+            rec = log.record(done, mean, scheduler.get_last_lr()[0], val_total / (val_n * world) if val_n else None,
+                             gn_total / world)  # the same norm on every rank (all-reduced gradients)
+            val_n = 0
             history.append(rec)
-            if rank == 0:
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
-                print(f"[himae-train] step {done}/{cfg.steps} loss {mean:.5f} lr {rec['lr']:.2e}", flush=True)
-                if wandb_run:
-                    wandb_run.log(rec, step=done)
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
-            _save(engine, ckpt_dir, out, done, rank, extra)
-    if start < cfg.steps or not (out / "himae_final.pt").exists():
-        _save(engine, ckpt_dir, out, max(start, cfg.steps), rank, extra, final=True)
-    if wandb_run:
-        wandb_run.finish()
+            watchdog.beat(f"step {done} (saving)")
+            save(done)
+    watchdog.beat("the last step (final save)")
+    need_final = run_state.broadcast(start < cfg.steps or not (out / "himae_final.pt").exists())
+    if need_final:  # decided by rank 0: _save is collective
+        save(max(start, cfg.steps), final=True)
+    watchdog.stop()
+    log.close()
     return {"history": history, "start_step": start}
 
 
-def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, extra: dict, final: bool = False) -> None:
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}")  # collective; writes `latest` last
+def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, extra: dict, loader: dict, schedule: dict,
+          keep: int, final: bool = False) -> None:
+    """Collective: BatchNorm sync, DeepSpeed's files, every rank's run state, `latest`, exported weights, pruning."""
+    check_weights_finite(engine.module, step)  # never save (or exit 0 with) NaN weights
+    tag = run_state.tag_for(step)
+    bn_before = sync_batchnorm_stats(engine.module)  # collective: every rank saves/exports the pooled statistics
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)  # collective; ends in a barrier
+    bn = {"bn_before_sync": bn_before, "bn_digest": bn_digest(engine.module)}  # each rank's own estimate: drift
+    run_state.write_run_state(ckpt_dir, step, loader, schedule, rank, bn)
     if rank == 0:
         save_weights(engine.module, out / "weights" / f"step_{step:07d}.pt", step, extra)
         if final:
             save_weights(engine.module, out / "himae_final.pt", step, extra)
             print(f"[himae-train] wrote {out / 'himae_final.pt'} (step {step})", flush=True)
+        run_state.prune(ckpt_dir, keep)
+    import torch.distributed as dist
+
+    dist.barrier()  # nobody runs ahead of (or exits before) rank 0's writes
 
 
-def _wandb(cfg: TrainConfig):
-    if not cfg.wandb:
-        return None
-    import wandb
-
-    return wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.out)
+def _grad_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """L2 norm of the (reduced) gradients as a device scalar: no host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if len(grads) < len(params):
+        return torch.full((), float("nan"), device=device)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,6 +289,11 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg)
     except (ValueError, FileNotFoundError) as e:  # bad options or data: one clear line, no traceback
         sys.exit(f"himae-train: error: {e}")
+    except RuntimeError as e:  # a collective that waited past --collective-timeout-s: say so
+        if "timeout" not in str(e).lower() and "timed out" not in str(e).lower():
+            raise
+        sys.exit(f"himae-train: error: a collective timed out after --collective-timeout-s={cfg.collective_timeout_s} s "
+                 f"(a rank stalled or died): {str(e).splitlines()[0]}")
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -1,8 +1,10 @@
 import json
+import re
+from pathlib import Path
 
 import pytest
 
-from himae_dist.config import deepspeed_config, parse_config
+from himae_dist.config import deepspeed_config, lr_lambda, parse_config
 
 
 def test_flags_override_config_file(tmp_path):
@@ -13,19 +15,47 @@ def test_flags_override_config_file(tmp_path):
 
 def test_seed_recipe_becomes_the_deepspeed_config():
     cfg = parse_config(["--data", "d", "--steps", "1000", "--micro-batch", "32", "--grad-accum", "2"])
-    ds = deepspeed_config(cfg, world_size=4, bf16=False)
+    ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 32 * 2 * 4
-    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8}}
-    sched = ds["scheduler"]["params"]
-    assert ds["scheduler"]["type"] == "WarmupDecayLR"
-    assert (sched["warmup_num_steps"], sched["total_num_steps"], sched["warmup_type"]) == (100, 1000, "linear")
+    assert "bf16" not in ds and "fp16" not in ds  # fp32 engine: bf16 is the trainer's autocast
+    assert "optimizer" not in ds and "scheduler" not in ds  # the trainer builds AdamW and the schedule
+
+
+def test_schedule_warms_up_decays_and_never_gives_lr_zero():
+    cfg = parse_config(["--data", "d", "--steps", "40", "--warmup-frac", "0.1"])
+    lam = lr_lambda(cfg)
+    mult = [lam(i) for i in range(cfg.steps)]  # multiplier of --lr for updates 1..40
+    assert mult[:4] == [0.25, 0.5, 0.75, 1.0]  # 4 warmup updates, the first already at lr/4
+    assert all(a >= b for a, b in zip(mult[4:], mult[5:]))  # then linear decay
+    assert min(mult) == mult[-1] == 1 / 36 > 0
+    cfg0 = parse_config(["--data", "d", "--steps", "1", "--warmup-frac", "0"])
+    assert lr_lambda(cfg0)(0) == 1.0
 
 
 def test_user_deepspeed_json_is_merged(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 1, "overlap_comm": True}}))
-    ds = deepspeed_config(parse_config(["--data", "d", "--ds-config", str(tmp_path / "ds.json")]), 1, False)
+    ds = deepspeed_config(parse_config(["--data", "d", "--zero-stage", "1", "--ds-config", str(tmp_path / "ds.json")]), 1)
     assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True}
-    assert ds["optimizer"]["type"] == "AdamW"
+
+
+@pytest.mark.parametrize("user,match", [
+    ({"zero_optimization": {"stage": 2}}, r"zero_optimization\.stage=2 contradicts --zero-stage \(= 0\)"),
+    ({"bf16": {"enabled": True}}, r"bf16=.* contradicts --precision"),
+    ({"train_micro_batch_size_per_gpu": 7}, r"contradicts --micro-batch"),
+    ({"optimizer": {"type": "Adam"}}, r"optimizer=.* contradicts"),
+])
+def test_deepspeed_json_contradicting_a_flag_is_refused(tmp_path, user, match):
+    (tmp_path / "ds.json").write_text(json.dumps(user))
+    with pytest.raises(ValueError, match=match):
+        deepspeed_config(parse_config(["--data", "d", "--ds-config", str(tmp_path / "ds.json")]), 2)
+
+
+def test_shipped_multinode_ds_config_matches_the_stage_its_script_passes():
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "launch" / "train_multinode.sh").read_text()
+    stage = re.search(r"--zero-stage \"\$\{ZERO_STAGE:-(\d)\}\"", script).group(1)
+    cfg = parse_config(["--data", "d", "--zero-stage", stage, "--ds-config", str(root / "launch" / "ds_config.json")])
+    assert deepspeed_config(cfg, 8)["zero_optimization"]["stage"] == int(stage)
 
 
 @pytest.mark.parametrize("argv,match", [

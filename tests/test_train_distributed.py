@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,16 +15,24 @@ from himae_dist.checkpoint import load_himae
 pytestmark = pytest.mark.slow
 
 
-def _run_trainer(shards, out, args=(), nproc=2, env_extra=None, drop_env=()):
+def _run_trainer(shards, out, args=(), nproc=2, env_extra=None, drop_env=(), torchrun_args=()):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in drop_env}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "himae_dist.train", "--data", str(shards), "--out", str(out),
+           f"--master_port={port}", *torchrun_args, "-m", "himae_dist.train", "--data", str(shards), "--out", str(out),
            "--num-workers", "0", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # own session: on a timeout the workers die with torchrun instead of spinning on as orphans
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
 
 
 def _torchrun(shards, out, steps, extra=(), env_extra=None):
@@ -47,7 +56,11 @@ def test_two_rank_deepspeed_run_loss_falls_and_resumes(tiny_shards, tmp_path):
     for (k, a), b in zip(model.state_dict().items(), ds_model.state_dict().values()):
         assert torch.equal(a.float(), b.float()), k
 
-    log = _torchrun(tiny_shards, out, steps=50)
+    refused = _run_trainer(tiny_shards, out, ("--steps", "50", "--micro-batch", "16", "--log-every", "5",
+                                              "--shuffle-shards", "2"))
+    assert refused.returncode != 0
+    assert "different schedule" in refused.stderr and "'steps': (40, 50)" in refused.stderr, refused.stderr[-2000:]
+    log = _torchrun(tiny_shards, out, steps=50, extra=("--allow-schedule-change", "true"))
     assert "resumed from" in log and "at step 40" in log
     hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist][-2:] == [45, 50]

@@ -1,0 +1,106 @@
+"""Trainer overhead: the full trainer against a plain PyTorch loop, same model, batch and data, same run.
+
+One rank on this machine. The trainer reads shards (from the page cache) and does everything a
+run does (DeepSpeed engine, schedule, non-finite checks, metrics); its segments/s is the mean of
+the logged figures after the first log interval (warm-up). The plain loop is AdamW on HiMAE with
+the same masking and masked MSE over the same batches, preloaded in memory as float32.
+
+    .venv/bin/python bench/bench_trainer.py [--steps 100] [--micro-batch 64] [--length 1000]
+
+Ends with: `trainer N seg/s, plain loop M seg/s, overhead P %`. GPU end-to-end figures (L=1000
+bf16 from local tars vs memory) need a GPU; this script reports the CPU figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _shards(tmp: Path, length: int) -> Path:
+    from data_prep.convert import ConvertParams, convert_pretrain
+    from tests.h5_inputs import random_index
+
+    index = random_index(tmp, n=2400, length=length, n_files=4, patients=8)
+    out = tmp / "shards"
+    convert_pretrain(str(index), ConvertParams(str(out), samples_per_shard=300))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--micro-batch", type=int, default=64)
+    ap.add_argument("--length", type=int, default=1000)
+    ap.add_argument("--log-every", type=int, default=20)
+    a = ap.parse_args(argv)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    from himae_dist.config import parse_config
+    from himae_dist.model import HiMAE
+    from himae_dist.streaming import load_manifest, make_loader
+    from himae_dist.train import train
+    from kernels.masked_mse_reference import mask_input, masked_mse
+
+    def plain_loop(batches: list[torch.Tensor]) -> float:
+        torch.manual_seed(0)
+        model = HiMAE(1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-3)
+        gen = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        for i, x in enumerate(batches):
+            if i == a.log_every:  # the same warm-up as the trainer's first log interval
+                t0 = time.perf_counter()
+            xm, mask = mask_input(x, 5, 0.8, gen)
+            loss = masked_mse(model(xm), x, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return (len(batches) - a.log_every) * a.micro_batch / (time.perf_counter() - t0)
+
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        data = _shards(tmp, a.length)
+        loader, _ = make_loader(load_manifest(str(data)), a.micro_batch, seed=0, shuffle_shards=2)
+        it = iter(loader)
+        batches = [next(it)["signal"].float() for _ in range(a.steps)]  # [B, 1, L] in memory
+        del loader, it
+        before = plain_loop(batches)  # the plain loop brackets the trainer: load drift shows as a spread
+        cfg = parse_config(["--data", str(data), "--out", str(tmp / "run"), "--steps", str(a.steps),
+                            "--micro-batch", str(a.micro_batch), "--log-every", str(a.log_every),
+                            "--num-workers", "0", "--shuffle-shards", "2", "--loss-impl", "reference",
+                            "--precision", "fp32"])
+        hist = train(cfg)["history"]
+        trainer = sum(h["segments_per_s"] for h in hist[1:]) / len(hist[1:])
+        wait = sum(h["data_wait_frac"] for h in hist[1:]) / len(hist[1:])
+        after = plain_loop(batches)
+    plain = (before + after) / 2
+    overhead = (plain / trainer - 1) * 100
+    print(f"run: {time.strftime('%Y-%m-%d')} | {platform.machine()} | {os.cpu_count()} cpus | torch {torch.__version__} "
+          f"| threads {torch.get_num_threads()}")
+    print("| path | L | micro-batch | steps timed | seg/s | data wait |")
+    print("|---|---|---|---|---|---|")
+    print(f"| trainer (DeepSpeed, shards) | {a.length} | {a.micro_batch} | {a.steps - a.log_every} | {trainer:.0f} "
+          f"| {wait:.1%} |")
+    print(f"| plain loop (memory), before / after | {a.length} | {a.micro_batch} | {a.steps - a.log_every} "
+          f"| {before:.0f} / {after:.0f} | - |")
+    print(json.dumps({"trainer_seg_s": round(trainer, 1), "plain_seg_s": round(plain, 1)}))
+    print(f"trainer {trainer:.0f} seg/s, plain loop {plain:.0f} seg/s, overhead {overhead:.1f} %")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""BatchNorm running statistics agreed across ranks (mean of means, pooled variance).
+
+In training mode BatchNorm normalises with batch statistics, so each rank's running
+estimates only follow its own 1/world share of the data and drift apart; every checkpoint,
+exported weights and probe would use rank 0's. The trainer all-reduces them before every
+save: one collective, fp64, equal weight per rank (every rank sees the same number of
+batches of the same size).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def batchnorms(module: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    return [(n, m) for n, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+
+
+@torch.no_grad()
+def sync_batchnorm_stats(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Replace every rank's running mean/var by the pooled ones; returns this rank's before (CPU copies)."""
+    bns = batchnorms(module)
+    before = {}
+    for n, m in bns:
+        before[f"{n}.running_mean"] = m.running_mean.detach().cpu().clone()
+        before[f"{n}.running_var"] = m.running_var.detach().cpu().clone()
+    if not bns:
+        return before
+    # per layer [C] means, then [C] E[x^2] = var + mean^2; averaged over ranks
+    flat = torch.cat([t for _, m in bns for t in (m.running_mean.double(), m.running_var.double() + m.running_mean.double() ** 2)])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    off = 0
+    for _, m in bns:
+        c = m.running_mean.numel()
+        mean, sq = flat[off:off + c], flat[off + c:off + 2 * c]
+        off += 2 * c
+        m.running_mean.copy_(mean)
+        m.running_var.copy_((sq - mean**2).clamp_min(0))
+    return before
+
+
+def digest(module: nn.Module) -> float:
+    """One number that differs if any running statistic differs (for cross-rank checks)."""
+    return float(sum((m.running_mean.double() * 1.7 + m.running_var.double()).sum() for _, m in batchnorms(module)))

@@ -1,0 +1,127 @@
+"""What a checkpoint must hold beyond DeepSpeed's files for an exact, safe resume, and how ranks agree on it.
+
+DeepSpeed 0.19.8 writes `latest` and the model states from global rank 0 only and keeps
+`client_state` from one rank. So: rank 0 picks the checkpoint and broadcasts it; every rank
+proves it can see it (node-local `--out` on several nodes is refused, not silently split);
+every rank's loader and RNG state is gathered into `himae_run_state.pt`, written by rank 0 after
+all of DeepSpeed's files, atomically. A tag folder without that file is half-written and is
+never resumed from. `latest` (DeepSpeed's pointer, read by `load_himae`) is rewritten after it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_prep.atomic_write import atomic_path
+
+RUN_STATE = "himae_run_state.pt"
+_TAG = re.compile(r"^step(\d{7})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:07d}"
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags whose run state was written (so all of DeepSpeed's files were), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if _TAG.match(p.name) and (p / RUN_STATE).is_file()]
+    return sorted(tags)
+
+
+def broadcast(obj: object) -> object:
+    """Rank 0's value of obj on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rng_state() -> dict:
+    """This process's RNG states in weights_only-loadable types."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_run_state(ckpt_dir: Path, step: int, loader: dict, schedule: dict, rank: int, extra: dict | None = None) -> None:
+    """Collective: gather every rank's loader + RNG state (+ extra); rank 0 writes them, then `latest`."""
+    mine = {"rank": rank, "loader": loader, "rng": rng_state(), **(extra or {})}
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    if rank == 0:
+        tag = tag_for(step)
+        obj = {"step": step, "schedule": schedule, "ranks": ranks}
+        with atomic_path(ckpt_dir / tag / RUN_STATE) as tmp:
+            torch.save(obj, tmp)
+        with atomic_path(ckpt_dir / "latest") as tmp:
+            tmp.write_text(tag)
+
+
+def prune(ckpt_dir: Path, keep: int) -> list[str]:
+    """Delete tag folders older than the `keep` newest complete ones; returns the deleted tags."""
+    tags = complete_tags(ckpt_dir)
+    if len(tags) <= keep:
+        return []
+    oldest_kept = tags[-keep]
+    gone = [p.name for p in ckpt_dir.iterdir() if _TAG.match(p.name) and p.name < oldest_kept]
+    for t in gone:
+        shutil.rmtree(ckpt_dir / t, ignore_errors=True)
+    return sorted(gone)
+
+
+def choose_resume(ckpt_dir: Path, rank: int) -> tuple[str | None, dict | None]:
+    """Collective: rank 0's newest complete tag and its run state, after every rank showed it sees the files."""
+    tag, state = None, None
+    if rank == 0:
+        tags = complete_tags(ckpt_dir)
+        if tags:
+            tag = tags[-1]
+            state = torch.load(ckpt_dir / tag / RUN_STATE, map_location="cpu", weights_only=True)
+    tag = broadcast(tag)
+    if tag is None:
+        return None, None
+    model_file = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (model_file.is_file(), socket.gethostname()))
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise ValueError(
+            f"checkpoint {ckpt_dir / tag} (rank 0's newest) is not visible to {', '.join(blind)}: --out must be "
+            f"a folder every node sees (shared filesystem), or start a fresh --out"
+        )
+    return tag, broadcast(state)
+
+
+def schedule_changes(saved: dict, now: dict) -> dict:
+    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after `step` (they belong to the run that was interrupted), atomically."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in keep))

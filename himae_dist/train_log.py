@@ -1,0 +1,130 @@
+"""What the trainer shows and records: progress bar, per-log-step metrics, plots.
+
+All timing is host-side and device values arrive in the trainer's one read per log step, so
+none of this syncs the device. Rank 0 writes `metrics.jsonl`, wandb (`--wandb offline|online`)
+and the PNGs; every rank returns the same records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+
+class TrainLog:
+    def __init__(self, cfg, rank: int, start: int, out: Path, segments_per_step: int, device: torch.device):
+        from tqdm import tqdm
+
+        self.cfg, self.rank, self.out, self.device = cfg, rank, out, device
+        self.segments_per_step = segments_per_step
+        self.bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0, unit="step", mininterval=1.0,
+                        desc="himae-train", dynamic_ncols=True)
+        self.wandb = _wandb(cfg) if rank == 0 else None
+        self._t, self._wait, self._steps = time.perf_counter(), 0.0, 0
+
+    def waited(self, seconds: float) -> None:
+        """Time spent blocked on the data loader (host clock)."""
+        self._wait += seconds
+
+    def step(self) -> None:
+        self._steps += 1
+        self.bar.update(1)
+
+    def record(self, step: int, loss: float, lr: float, val_loss: float | None, grad_norm: float | None) -> dict:
+        now = time.perf_counter()
+        dt = max(now - self._t, 1e-9)
+        rec = {"step": step, "loss": loss, "lr": lr}
+        if val_loss is not None:
+            rec["val_loss"] = val_loss
+        if grad_norm is not None and math.isfinite(grad_norm):
+            rec["grad_norm"] = grad_norm
+        rec["segments_per_s"] = round(self._steps * self.segments_per_step / dt, 1)  # all ranks
+        rec["data_wait_frac"] = round(self._wait / dt, 4)
+        rec["peak_mem_mb"] = round(_peak_mem_mb(self.device), 1)
+        self._t, self._wait, self._steps = now, 0.0, 0
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            self.bar.set_postfix(loss=f"{loss:.4f}", seg_s=f"{rec['segments_per_s']:.0f}", refresh=False)
+            val = f" val {val_loss:.5f}" if val_loss is not None else ""
+            self.bar.write(f"[himae-train] step {step}/{self.cfg.steps} loss {loss:.5f}{val} lr {lr:.2e} "
+                           f"{rec['segments_per_s']:.0f} seg/s data-wait {rec['data_wait_frac']:.0%}")
+            if self.wandb:
+                self.wandb.log(rec, step=step)
+        return rec
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.rank == 0:
+            plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
+
+
+def _wandb(cfg):
+    if cfg.wandb == "off":
+        return None
+    import dataclasses
+
+    import wandb
+
+    return wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.out, mode=cfg.wandb)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curve(metrics: Path, png: Path) -> None:
+    """Training (and validation) loss against step, from metrics.jsonl."""
+    if not metrics.is_file():
+        return
+    recs = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="train (masked MSE)")
+    val = [r for r in recs if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val (held-out patients)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_reconstructions(x: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor, png: Path, step: int, n: int = 4) -> None:
+    """Rows: original, masked spans shaded, reconstruction. x, recon [B, C, L]; mask [B, 1, L] (1 = masked)."""
+    plt = _plt()
+    x, recon, mask = x[:n, 0].float().cpu(), recon[:n, 0].float().cpu(), mask[:n, 0].float().cpu()
+    fig, axes = plt.subplots(len(x), 1, figsize=(8, 1.8 * len(x)), squeeze=False)
+    for ax, xi, ri, mi in zip(axes[:, 0], x, recon, mask):
+        ax.plot(xi.numpy(), lw=0.8, label="original")
+        ax.plot(ri.numpy(), lw=0.8, label="reconstruction")
+        ax.fill_between(range(len(mi)), -1.05, 1.05, where=mi.numpy() > 0.5, color="grey", alpha=0.25, lw=0,
+                        label="masked")
+        ax.set_ylim(-1.1, 1.1)
+    axes[0, 0].legend(loc="upper right", fontsize=7)
+    axes[0, 0].set_title(f"step {step}")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,69 @@
+"""Masked MSE on the manifest's held-out patient split: the same batches and masks at every validation.
+
+Each rank caches `--val-batches` batches of its share of the val stream once (host memory), so
+every rank runs the same number of forward passes and the values are comparable over the run.
+The model is evaluated in eval mode after BatchNorm statistics are pooled across ranks, i.e. as
+the exported weights would be. The result stays on the device; the trainer reads it with the
+training loss, in its one host sync per log step.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from himae_dist.bn_sync import sync_batchnorm_stats
+from himae_dist.guards import bad_rows
+from himae_dist.streaming import make_loader
+
+_VAL_STEP = 10**9  # mask seeds of validation: disjoint from every training step's
+
+
+class Validator:
+    def __init__(self, manifest, cfg, rank: int, world: int, device: torch.device, objective, bf16: bool):
+        self.device, self.objective, self.bf16 = device, objective, bf16
+        self.batches: list[torch.Tensor] = []
+        if not manifest.splits.get("val"):
+            if rank == 0:
+                print(f"[himae-train] warning: {manifest.url} has no val split; validation is off", flush=True)
+            return
+        loader, _ = make_loader(manifest, cfg.micro_batch, seed=cfg.seed, rank=rank, world_size=world,
+                                num_workers=0, shuffle_shards=cfg.shuffle_shards, split="val",
+                                storage_options=cfg.storage_options, strict=cfg.strict_data)
+        it = iter(loader)
+        for _ in range(cfg.val_batches):
+            b = next(it)
+            if len(bad_rows(b["signal"])):
+                print(f"[himae-train] warning: a val batch has NaN/inf; it is replaced by the next", file=sys.stderr)
+                b = next(it)
+            self.batches.append(b["signal"])  # [B, C, L] host, stored dtype
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.batches)
+
+    @torch.no_grad()
+    def run(self, model: torch.nn.Module, plot=None, step: int = 0) -> torch.Tensor:
+        """Collective (BatchNorm pooling): the sum of this rank's batch losses, a device scalar."""
+        from himae_dist.train import autocast
+
+        sync_batchnorm_stats(model)
+        model.eval()
+        total = torch.zeros((), device=self.device)
+        for i, sig in enumerate(self.batches):
+            x = sig.to(self.device, non_blocking=True).float()
+            x_masked, mask = self.objective.mask(x, _VAL_STEP, i, torch.bfloat16 if self.bf16 else None)
+            with autocast(self.device, self.bf16):
+                recon = model(x_masked, apply_tanh=self.objective.apply_tanh)
+            total += self.objective.loss(recon.float(), x, mask)
+            if plot is not None and i == 0:  # a host copy: only at plot steps, rank 0
+                from himae_dist.train_log import plot_reconstructions
+
+                if mask.dim() == 2:  # fused objective: patch mask [B, P] -> [B, 1, L]
+                    mask = mask.repeat_interleave(x.shape[-1] // mask.shape[1], dim=1)[:, None, :]
+                if not self.objective.apply_tanh:
+                    recon = torch.tanh(recon)
+                plot_reconstructions(x, mask, recon, plot, step)
+        model.train()
+        return total

@@ -1,0 +1,31 @@
+"""launch/train_slurm.sbatch as SLURM would run it on one node (srun replaced by `env`): 2 CPU ranks, ZeRO 1, wandb offline."""
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_slurm_script_trains_with_the_zero_stage_it_says(tiny_shards, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, SRUN="env", SLURM_NNODES="1", SLURM_JOB_ID="t1", HEAD_NODE="127.0.0.1",
+               MASTER_PORT=str(port), GPUS_PER_NODE="2", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHON=str(Path(os.sys.executable)), SLURM_SUBMIT_DIR=str(ROOT))
+    out = tmp_path / "run"
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "train_slurm.sbatch"), str(tiny_shards), str(out),
+                           "--steps", "4", "--micro-batch", "8", "--log-every", "2", "--num-workers", "0",
+                           "--shuffle-shards", "2", "--wandb", "offline"], env={**env, "WANDB_SILENT": "true"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "world=2" in proc.stdout
+    assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 1
+    assert (out / "himae_final.pt").is_file()
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # --wandb offline: rank 0's local run log
+    assert len(runs) == 1 and runs[0].stat().st_size > 0, list((out / "wandb").glob("*"))

@@ -1,0 +1,160 @@
+"""bf16 numerics, exact resume and fault tolerance of the trainer: real 2-rank DeepSpeed runs on CPU (gloo)."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from himae_dist.checkpoint import load_himae
+from tests.test_train_distributed import _run_trainer
+
+pytestmark = pytest.mark.slow
+
+ARGS = ("--micro-batch", "8", "--log-every", "5", "--shuffle-shards", "2")
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _hist(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final(out):
+    return torch.load(out / "himae_final.pt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _ds_states(out):
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    return torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+
+
+def test_bf16_autocast_trains_over_fp32_masters(tiny_shards, tmp_path):
+    bf, fp = tmp_path / "bf16", tmp_path / "fp32"
+    log = _ok(_run_trainer(tiny_shards, bf, ("--steps", "20", "--precision", "bf16", "--val-every", "10",
+                                             "--plot-every", "10", "--val-batches", "1", "--save-every", "5", *ARGS)))
+    assert "bf16=True" in log
+    assert "himae-train: 100%" in log and "20/20" in log  # the progress bar (rank 0, stderr)
+    _ok(_run_trainer(tiny_shards, fp, ("--steps", "20", "--precision", "fp32", *ARGS)))
+    hb, hf = _hist(bf), _hist(fp)
+    assert hb[-1]["loss"] < 0.7 * hb[0]["loss"], hb
+    assert [h["loss"] for h in hb] != [h["loss"] for h in hf]  # autocast did run the forward in bf16
+    assert abs(hb[-1]["loss"] - hf[-1]["loss"]) < 0.05 * hf[-1]["loss"]  # ...and tracks fp32 closely
+    for h in hb:  # per log step: throughput, data wait, memory, gradient norm
+        assert h["segments_per_s"] > 0 and 0 <= h["data_wait_frac"] <= 1 and h["peak_mem_mb"] > 10, h
+        assert 0 < h["grad_norm"] < 100, h
+    assert len({h["grad_norm"] for h in hb}) == len(hb)
+    assert [h["step"] for h in hb if "val_loss" in h] == [10, 20]
+    for png in (bf / "loss_curve.png", bf / "plots" / "recon_0000010.png", bf / "plots" / "recon_0000020.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    exported, masters = _final(bf), _ds_states(bf)["module"]
+    assert set(exported) == set(masters)
+    for k, v in masters.items():  # the engine's module is fp32 (the masters), BatchNorm buffers included
+        if v.is_floating_point():
+            assert v.dtype == torch.float32 and exported[k].dtype == torch.float32, k
+        assert torch.equal(exported[k], v), k
+    # BatchNorm: every rank holds the same statistics after the save, pooled from both ranks' own estimates
+    # (at step 15: no validation, which also pools them, right before it)
+    ranks = torch.load(bf / "checkpoints" / "step0000015" / "himae_run_state.pt", weights_only=True)["ranks"]
+    exported = torch.load(bf / "weights" / "step_0000015.pt", weights_only=True)["state_dict"]
+    assert ranks[0]["bn_digest"] == ranks[1]["bn_digest"]
+    own = [r["bn_before_sync"] for r in ranks]
+    for k in own[0]:
+        if k.endswith("running_mean"):
+            assert not torch.equal(own[0][k], own[1][k]), k  # the ranks had drifted apart
+            assert torch.allclose(exported[k], (own[0][k] + own[1][k]) / 2, atol=1e-6), k
+        else:
+            m = k.replace("running_var", "running_mean")
+            pooled = (own[0][k] + own[0][m] ** 2 + own[1][k] + own[1][m] ** 2) / 2 - exported[m] ** 2
+            assert torch.allclose(exported[k], pooled, rtol=1e-4, atol=1e-6), k
+    ds = json.loads((bf / "ds_config.json").read_text())  # recorded as used: an fp32 engine
+    assert "bf16" not in ds and ds["zero_optimization"]["stage"] == 0
+
+
+def test_killed_rank_restarts_and_ends_bitwise_equal_to_uninterrupted_run(tiny_shards, tmp_path):
+    steps, args = 24, ("--steps", "24", "--save-every", "5", "--keep-checkpoints", "2", "--val-every", "10",
+                       "--val-batches", "2", *ARGS)
+    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
+    _ok(_run_trainer(tiny_shards, clean, args))
+    kill_at = random.Random().randrange(6, steps - 1)  # any step after the first checkpoint
+    log = _ok(_run_trainer(tiny_shards, faulty, args, env_extra={"HIMAE_FAULT": f"kill:1:{kill_at}"},
+                           torchrun_args=("--max-restarts=1",)))
+    resumed_at = kill_at // 5 * 5
+    assert f"at step {resumed_at}" in log, (kill_at, log[-3000:])
+    a, b = _final(clean), _final(faulty)
+    for k in a:
+        assert torch.equal(a[k], b[k]), (kill_at, k, (a[k] - b[k]).abs().max())
+    for out in (clean, faulty):  # exactly `steps` optimizer updates, counted by AdamW itself
+        st = _ds_states(out)
+        assert st["global_steps"] == steps
+        assert {int(s["step"]) for s in st["optimizer"]["state"].values()} == {steps}
+    assert [h["step"] for h in _hist(faulty)] == [5, 10, 15, 20, 24]  # no step logged twice
+    assert [h["loss"] for h in _hist(faulty)] == [h["loss"] for h in _hist(clean)]
+    val = [(h["step"], h["val_loss"]) for h in _hist(faulty) if "val_loss" in h]
+    assert val == [(h["step"], h["val_loss"]) for h in _hist(clean) if "val_loss" in h]
+    assert [s for s, _ in val] == [10, 20, 24] and val[-1][1] < val[0][1], val  # held-out loss falls
+    kept = sorted(p.name for p in (faulty / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step0000020", "step0000024"]  # --keep-checkpoints 2
+
+
+def test_stalled_rank_is_a_clear_timeout_error(tiny_shards, tmp_path):
+    proc = _run_trainer(tiny_shards, tmp_path / "stall", ("--steps", "10", "--collective-timeout-s", "5", *ARGS),
+                        env_extra={"HIMAE_FAULT": "stall:1:3"})
+    assert proc.returncode != 0
+    assert "rank 0 made no progress for" in proc.stderr and "after step 3" in proc.stderr, proc.stderr[-3000:]
+    assert "(--collective-timeout-s=5)" in proc.stderr
+
+
+def _two_agents(shards, outs, args):
+    """Two torchrun agents on loopback, one rank each: a 2-node x 1 job; node i writes to outs[i]."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}", "--nproc_per_node=1",
+         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "himae_dist.train", "--data", str(shards),
+         "--out", str(out), "--num-workers", "0", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for i, out in enumerate(outs)]
+    results = []
+    for p in procs:
+        try:
+            so, se = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                os.killpg(q.pid, signal.SIGKILL)
+            raise
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+    return results
+
+
+def test_two_nodes_match_one_node_bitwise_and_node_local_out_is_refused_on_resume(tiny_shards, tmp_path):
+    args = ("--steps", "8", "--save-every", "4", *ARGS)
+    one = tmp_path / "1x2"
+    _ok(_run_trainer(tiny_shards, one, args))
+    shared = tmp_path / "2x1"
+    for r in _two_agents(tiny_shards, [shared, shared], args):  # both "nodes" see the same --out
+        _ok(r)
+    a, b = _final(one), _final(shared)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["loss"] for h in _hist(one)] == [h["loss"] for h in _hist(shared)]
+
+    local = [tmp_path / "node0", tmp_path / "node1"]  # node-local --out: only node 0 holds the checkpoint
+    for r in _two_agents(tiny_shards, local, ("--steps", "4", *ARGS)):
+        _ok(r)
+    resumed = _two_agents(tiny_shards, local, ("--steps", "8", "--allow-schedule-change", "true", *ARGS))
+    assert all(r.returncode != 0 for r in resumed)
+    err = resumed[0].stderr + resumed[1].stderr
+    assert "step0000004 (rank 0's newest) is not visible to rank 1 on" in err, err[-3000:]
+    assert "every node sees" in err
