@@ -42,6 +42,7 @@ class TrainConfig:
     num_workers: int = 4  # DataLoader workers per rank (pinned memory on CUDA)
     shuffle_shards: int = 4  # shards loaded and shuffled together per reader
     strict_data: bool = False  # a missing/corrupt shard is fatal instead of skipped with a warning
+    verify_data: bool = False  # check every shard read against the manifest's sha256 (costs a hash per read)
     log_every: int = 10
     save_every: int = 0  # 0 = only at the end
     val_every: int = 0  # masked MSE on the val split every N steps (0 = off), logged at the next log step

@@ -164,17 +164,19 @@ def train(cfg: TrainConfig) -> dict:
             print(f"[himae-train] resumed from {ckpt_dir / tag} at step {start}", flush=True)
 
     # The stream position is the number of micro-batches consumed, so a resumed run continues it.
-    if rank == 0:
-        broken = check_shards(manifest, "train", cfg.storage_options)
-        if broken and cfg.strict_data:
-            raise ValueError(f"{manifest.url}: {len(broken)} shard(s) missing or damaged: {broken[:5]}; re-run himae-prep")
-        if broken:
-            print(f"[himae-train] warning: {len(broken)} shard(s) missing or damaged, they will be skipped: "
-                  f"{broken[:5]}; re-run himae-prep to rebuild them", flush=True)
+    # Rank 0 lists the shards once and every rank takes the same decision (no rank waits in a collective alone).
+    found = [check_shards(manifest, "train", cfg.storage_options) if rank == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    broken = found[0]
+    if broken and cfg.strict_data:
+        raise ValueError(f"{manifest.url}: {len(broken)} shard(s) missing or damaged: {broken[:5]}; re-run himae-prep")
+    if broken and rank == 0:
+        print(f"[himae-train] warning: {len(broken)} shard(s) missing or damaged, they will be skipped: "
+              f"{broken[:5]}; re-run himae-prep to rebuild them", flush=True)
     loader, lstate = make_loader(
         manifest, cfg.micro_batch, seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers,
         shuffle_shards=cfg.shuffle_shards, storage_options=cfg.storage_options, strict=cfg.strict_data,
-        state=loader_state, pin_memory=device.type == "cuda",
+        state=loader_state, pin_memory=device.type == "cuda", verify=cfg.verify_data,
     )
     consumed, skipped = lstate.batches, 0
     shard_names = [sh.name for sh in manifest.shards("train")]
