@@ -143,6 +143,8 @@ def train(cfg: TrainConfig) -> dict:
     schedule = schedule_params(cfg, world)
     start, loader_state = 0, None
     tag, saved = run_state.choose_resume(ckpt_dir, rank)
+    if tag is None and rank == 0:  # a fresh start (or a restart before the first checkpoint): no stale records
+        run_state.truncate_metrics(out / "metrics.jsonl", 0)
     if tag is not None:
         changed = run_state.schedule_changes(saved["schedule"], schedule)
         if changed and not cfg.allow_schedule_change:

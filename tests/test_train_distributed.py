@@ -81,3 +81,13 @@ def test_fused_objective_without_cuda_is_a_clear_error(tiny_shards, tmp_path):
     proc = _run_trainer(tiny_shards, tmp_path, ("--loss-impl", "fused"), nproc=1, drop_env=("TRITON_INTERPRET",))
     assert proc.returncode != 0
     assert "--loss-impl=fused needs a CUDA device" in proc.stderr
+
+
+def test_a_fresh_start_drops_records_of_a_run_that_never_saved(tiny_shards, tmp_path):
+    """A restart before the first checkpoint starts at step 0: the dead attempt's records must not stay."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 5, "loss": 9.0}\n{"step": 10, "loss": 9.0}\n{"step": 15, "loss": 9.0}\n')
+    _torchrun(tiny_shards, out, steps=10)
+    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [5, 10] and all(h["loss"] != 9.0 for h in hist)
