@@ -73,6 +73,12 @@ def point_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     return {k: float(v[0]) for k, v in _metrics_from_weights(pos, neg).items()}
 
 
+def _patient_resamples(rng: np.random.Generator, n_patients: int, n: int) -> np.ndarray:
+    """How often each patient is drawn in each of n resamples of the patients with replacement: [n, G]."""
+    return np.stack([np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)
+                     for _ in range(n)]).astype(float)
+
+
 def patient_bootstrap(
     y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0, chunk: int = 100
 ) -> dict[str, np.ndarray]:
@@ -83,7 +89,7 @@ def patient_bootstrap(
     out: dict[str, list[np.ndarray]] = {k: [] for k in METRICS}
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
-        counts = np.stack([np.bincount(rng.integers(0, G, G), minlength=G) for _ in range(b)]).astype(float)  # [b, G]
+        counts = _patient_resamples(rng, G, b)  # [b, G]
         for k, v in _metrics_from_weights(counts @ pos, counts @ neg).items():
             out[k].append(v)
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -125,7 +131,7 @@ def curve_bands(
     pos, neg, gids = _histograms(np.asarray(y), p, np.asarray(groups))
     rng = np.random.default_rng(seed)
     G = len(gids)
-    counts = np.stack([np.bincount(rng.integers(0, G, G), minlength=G) for _ in range(n_boot)]).astype(float)
+    counts = _patient_resamples(rng, G, n_boot)  # [n_boot, G]
     tp, fp, P, N = _curves(counts @ pos, counts @ neg)
     ok = (P[:, 0] > 0) & (N[:, 0] > 0)
     x = np.linspace(0, 1, grid)
