@@ -22,9 +22,8 @@ class TrainLog:
 
         self.cfg, self.rank, self.out, self.device = cfg, rank, out, device
         self.segments_per_step = segments_per_step
-        # rank 0 only; None turns it off when stderr is not a terminal (logs keep the per-log-step lines)
-        self.bar = tqdm(total=cfg.steps, initial=start, disable=True if rank != 0 else None, unit="step",
-                        mininterval=1.0, desc="himae-train", dynamic_ncols=True)
+        self.bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0, unit="step", mininterval=1.0,
+                        desc="himae-train", dynamic_ncols=True)
         self.wandb = _wandb(cfg) if rank == 0 else None
         self._t, self._wait, self._steps = time.perf_counter(), 0.0, 0
 
