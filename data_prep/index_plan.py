@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.hdf5_sources import BadSamplePolicy, check_labels, check_patient_ids
-from data_prep.storage import is_remote, retrying
+from data_prep.storage import retrying
 
 INDEX_COLUMNS = ("local_path", "global_idx")
 PATIENT_COLUMN = "patient_id"
@@ -53,7 +53,7 @@ def _mix(x: np.ndarray, k: np.uint64) -> np.ndarray:
 
 def permute(idx: np.ndarray, n: int, seed: int) -> np.ndarray:
     """A seeded bijection of [0, n) applied to idx [m]: 4-round Feistel with cycle walking."""
-    if n <= 1:
+    if n <= 1:  # [0, 1) has one position, 0 (and [0, 0) none: idx is empty then)
         return np.zeros(len(idx), np.int64)
     bits = max(2, int(np.ceil(np.log2(n))))
     bits += bits % 2
@@ -142,12 +142,6 @@ class IndexSource:
             "row": np.arange(start, start + len(chunk), dtype=np.int64), "path": paths.to_numpy(dtype=object),
             "key": keys.to_numpy(dtype=object), "patient": patients, "label": np.full(len(chunk), NO_LABEL, np.int8),
         })
-
-    @property
-    def has_patients(self) -> bool:
-        with retrying(lambda: self._fs.open(self._path, "rb"), "opening", self.url) as fh:
-            header = pd.read_csv(fh, dtype=str, nrows=0).columns
-        return PATIENT_COLUMN in header
 
 
 class DownstreamSource:
@@ -358,6 +352,3 @@ def rows_for_shards(source, plan: Plan, shards: set[tuple[str, int]]) -> pd.Data
             keep.append(chunk[sel])
     return pd.concat(keep, ignore_index=True) if keep else pd.DataFrame()
 
-
-def file_list_is_remote(files: list[str]) -> bool:
-    return any(is_remote(f) for f in files)

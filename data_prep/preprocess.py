@@ -85,9 +85,6 @@ class Preprocess:
             )
         return length * up // down
 
-    def with_length(self, length: int) -> "Preprocess":
-        return Preprocess(**{**asdict(self), "length": int(length)})
-
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.length is not None:

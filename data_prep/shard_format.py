@@ -20,7 +20,6 @@ last, listing every shard with its sample count, bytes and sha256.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import tarfile
@@ -184,10 +183,6 @@ def read_shard_blocks(data: bytes, where: str) -> Iterator[Block]:
         if p["signal"].ndim != 3 or p["signal"].shape[0] != n or len(p["patient"]) != n or len(p["label"]) != n:
             raise ShardFormatError(f"{where}: block {stem!r} arrays disagree in length")
         yield Block(p["signal"], p["key"], p["patient"], p["label"])
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)

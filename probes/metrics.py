@@ -52,7 +52,7 @@ def _metrics_from_weights(wpos: np.ndarray, wneg: np.ndarray) -> dict[str, np.nd
         # AP: sum over thresholds of (recall step) x (precision), sklearn's definition
         precision = np.where(tp + fp > 0, tp / (tp + fp), 1.0)
         ap = (wpos / P * precision).sum(axis=1, keepdims=True)
-        fpr, tpr = fp / N, tp / P
+        fpr = fp / N
         ok = fpr <= 1 - SPECIFICITY + 1e-12
         # the lowest threshold that still keeps FPR <= 10 %; cumulative FPR is monotone
         last = np.where(ok.any(axis=1), ok.sum(axis=1) - 1, -1)
