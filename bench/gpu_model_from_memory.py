@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     from himae_dist.config import parse_config
     from himae_dist.model import HiMAE
     from himae_dist.objective import make_objective
-    from himae_dist.train import _init_distributed, autocast, build_engine
+    from himae_dist.precision import autocast
+    from himae_dist.train import _init_distributed, build_engine
 
     cfg = parse_config(["--data", "unused", "--out", "unused", *rest])
     deepspeed, device = _init_distributed()

@@ -50,6 +50,7 @@ class TrainConfig:
     wandb: str = "off"  # off, offline, online
     plot_every: int = 0  # reconstruction PNG of val samples every N steps (needs --val-every; 0 = off)
     wandb_project: str = "himae-dist"
+    export_url: str | None = None  # also place weights/step_*.pt and himae_final.pt here (s3://... or a path)
     ds_config: str | None = None  # JSON file merged over the generated DeepSpeed config
     keep_checkpoints: int = 3  # complete checkpoints kept in --out/checkpoints (older ones deleted)
     allow_schedule_change: bool = False  # resume even if --steps/lr/warmup/batch differ from the checkpoint's
@@ -83,6 +84,8 @@ class TrainConfig:
             bad("wandb", "off, offline or online")
         if self.plot_every < 0:
             bad("plot_every", "an integer >= 0")
+        if self.plot_every and not self.val_every:
+            bad("plot_every", "0 unless --val-every is set too (the plots show validation samples)")
         if self.val_every < 0 or self.val_batches < 1:
             bad("val_every" if self.val_every < 0 else "val_batches", ">= 0" if self.val_every < 0 else ">= 1")
         if self.num_workers < 0 or self.save_every < 0:

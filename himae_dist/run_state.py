@@ -15,6 +15,8 @@ import random
 import re
 import shutil
 import socket
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +91,36 @@ def prune(ckpt_dir: Path, keep: int) -> list[str]:
     for t in gone:
         shutil.rmtree(ckpt_dir / t, ignore_errors=True)
     return sorted(gone)
+
+
+def check_shared_out(out: Path, rank: int, wait_s: float = 30.0) -> None:
+    """Collective: refuse an --out that is not one folder for every rank (node-local disks on several nodes).
+
+    Checked at start, not at the first resume days later: rank 0 writes a file with a fresh name
+    there and every rank must read it back. A fresh name has no stale negative lookup cached on
+    NFS-like filesystems; a rank still not seeing it after `wait_s` is a clear error.
+    """
+    token = broadcast(uuid.uuid4().hex if rank == 0 else None)
+    probe = out / f".himae_shared_check_{token}"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(probe) as tmp:
+            tmp.write_text(token)
+    dist.barrier()
+    deadline = time.monotonic() + wait_s
+    while not (ok := probe.is_file() and probe.read_text() == token) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (ok, socket.gethostname()))
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, (ok_r, host) in enumerate(seen) if not ok_r]
+    if blind:
+        raise ValueError(
+            f"--out {out} is not the same folder on every node: {', '.join(blind)} cannot see a file rank 0 wrote "
+            f"there within {wait_s:g} s. Checkpoints must be on storage every node sees (a shared filesystem) for "
+            f"a resume to work; exported weights can also go to s3:// with --export-url"
+        )
 
 
 def choose_resume(ckpt_dir: Path, rank: int) -> tuple[str | None, dict | None]:

@@ -12,7 +12,6 @@ weights with the seed's names), `metrics.jsonl`, `config.json`, `ds_config.json`
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.storage import StorageError
 from himae_dist import run_state
 from himae_dist.bn_sync import digest as bn_digest
 from himae_dist.bn_sync import sync_batchnorm_stats
@@ -33,6 +33,7 @@ from himae_dist.config import TrainConfig, deepspeed_config, lr_lambda, parse_co
 from himae_dist.guards import NonFiniteError, bad_rows, check_weights_finite, describe
 from himae_dist.model import HiMAE
 from himae_dist.objective import make_objective
+from himae_dist.precision import autocast, use_bf16
 from himae_dist.train_log import TrainLog
 from himae_dist.streaming import check_shards, load_manifest, make_loader
 from himae_dist.validation import Validator
@@ -80,15 +81,6 @@ def _attempt_store(timeout: timedelta):
     return dist.PrefixStore(f"himae/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    """auto: bf16 on GPUs that support it; bf16: also on CPU (CPU autocast supports it); fp32: never."""
-    if cfg.precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("--precision=bf16: this GPU has no bf16 support; use fp32 or auto")
-        return True
-    return cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
 def build_engine(deepspeed, cfg: TrainConfig, model: HiMAE, device: torch.device, world: int):
     """(engine, optimizer, scheduler, ds_config): an fp32 DeepSpeed engine over the trainer's AdamW and schedule."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
@@ -97,10 +89,6 @@ def build_engine(deepspeed, cfg: TrainConfig, model: HiMAE, device: torch.device
     ds = deepspeed_config(cfg, world)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
     return engine, optimizer, scheduler, ds
-
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def _fault_hook(rank: int, step: int) -> None:
@@ -115,6 +103,74 @@ def _fault_hook(rank: int, step: int) -> None:
         time.sleep(3600)  # stall: the others' next collective times out
 
 
+@dataclasses.dataclass
+class _Window:
+    """What accumulates between log steps, per rank; kept in checkpoints so a resumed log is exact."""
+
+    loss_sum: torch.Tensor  # device scalar: no host sync per micro-step
+    loss_n: int = 0
+    val_sum: torch.Tensor | None = None  # the latest validation, read at the next log step
+    val_n: int = 0
+    skipped: int = 0  # non-finite batches skipped by this rank since step 0
+    last_logged: int = 0
+
+    @classmethod
+    def new(cls, device: torch.device, saved: dict | None = None) -> "_Window":
+        saved = saved or {}
+        t = lambda v: torch.tensor(float(v), dtype=torch.float32, device=device)  # noqa: E731
+        return cls(t(saved.get("loss_sum", 0.0)), saved.get("loss_n", 0), t(saved.get("val_sum", 0.0)),
+                   saved.get("val_n", 0), saved.get("skipped", 0), saved.get("last_logged", 0))
+
+    def to_dict(self) -> dict:  # host copies: only at saves, which sync anyway
+        return {"loss_sum": float(self.loss_sum), "loss_n": self.loss_n, "val_sum": float(self.val_sum),
+                "val_n": self.val_n, "skipped": self.skipped, "last_logged": self.last_logged}
+
+
+@dataclasses.dataclass
+class _Resume:
+    start: int = 0
+    loader: dict | None = None  # this rank's LoaderState, or None for a new stream
+    stream_seed: int = 0
+    window: dict | None = None
+
+
+def _resume(engine, optimizer, scheduler, cfg: TrainConfig, ckpt_dir: Path, out: Path, rank: int,
+            world: int) -> _Resume:
+    """Collective: load rank 0's newest complete checkpoint (if any) and this rank's run state."""
+    tag, saved = run_state.choose_resume(ckpt_dir, rank)
+    if tag is None:
+        if rank == 0:  # a fresh start (or a restart before the first checkpoint): no stale records
+            run_state.truncate_metrics(out / "metrics.jsonl", 0)
+        return _Resume(stream_seed=cfg.seed)
+    changed = run_state.schedule_changes(saved["schedule"], schedule_params(cfg, world))
+    if changed and not cfg.allow_schedule_change:
+        raise ValueError(f"{ckpt_dir / tag} was trained with a different schedule (saved, now): {changed}; "
+                         f"resume with the same flags, or pass --allow-schedule-change")
+    engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    start = engine.global_steps
+    if start != saved["step"]:
+        raise ValueError(f"{ckpt_dir / tag}: DeepSpeed step {start} != run state step {saved['step']}")
+    if changed:  # the optimizer state restored the old lr and weight decay: the new schedule from here on
+        f = lr_lambda(cfg)
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        scheduler.lr_lambdas = [f] * len(optimizer.param_groups)
+        for g in optimizer.param_groups:
+            g.update(lr=cfg.lr * f(start), initial_lr=cfg.lr, weight_decay=cfg.weight_decay)
+    res = _Resume(start=start, stream_seed=cfg.seed + start)  # a new data stream unless this rank's continues
+    if len(saved["ranks"]) == world:  # same world size: this rank's stream, RNG and log window continue
+        mine = saved["ranks"][rank]
+        res.loader, res.window = mine["loader"], mine.get("window")
+        res.stream_seed = mine["loader"]["seed"]
+        run_state.set_rng_state(mine["rng"])
+    elif rank == 0:
+        print(f"[himae-train] world size {len(saved['ranks'])} -> {world}: a new data stream starts "
+              f"(seed {res.stream_seed})", flush=True)
+    if rank == 0:
+        run_state.truncate_metrics(out / "metrics.jsonl", start)
+        print(f"[himae-train] resumed from {ckpt_dir / tag} at step {start}", flush=True)
+    return res
+
+
 def train(cfg: TrainConfig) -> dict:
     deepspeed, device = _init_distributed(cfg.collective_timeout_s)
     import torch.distributed as dist
@@ -126,7 +182,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"--in-chans={cfg.in_chans} but {manifest.url} holds {manifest.channels}-channel segments")
     check_masking_args(manifest.length, cfg.patch_size, cfg.mask_ratio)
     extra = {"preprocess": manifest.preprocess, "data": manifest.url}  # so evaluation scales its data the same way
-    bf16 = use_bf16(cfg, device)
+    bf16 = use_bf16(cfg.precision, device)
     objective = make_objective(cfg.loss_impl, device, cfg.patch_size, cfg.mask_ratio, cfg.seed, rank, world)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -138,62 +194,44 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(resolved(cfg) + "\n")
         (out / "ds_config.json").write_text(json.dumps(ds, indent=2, sort_keys=True) + "\n")  # as used
+    run_state.check_shared_out(out, rank, wait_s=min(30.0, cfg.collective_timeout_s / 4))
 
     ckpt_dir = out / "checkpoints"
     schedule = schedule_params(cfg, world)
-    start, loader_state = 0, None
-    tag, saved = run_state.choose_resume(ckpt_dir, rank)
-    if tag is None and rank == 0:  # a fresh start (or a restart before the first checkpoint): no stale records
-        run_state.truncate_metrics(out / "metrics.jsonl", 0)
-    if tag is not None:
-        changed = run_state.schedule_changes(saved["schedule"], schedule)
-        if changed and not cfg.allow_schedule_change:
-            raise ValueError(f"{ckpt_dir / tag} was trained with a different schedule (saved, now): {changed}; "
-                             f"resume with the same flags, or pass --allow-schedule-change")
-        engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        start = engine.global_steps
-        if start != saved["step"]:
-            raise ValueError(f"{ckpt_dir / tag}: DeepSpeed step {start} != run state step {saved['step']}")
-        if changed:  # the new schedule from here on
-            for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                g["lr"] = base * lr_lambda(cfg)(start)
-            scheduler.lr_lambdas = [lr_lambda(cfg)] * len(optimizer.param_groups)
-        mine = saved["ranks"][rank]
-        loader_state = mine["loader"]
-        run_state.set_rng_state(mine["rng"])
-        if rank == 0:
-            run_state.truncate_metrics(out / "metrics.jsonl", start)
-            print(f"[himae-train] resumed from {ckpt_dir / tag} at step {start}", flush=True)
+    res = _resume(engine, optimizer, scheduler, cfg, ckpt_dir, out, rank, world)
+    start = res.start
 
     # The stream position is the number of micro-batches consumed, so a resumed run continues it.
     # Rank 0 lists the shards once and every rank takes the same decision (no rank waits in a collective alone).
-    found = [check_shards(manifest, "train", cfg.storage_options) if rank == 0 else None]
-    dist.broadcast_object_list(found, src=0)
-    broken = found[0]
+    broken = run_state.broadcast(check_shards(manifest, "train", cfg.storage_options) if rank == 0 else None)
     if broken and cfg.strict_data:
         raise ValueError(f"{manifest.url}: {len(broken)} shard(s) missing or damaged: {broken[:5]}; re-run himae-prep")
     if broken and rank == 0:
         print(f"[himae-train] warning: {len(broken)} shard(s) missing or damaged, they will be skipped: "
               f"{broken[:5]}; re-run himae-prep to rebuild them", flush=True)
-    loader, lstate = make_loader(
-        manifest, cfg.micro_batch, seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers,
-        shuffle_shards=cfg.shuffle_shards, storage_options=cfg.storage_options, strict=cfg.strict_data,
-        state=loader_state, pin_memory=device.type == "cuda", verify=cfg.verify_data,
-    )
-    consumed, skipped = lstate.batches, 0
+    loader_args = dict(seed=res.stream_seed, rank=rank, world_size=world, num_workers=cfg.num_workers,
+                       shuffle_shards=cfg.shuffle_shards, storage_options=cfg.storage_options,
+                       strict=cfg.strict_data, pin_memory=device.type == "cuda", verify=cfg.verify_data)
+    try:
+        loader, lstate = make_loader(manifest, cfg.micro_batch, state=res.loader, **loader_args)
+    except ValueError as e:
+        if res.loader is None or not cfg.allow_schedule_change:
+            raise ValueError(f"{e}; pass --allow-schedule-change to start a new data stream") from e
+        loader_args["seed"] = cfg.seed + start  # the loader options changed: a new stream, on every rank alike
+        loader, lstate = make_loader(manifest, cfg.micro_batch, **loader_args)
+    consumed = lstate.batches
     shard_names = [sh.name for sh in manifest.shards("train")]
     batches = iter(loader)
-    loss_sum, loss_n = torch.zeros((), device=device), 0  # on the device: no host sync per micro-step
+    win = _Window.new(device, res.window if res.loader is not None else None)
     validator = Validator(manifest, cfg, rank, world, device, objective, bf16) if cfg.val_every else None
     grad_norm = torch.zeros((), device=device)
-    val_sum, val_n = torch.zeros((), device=device), 0  # the latest validation, read at the next log step
     log = TrainLog(cfg, rank, start, out, cfg.micro_batch * cfg.grad_accum * world, device)
     history = []
     params = [p for p in engine.module.parameters() if p.requires_grad]
 
-    def save(step: int, final: bool = False) -> None:
-        loader_now = dataclasses.replace(lstate, batches=consumed).to_dict()
-        _save(engine, ckpt_dir, out, step, rank, extra, loader_now, schedule, cfg.keep_checkpoints, final)
+    def save(step: int, final: bool = False, checkpoint: bool = True) -> None:
+        state = {"loader": dataclasses.replace(lstate, batches=consumed).to_dict(), "window": win.to_dict()}
+        _save(engine, ckpt_dir, out, step, rank, extra, state, schedule, cfg, final, checkpoint)
 
     if rank == 0 and start >= cfg.steps:
         print(f"[himae-train] already at step {start} >= --steps={cfg.steps}; nothing to train", flush=True)
@@ -201,19 +239,21 @@ def train(cfg: TrainConfig) -> dict:
     for step in range(start, cfg.steps):
         watchdog.beat(f"step {step}")
         _fault_hook(rank, step)
+        done = step + 1
+        log_step = done % cfg.log_every == 0 or done == cfg.steps
         for micro in range(cfg.grad_accum):
             t_wait = time.perf_counter()
             batch = next(batches)
             log.waited(time.perf_counter() - t_wait)
             consumed += 1
             while len(rows := bad_rows(batch["signal"])):  # host-side check, before the copy to the device
-                what = f"rank {rank}, step {step + 1}: {describe(batch, rows, shard_names)}"
+                what = f"rank {rank}, step {done}: {describe(batch, rows, shard_names)}"
                 if cfg.on_nonfinite == "abort":
                     raise NonFiniteError(f"{what}; fix the data or pass --on-nonfinite skip")
-                skipped += 1
-                print(f"[himae-train] warning: skipped batch {skipped} of this rank ({what})", file=sys.stderr, flush=True)
-                if skipped > max(100, step):
-                    raise NonFiniteError(f"{what}: {skipped} batches skipped on this rank; the data is broken")
+                win.skipped += 1
+                print(f"[himae-train] warning: skipped batch {win.skipped} of this rank ({what})", file=sys.stderr, flush=True)
+                if win.skipped > max(100, step):
+                    raise NonFiniteError(f"{what}: {win.skipped} batches skipped on this rank; the data is broken")
                 batch = next(batches)  # the same micro-step count on every rank: no collective mismatch
                 consumed += 1
             x = batch["signal"].to(device, non_blocking=True).float()  # [B, C, L], stored fp16/fp32
@@ -222,61 +262,104 @@ def train(cfg: TrainConfig) -> dict:
                 recon = engine(x_masked, apply_tanh=objective.apply_tanh)  # [B, C, L], bf16 under autocast
             loss = objective.loss(recon.float(), x, mask)  # fp32 loss and gradients
             engine.backward(loss)  # all-reduces the gradients at the accumulation boundary
-            if micro == cfg.grad_accum - 1 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-                grad_norm = _grad_norm(params, device)  # device scalar; NaN where ZeRO holds the gradients
+            boundary = micro == cfg.grad_accum - 1
+            if boundary and log_step:
+                lr = optimizer.param_groups[0]["lr"]  # this update's (host float)
+                if cfg.zero_stage == 0:
+                    grad_norm = _grad_norm(params, device)  # device scalar, before step() zeroes the gradients
             engine.step()
-            loss_sum += loss.detach()
-            loss_n += 1
-        done = step + 1
+            if boundary and log_step and cfg.zero_stage > 0:  # ZeRO holds the gradients in its partitions
+                grad_norm = _as_scalar(engine.get_global_grad_norm(), device)
+            win.loss_sum += loss.detach()
+            win.loss_n += 1
         log.step()
         if validator and validator.enabled and (done % cfg.val_every == 0 or done == cfg.steps):
             plot = out / "plots" / f"recon_{done:07d}.png" if rank == 0 and cfg.plot_every and done % cfg.plot_every == 0 else None
-            val_sum, val_n = validator.run(engine.module, plot, done), len(validator.batches)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            stats = torch.stack([loss_sum, val_sum, grad_norm])
+            win.val_sum, win.val_n = validator.run(engine.module, plot, done), len(validator.batches)
+        if log_step:
+            stats = torch.stack([win.loss_sum, win.val_sum, grad_norm,
+                                 torch.tensor(float(win.skipped), device=device)])
             dist.all_reduce(stats)  # collective: every rank reaches it at the same step
             host = stats.cpu()  # the one device->host copy (sync) per log step
-            loss_total, val_total, gn_total = float(host[0]), float(host[1]), float(host[2])  # host reads of it
-            mean = loss_total / (loss_n * world)
+            loss_total, val_total, gn_total, skipped = (float(v) for v in host)  # host reads of it
+            mean = loss_total / (win.loss_n * world)
             if not math.isfinite(mean):
-                raise NonFiniteError(f"loss is {mean} at steps {done - cfg.log_every + 1}..{done} on finite data; "
+                raise NonFiniteError(f"loss is {mean} at steps {win.last_logged + 1}..{done} on finite data; "
                                      f"lower --lr or set --grad-clip (last good checkpoint kept)")
-            loss_sum.zero_()
-            loss_n = 0
-            rec = log.record(done, mean, scheduler.get_last_lr()[0], val_total / (val_n * world) if val_n else None,
-                             gn_total / world)  # the same norm on every rank (all-reduced gradients)
-            val_n = 0
+            rec = log.record(done, mean, lr, val_total / (win.val_n * world) if win.val_n else None,
+                             gn_total / world, int(skipped))  # the same norm on every rank (all-reduced gradients)
+            win.loss_sum.zero_()
+            win.loss_n, win.val_n, win.last_logged = 0, 0, done
             history.append(rec)
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
             watchdog.beat(f"step {done} (saving)")
             save(done)
     watchdog.beat("the last step (final save)")
-    need_final = run_state.broadcast(start < cfg.steps or not (out / "himae_final.pt").exists())
+    need_final = run_state.broadcast(_needs_final(start, out, cfg) if rank == 0 else None)
     if need_final:  # decided by rank 0: _save is collective
-        save(max(start, cfg.steps), final=True)
+        # Nothing trained in this attempt: the checkpoint it resumed from is the final one, kept as it is.
+        save(max(start, cfg.steps), final=True, checkpoint=start < cfg.steps)
     watchdog.stop()
     log.close()
     return {"history": history, "start_step": start}
 
 
-def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, extra: dict, loader: dict, schedule: dict,
-          keep: int, final: bool = False) -> None:
+def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, extra: dict, state: dict, schedule: dict,
+          cfg: TrainConfig, final: bool = False, checkpoint: bool = True) -> None:
     """Collective: BatchNorm sync, DeepSpeed's files, every rank's run state, `latest`, exported weights, pruning."""
-    check_weights_finite(engine.module, step)  # never save (or exit 0 with) NaN weights
-    tag = run_state.tag_for(step)
-    bn_before = sync_batchnorm_stats(engine.module)  # collective: every rank saves/exports the pooled statistics
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)  # collective; ends in a barrier
-    bn = {"bn_before_sync": bn_before, "bn_digest": bn_digest(engine.module)}  # each rank's own estimate: drift
-    run_state.write_run_state(ckpt_dir, step, loader, schedule, rank, bn)
+    import torch.distributed as dist
+
+    if checkpoint:
+        bn_before = sync_batchnorm_stats(engine.module)  # collective: every rank saves/exports the pooled statistics
+        check_weights_finite(engine.module, step)  # the same verdict on every rank: never save NaN weights
+        engine.save_checkpoint(str(ckpt_dir), tag=run_state.tag_for(step), save_latest=False)  # collective
+        state = {**state, "bn_before_sync": bn_before, "bn_digest": bn_digest(engine.module)}  # drift, per rank
+        run_state.write_run_state(ckpt_dir, step, state["loader"], schedule, rank,
+                                  {k: v for k, v in state.items() if k != "loader"})
     if rank == 0:
         save_weights(engine.module, out / "weights" / f"step_{step:07d}.pt", step, extra)
         if final:
             save_weights(engine.module, out / "himae_final.pt", step, extra)
             print(f"[himae-train] wrote {out / 'himae_final.pt'} (step {step})", flush=True)
-        run_state.prune(ckpt_dir, keep)
-    import torch.distributed as dist
-
+        if cfg.export_url:
+            _export(out, cfg, final)
+        run_state.prune(ckpt_dir, cfg.keep_checkpoints)
     dist.barrier()  # nobody runs ahead of (or exits before) rank 0's writes
+
+
+def _needs_final(start: int, out: Path, cfg: TrainConfig) -> bool:
+    """Rank 0: steps left, or the final weights missing here or at --export-url (a restart after the last step)."""
+    if start < cfg.steps or not (out / "himae_final.pt").exists():
+        return True
+    from himae_dist import weights_export
+
+    return bool(cfg.export_url) and not weights_export.exported(cfg.export_url, cfg.storage_options, "himae_final.pt")
+
+
+def _export(out: Path, cfg: TrainConfig, final: bool) -> None:
+    """Rank 0: place every exported weights file not yet at --export-url. A failure is retried at the next
+    save (the sync is idempotent); at the final save it is an error, so the run does not end without them."""
+    from himae_dist import weights_export
+
+    try:
+        sent = weights_export.sync_exports(out, cfg.export_url, cfg.storage_options)
+    except StorageError as e:
+        if final:
+            raise
+        print(f"[himae-train] warning: export to {cfg.export_url} failed, retried at the next save: {e}",
+              file=sys.stderr, flush=True)
+        return
+    if sent:
+        print(f"[himae-train] exported {len(sent)} file(s) to {cfg.export_url}", flush=True)
+
+
+def _as_scalar(value, device: torch.device) -> torch.Tensor:
+    """DeepSpeed's global gradient norm (tensor, float or None) as a device scalar, NaN when absent."""
+    if value is None:
+        return torch.full((), float("nan"), device=device)
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().reshape(()).to(device)
+    return torch.tensor(float(value), device=device)
 
 
 def _grad_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -35,7 +35,9 @@ class TrainLog:
         self._steps += 1
         self.bar.update(1)
 
-    def record(self, step: int, loss: float, lr: float, val_loss: float | None, grad_norm: float | None) -> dict:
+    def record(self, step: int, loss: float, lr: float, val_loss: float | None, grad_norm: float | None,
+               skipped: int = 0) -> dict:
+        """One log step's record; `lr` is the last update's, `skipped` the non-finite batches skipped so far (all ranks)."""
         now = time.perf_counter()
         dt = max(now - self._t, 1e-9)
         rec = {"step": step, "loss": loss, "lr": lr}
@@ -43,6 +45,7 @@ class TrainLog:
             rec["val_loss"] = val_loss
         if grad_norm is not None and math.isfinite(grad_norm):
             rec["grad_norm"] = grad_norm
+        rec["skipped_batches"] = skipped
         rec["segments_per_s"] = round(self._steps * self.segments_per_step / dt, 1)  # all ranks
         rec["data_wait_frac"] = round(self._wait / dt, 4)
         rec["peak_mem_mb"] = round(_peak_mem_mb(self.device), 1)

@@ -15,6 +15,7 @@ import torch
 
 from himae_dist.bn_sync import sync_batchnorm_stats
 from himae_dist.guards import bad_rows
+from himae_dist.precision import autocast
 from himae_dist.streaming import make_loader
 
 _VAL_STEP = 10**9  # mask seeds of validation: disjoint from every training step's
@@ -46,8 +47,6 @@ class Validator:
     @torch.no_grad()
     def run(self, model: torch.nn.Module, plot=None, step: int = 0) -> torch.Tensor:
         """Collective (BatchNorm pooling): the sum of this rank's batch losses, a device scalar."""
-        from himae_dist.train import autocast
-
         sync_batchnorm_stats(model)
         model.eval()
         total = torch.zeros((), device=self.device)

@@ -63,6 +63,7 @@ def test_shipped_multinode_ds_config_matches_the_stage_its_script_passes():
     (["--data", "d", "--steps", "0"], r"--steps=0: expected an integer >= 1"),
     (["--data", "d", "--zero-stage", "3"], r"--zero-stage=3"),
     (["--steps", "5"], r"--data='': expected a manifest"),
+    (["--data", "d", "--plot-every", "10"], r"--plot-every=10: expected 0 unless --val-every is set"),
 ])
 def test_bad_options_are_named(argv, match):
     with pytest.raises(ValueError, match=match):

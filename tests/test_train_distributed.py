@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from himae_dist.checkpoint import load_himae
+from himae_dist.config import TrainConfig, lr_lambda
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +36,9 @@ def _run_trainer(shards, out, args=(), nproc=2, env_extra=None, drop_env=(), tor
     return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
 
 
-def _torchrun(shards, out, steps, extra=(), env_extra=None):
+def _torchrun(shards, out, steps, extra=(), env_extra=None, nproc=2):
     args = ("--steps", str(steps), "--micro-batch", "16", "--log-every", "5", "--shuffle-shards", "2", *extra)
-    proc = _run_trainer(shards, out, args, env_extra=env_extra)
+    proc = _run_trainer(shards, out, args, env_extra=env_extra, nproc=nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -56,14 +57,30 @@ def test_two_rank_deepspeed_run_loss_falls_and_resumes(tiny_shards, tmp_path):
     for (k, a), b in zip(model.state_dict().items(), ds_model.state_dict().values()):
         assert torch.equal(a.float(), b.float()), k
 
+    # a restart after the last step (final weights lost) re-exports them, leaving the checkpoint as it is
+    tag = out / "checkpoints" / "step0000040"
+    before = {f.name: f.stat().st_mtime_ns for f in tag.iterdir()}
+    final_bytes = (out / "himae_final.pt").read_bytes()
+    (out / "himae_final.pt").unlink()
+    log = _torchrun(tiny_shards, out, steps=40)
+    assert "nothing to train" in log and (out / "himae_final.pt").read_bytes() == final_bytes
+    assert {f.name: f.stat().st_mtime_ns for f in tag.iterdir()} == before
+
     refused = _run_trainer(tiny_shards, out, ("--steps", "50", "--micro-batch", "16", "--log-every", "5",
                                               "--shuffle-shards", "2"))
     assert refused.returncode != 0
     assert "different schedule" in refused.stderr and "'steps': (40, 50)" in refused.stderr, refused.stderr[-2000:]
-    log = _torchrun(tiny_shards, out, steps=50, extra=("--allow-schedule-change", "true"))
-    assert "resumed from" in log and "at step 40" in log
+    # allowed: more steps, a new lr and weight decay, and 3 ranks instead of 2 (a new data stream)
+    log = _torchrun(tiny_shards, out, steps=50, nproc=3,
+                    extra=("--allow-schedule-change", "true", "--lr", "5e-4", "--weight-decay", "0.01"))
+    assert "resumed from" in log and "at step 40" in log and "world size 2 -> 3: a new data stream" in log
     hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist][-2:] == [45, 50]
+    f = lr_lambda(TrainConfig(data="d", steps=50, lr=5e-4))
+    assert hist[-2]["lr"] == pytest.approx(5e-4 * f(44)) and hist[-1]["lr"] == pytest.approx(5e-4 * f(49))
+    groups = torch.load(out / "checkpoints" / "step0000050" / "mp_rank_00_model_states.pt",
+                        weights_only=True)["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.01}
     assert load_himae(out / "himae_final.pt")[1]["step"] == 50
 
 

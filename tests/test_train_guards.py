@@ -1,5 +1,6 @@
 """Guard rails on real 2-rank runs: a NaN in the data aborts naming shard and key, or is skipped."""
 
+import json
 import shutil
 
 import numpy as np
@@ -39,3 +40,20 @@ def test_nan_batch_is_skipped_with_a_warning_and_training_stays_finite(nan_shard
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning: skipped batch 1 of this rank" in proc.stderr
     assert "wrote" in proc.stdout  # final weights were checked finite before writing
+    hist = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    counts = [h["skipped_batches"] for h in hist]  # all ranks, since step 0
+    assert counts[0] >= 2 and counts == sorted(counts), counts  # every rank met a NaN block in its first shard
+
+
+@pytest.mark.parametrize("log_every,save_every,where", [
+    ("2", "0", "loss is nan at steps 1..2"),  # caught at the log step
+    ("4", "2", "non-finite weights at step 2"),  # caught by the save, before anything is written
+])
+def test_diverged_run_fails_and_never_saves_non_finite_weights(tiny_shards, tmp_path, log_every, save_every, where):
+    out = tmp_path / "diverged"  # lr 1e30: the step-2 forward overflows (finite data), NaN gradients follow
+    proc = _run_trainer(tiny_shards, out, ("--steps", "6", "--micro-batch", "8", "--log-every", log_every, "--lr", "1e30",
+                                           "--warmup-frac", "0", "--save-every", save_every, "--shuffle-shards", "2"))
+    assert proc.returncode != 0
+    assert where in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "himae_final.pt").exists() and not (out / "weights").exists()
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("step*/himae_run_state.pt"))

@@ -27,5 +27,8 @@ def test_slurm_script_trains_with_the_zero_stage_it_says(tiny_shards, tmp_path):
     assert "world=2" in proc.stdout
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 1
     assert (out / "himae_final.pt").is_file()
+    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [2, 4]
+    assert all(0 < h["grad_norm"] < 100 for h in hist), hist  # ZeRO 1 holds the gradients: DeepSpeed's norm
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # --wandb offline: rank 0's local run log
     assert len(runs) == 1 and runs[0].stat().st_size > 0, list((out / "wandb").glob("*"))
