@@ -10,6 +10,7 @@ renamed (local) or uploaded with one PUT (remote), so a file that exists is comp
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -122,6 +123,24 @@ class Folder:
             retrying(lambda: self.fs.put_file(local_tmp, self.path(name)), "uploading", self.child_url(name))
         finally:
             os.unlink(local_tmp)
+
+    def upload(self, local_path: str | os.PathLike, name: str, tmp_prefix: str = ".tmp-") -> None:
+        """Copy an existing local file to `name` (mode 0644) and keep the original: one PUT
+        remotely, a temp copy renamed into place locally, so `name` is never half-written."""
+        if self.remote:
+            retrying(lambda: self.fs.put_file(os.fspath(local_path), self.path(name)), "uploading", self.child_url(name))
+            return
+        dest = Path(self.path(name))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, open(local_path, "rb") as src:
+                shutil.copyfileobj(src, out)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def write_bytes(self, name: str, data: bytes, tmp_prefix: str = ".tmp-") -> None:
         fd, tmp = self.temp_file(tmp_prefix)

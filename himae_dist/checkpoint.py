@@ -6,18 +6,21 @@ Formats `load_himae` accepts (all through `torch.load(..., weights_only=True)`):
     so evaluation can apply the same scaling and rate)
   - the seed's Lightning `.ckpt`: {"state_dict": {"model.<name>": ...}, ...}
   - a bare HiMAE state_dict (seed names)
-  - a DeepSpeed checkpoint folder (the `latest` tag, or a tag folder)
+  - a DeepSpeed checkpoint folder (the `latest` tag, or a tag folder); local only
+Any single weights file may also be a remote fsspec URL (s3://bucket/run/himae_final.pt).
 The architecture (in_chans, channels) is read off the weights, so nothing needs guessing.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import torch
 
 from data_prep.atomic_write import atomic_path
+from data_prep.storage import is_remote, retrying
 from himae_dist.model import HiMAE, HiMAEConfig
 
 WEIGHTS_FORMAT = "himae-dist-weights-v1"
@@ -68,21 +71,50 @@ def extract_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_himae(path: str | os.PathLike) -> tuple[HiMAE, dict]:
-    """Build a HiMAE from a checkpoint (any format above) with strict=True; returns (model, info)."""
-    p = Path(path)
+def _read_remote(url: str, storage_options: dict | None) -> object:
+    """torch.load a single weights file at an fsspec URL; the bytes come through `retrying`."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    try:
+        data = retrying(lambda: fs.cat_file(root), "reading", url)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"checkpoint {url} does not exist") from e
+    except IsADirectoryError as e:
+        raise ValueError(f"{url}: is a folder; a remote checkpoint must be one weights file") from e
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused or corrupt file: say which file and why
+        raise ValueError(f"{url}: cannot load as a weights-only checkpoint: {e}") from e
+
+
+def _read_local(path: str | os.PathLike) -> tuple[object, str]:
+    p = Path(str(path)[len("file://"):] if str(path).startswith("file://") else path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
     f = _deepspeed_model_file(p) if p.is_dir() else p
     try:
-        obj = torch.load(f, map_location="cpu", weights_only=True)
+        return torch.load(f, map_location="cpu", weights_only=True), str(f)
     except Exception as e:  # unpickling refused or corrupt file: say which file and why
         raise ValueError(f"{f}: cannot load as a weights-only checkpoint: {e}") from e
-    sd = extract_state_dict(obj, str(f))
+
+
+def load_himae(path: str | os.PathLike, *, storage_options: dict | None = None) -> tuple[HiMAE, dict]:
+    """Build a HiMAE from a checkpoint (any format above) with strict=True; returns (model, info).
+
+    `path` may be a remote fsspec URL (s3://...) of one weights file; `storage_options` go to
+    fsspec. Missing: FileNotFoundError naming it; a store that keeps failing: StorageError.
+    """
+    if is_remote(str(path)):
+        f = str(path)
+        obj = _read_remote(f, storage_options)
+    else:
+        obj, f = _read_local(path)
+    sd = extract_state_dict(obj, f)
     cfg = (
         HiMAEConfig.from_dict(obj["model_config"])
         if isinstance(obj, dict) and "model_config" in obj
-        else config_from_state_dict(sd, str(f))
+        else config_from_state_dict(sd, f)
     )
     model = HiMAE.from_config(cfg)
     try:
@@ -94,4 +126,4 @@ def load_himae(path: str | os.PathLike) -> tuple[HiMAE, dict]:
     model.eval()
     step = obj.get("step") if isinstance(obj, dict) else None
     preprocess = obj.get("preprocess") if isinstance(obj, dict) else None
-    return model, {"source": str(f), "config": cfg, "step": step, "preprocess": preprocess}
+    return model, {"source": f, "config": cfg, "step": step, "preprocess": preprocess}

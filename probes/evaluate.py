@@ -1,6 +1,6 @@
 """Checkpoint probe evaluation (`himae-probe`): which checkpoint, and which level, detects PVC.
 
-    himae-probe --checkpoint A.pt [--checkpoint B.ckpt] [--run RUN_DIR ...] --h5 downstream.h5 --out OUT
+    himae-probe --checkpoint A.pt [--checkpoint s3://b/run/himae_final.pt] [--run RUN_DIR ...] --h5 downstream.h5 --out OUT
     himae-probe score --predictions pvc_predictions.csv
 
 Each encoder (a checkpoint, every `weights/step_*.pt` of a run folder, and random-init baselines
@@ -16,9 +16,11 @@ segment split instead, for parity with its numbers, and says so in every output.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 from data_prep.hdf5_sources import BadSamplePolicy, DownstreamSet, check_labels, check_patient_ids, read_downstream
 from data_prep.preprocess import Preprocess
 from data_prep.atomic_write import atomic_path, write_json_atomic
+from data_prep.storage import Folder, StorageError, is_remote
 from himae_dist.checkpoint import load_himae
 from probes import seed_protocol
 from probes.features import FeatureCache
@@ -66,13 +69,17 @@ def apply_seed_probe(
 # inputs
 
 
-def run_checkpoints(run_dir: str) -> list[str]:
-    """Every `weights/step_*.pt` of a trainer run folder, in step order."""
-    d = Path(run_dir)
-    steps = sorted((d / "weights").glob("step_*.pt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
-    if not steps:
-        raise FileNotFoundError(f"--run {d}: no weights/step_*.pt in it (is it a himae_dist.train --out folder?)")
-    return [str(p) for p in steps]
+def run_checkpoints(run_dir: str, storage_options: dict | None = None) -> list[str]:
+    """Every `weights/step_*.pt` of a trainer run folder (local, or an s3:// export), in step order."""
+    if is_remote(run_dir):
+        folder = Folder(run_dir, storage_options)
+        found = [(folder.child_url(n), n.rsplit("/", 1)[-1]) for n in folder.listing("weights")
+                 if "/" not in n[len("weights/"):] and fnmatch(n.rsplit("/", 1)[-1], "step_*.pt")]
+    else:
+        found = [(str(p), p.name) for p in Path(run_dir).joinpath("weights").glob("step_*.pt")]
+    if not found:
+        raise FileNotFoundError(f"--run {run_dir}: no weights/step_*.pt in it (is it a himae_dist.train --out folder?)")
+    return [url for url, name in sorted(found, key=lambda f: int(re.sub(r"\D", "", f[1]) or 0))]
 
 
 def data_rate(h5_path: str, fs_flag: float | None) -> float | None:
@@ -145,9 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="himae-probe", description=__doc__.split("\n\n")[0],
                                  epilog="`himae-probe score --predictions CSV` scores a predictions CSV.")
     ap.add_argument("--checkpoint", action="append", default=[],
-                    help="HiMAE weights (ours, a seed Lightning .ckpt, a bare state_dict, a DeepSpeed folder); repeatable")
+                    help="HiMAE weights (ours, a seed Lightning .ckpt, a bare state_dict, a DeepSpeed folder), "
+                         "local or an s3:// (fsspec) URL of one file; repeatable")
     ap.add_argument("--run", action="append", default=[], metavar="RUN_DIR",
-                    help="a trainer --out folder: probe every weights/step_*.pt in it; repeatable")
+                    help="a trainer --out folder or its s3:// export: probe every weights/step_*.pt in it; repeatable")
+    ap.add_argument("--storage-options", type=json.loads, default=None,
+                    help='fsspec options for s3:// checkpoints as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
     ap.add_argument("--random-baselines", type=int, default=3, metavar="K",
                     help="random-init encoders (seeds 0..K-1, BatchNorm re-estimated); 0 = none")
     ap.add_argument("--h5", required=True, help="downstream HDF5 (/ppg|/ecg [N, L], /labels [N], /patient_ids [N])")
@@ -179,14 +189,14 @@ def main(argv: list[str] | None = None) -> None:
             return
         a = build_parser().parse_args(argv)
         run(a)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, StorageError) as e:
         sys.exit(f"himae-probe: error: {e}")
 
 
 def run(a: argparse.Namespace) -> list[ModelReport]:
     t0 = time.time()
     a.pooling = a.pooling or ["mean+std"]
-    paths = list(a.checkpoint) + [p for r in a.run for p in run_checkpoints(r)]
+    paths = list(a.checkpoint) + [p for r in a.run for p in run_checkpoints(r, a.storage_options)]
     if not paths and a.random_baselines < 1:
         raise ValueError("give at least one --checkpoint or --run, or --random-baselines K >= 1")
     if a.n_boot < 0 or a.folds < 2 or a.inner_folds < 2:
@@ -217,7 +227,7 @@ def run(a: argparse.Namespace) -> list[ModelReport]:
     names = unique_names(paths) if paths else []
     first_recipe, channels = None, None
     for name, path in zip(names, paths):
-        model, info = load_himae(path)
+        model, info = load_himae(path, storage_options=a.storage_options)
         recipe = input_recipe(name, info["preprocess"], manifest, fs, data.signals.shape[-1])
         first_recipe = first_recipe or recipe
         channels = channels or model.config.channels  # random baselines get the first checkpoint's shape

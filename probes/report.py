@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.atomic_write import atomic_path
+from data_prep.storage import is_remote
 
 HEADLINE_METRICS = (("roc_auc", "ROC-AUC"), ("ap", "AP"), ("sens_at_spec90", "sens@spec90"), ("f1_at_spec90", "F1@spec90"))
 
@@ -120,9 +121,18 @@ def write_predictions(path: str | Path, labels: np.ndarray, patient_ids: np.ndar
             w.writerow([int(pid), int(y), f"{pp:.6g}", int(row)])
 
 
+def _url_parts(url: str) -> tuple[str, ...]:
+    scheme, rest = url.split("://", 1)
+    first, *more = [x for x in rest.split("/") if x]
+    return (f"{scheme}://{first}", *more)
+
+
 def unique_names(paths: list[str]) -> list[str]:
-    """Shortest trailing path parts that tell the checkpoints apart (`runA/himae_final.pt`, ...)."""
-    parts = [Path(p).parts for p in paths]
+    """Shortest trailing path parts that tell the checkpoints apart (`runA/himae_final.pt`, ...).
+
+    A URL's scheme and bucket stay one part (`s3://b`), so the longest name is the URL itself.
+    """
+    parts = [_url_parts(p) if is_remote(str(p)) else Path(p).parts for p in paths]
     depth = 1
     while True:
         names = ["/".join(pp[-depth:]) for pp in parts]

@@ -67,3 +67,25 @@ def test_arbitrary_pickles_are_refused(tmp_path):
         pickle.dump({"state_dict": _NotAllowed()}, fh)
     with pytest.raises(ValueError, match="evil.pt: cannot load as a weights-only checkpoint"):
         load_himae(tmp_path / "evil.pt")
+
+
+def test_sync_exports_to_a_local_folder(tmp_path):
+    """A plain path (or file://) is an export folder too: same names, same bytes, sources kept."""
+    from himae_dist.weights_export import export_names, exported, sync_exports
+
+    run, dest = tmp_path / "run", tmp_path / "export"
+    for step in (200, 1000):  # step order, not name order
+        save_weights(HiMAE(1, (4, 8)), run / "weights" / f"step_{step}.pt", step=step)
+    (run / "weights" / ".step_3.pt.tmp-7").write_bytes(b"partial")
+    assert export_names(run) == ["weights/step_200.pt", "weights/step_1000.pt"]
+    assert not exported(str(dest))
+    assert sync_exports(run, str(dest)) == ["weights/step_1000.pt", "weights/step_200.pt"]
+    save_weights(HiMAE(1, (4, 8)), run / "himae_final.pt", step=1000)
+    assert sync_exports(run, f"file://{dest}") == ["himae_final.pt"] and exported(str(dest))
+    assert sync_exports(run, str(dest)) == []
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == [
+        "himae_final.pt", "weights", "weights/step_1000.pt", "weights/step_200.pt"]
+    for n in export_names(run):
+        assert (dest / n).read_bytes() == (run / n).read_bytes() and (dest / n).stat().st_mode & 0o777 == 0o644
+    model, info = load_himae(f"file://{dest}/himae_final.pt")
+    assert info["step"] == 1000 and model.config.channels == (4, 8)

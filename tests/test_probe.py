@@ -153,6 +153,8 @@ def test_unique_names():
     assert unique_names(["a/r1/himae_final.pt", "b/r2/himae_final.pt", "c/x.pt"]) == [
         "r1/himae_final.pt", "r2/himae_final.pt", "c/x.pt"]
     assert unique_names(["w.pt", "w.pt"]) == ["w.pt", "w.pt#2"]
+    assert unique_names(["s3://b/r1/w.pt", "/x/r1/w.pt", "s3://c/r1/w.pt"]) == [  # a URL's scheme + bucket is one part
+        "s3://b/r1/w.pt", "x/r1/w.pt", "s3://c/r1/w.pt"]
 
 
 def test_seed_format_probe_applies_to_the_bottleneck(seed_reference):

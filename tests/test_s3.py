@@ -120,3 +120,137 @@ def test_transient_errors_are_retried_then_named():
         retrying(lambda: (_ for _ in ()).throw(TimeoutError("slow")), "reading", "s3://b/k", retries=2, backoff_s=0)
     with pytest.raises(FileNotFoundError):  # permanent errors are not retried
         retrying(lambda: (_ for _ in ()).throw(FileNotFoundError("gone")), "reading", "s3://b/k", retries=5, backoff_s=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# exported weights on S3: sync_exports, load_himae and himae-probe on s3:// URLs
+
+
+def _fake_run(root, steps=(10, 20)):
+    """A trainer --out folder as rank 0 leaves it: weights/step_*.pt, himae_final.pt, and other files."""
+    from himae_dist.checkpoint import save_weights
+    from himae_dist.model import HiMAE
+
+    for i, step in enumerate(steps):
+        torch.manual_seed(i)
+        save_weights(HiMAE(1, (4, 8)), root / "weights" / f"step_{step:07d}.pt", step=step)
+    torch.manual_seed(99)
+    final = HiMAE(1, (4, 8)).eval()
+    save_weights(final, root / "himae_final.pt", step=steps[-1])
+    (root / "checkpoints").mkdir()
+    (root / "checkpoints" / "latest").write_text("global_step20")  # not an export
+    (root / "weights" / ".step_0000030.pt.tmp-123").write_bytes(b"partial")  # a save in progress
+    return final
+
+
+def test_sync_exports_uploads_missing_and_resized_files_once(tmp_path, s3, monkeypatch):
+    from data_prep.storage import Folder
+    from himae_dist.checkpoint import save_weights
+    from himae_dist.model import HiMAE
+    from himae_dist.weights_export import exported, sync_exports
+
+    fs, opts = s3
+    _fake_run(tmp_path)
+    url = "s3://himae-test/exports/run1"
+    assert not exported(url, opts)
+    uploads = []
+    real_upload = Folder.upload
+    monkeypatch.setattr(Folder, "upload", lambda self, src, name, **kw: (uploads.append(name), real_upload(self, src, name, **kw)))
+
+    names = ["himae_final.pt", "weights/step_0000010.pt", "weights/step_0000020.pt"]
+    assert sync_exports(tmp_path, url, opts) == names
+    assert uploads == ["weights/step_0000010.pt", "weights/step_0000020.pt", "himae_final.pt"]  # the final last
+    assert sorted(x[len("himae-test/exports/run1/"):] for x in fs.find("himae-test/exports/run1")) == names
+    for n in names:
+        assert fs.cat_file(f"himae-test/exports/run1/{n}") == (tmp_path / n).read_bytes()
+    assert exported(url, opts) and exported(url, opts, "weights/step_0000010.pt")
+    assert not exported(url, opts, "weights/step_0000030.pt")
+
+    before = {x: fs.info(x)["LastModified"] for x in fs.find("himae-test/exports/run1")}
+    uploads.clear()
+    assert sync_exports(tmp_path, url, opts) == [] and uploads == []  # idempotent: nothing is put again
+    assert {x: fs.info(x)["LastModified"] for x in fs.find("himae-test/exports/run1")} == before
+
+    # a new step and a final of another size (a longer run) are uploaded; the rest stays
+    save_weights(HiMAE(1, (4, 8)), tmp_path / "weights" / "step_0000030.pt", step=30)
+    save_weights(HiMAE(1, (4, 8)), tmp_path / "himae_final.pt", step=30, extra={"note": "x" * 100})
+    assert sync_exports(tmp_path, url, opts) == ["himae_final.pt", "weights/step_0000030.pt"]
+    assert fs.cat_file("himae-test/exports/run1/himae_final.pt") == (tmp_path / "himae_final.pt").read_bytes()
+    assert fs.info("himae-test/exports/run1/weights/step_0000010.pt")["LastModified"] == \
+        before["himae-test/exports/run1/weights/step_0000010.pt"]
+    # a file lost remotely is uploaded again by the next call
+    fs.rm_file("himae-test/exports/run1/weights/step_0000020.pt")
+    assert sync_exports(tmp_path, url, opts) == ["weights/step_0000020.pt"]
+
+
+def test_load_himae_from_s3_matches_the_saved_model(tmp_path, s3):
+    from himae_dist.checkpoint import load_himae
+    from himae_dist.weights_export import sync_exports
+
+    fs, opts = s3
+    final = _fake_run(tmp_path)
+    sync_exports(tmp_path, "s3://himae-test/exports/load", opts)
+    model, info = load_himae("s3://himae-test/exports/load/himae_final.pt", storage_options=opts)
+    saved, got = final.state_dict(), model.state_dict()
+    assert list(got) == list(saved) and all(torch.equal(got[k], saved[k]) for k in saved)
+    assert info["step"] == 20 and info["config"].channels == (4, 8)
+    assert info["source"] == "s3://himae-test/exports/load/himae_final.pt"
+    with pytest.raises(FileNotFoundError, match=r"checkpoint s3://himae-test/exports/load/nope\.pt does not exist"):
+        load_himae("s3://himae-test/exports/load/nope.pt", storage_options=opts)
+    fs.pipe_file("himae-test/exports/load/junk.pt", b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"s3://himae-test/exports/load/junk\.pt: cannot load as a weights-only"):
+        load_himae("s3://himae-test/exports/load/junk.pt", storage_options=opts)
+
+
+def test_probe_reads_checkpoints_and_runs_from_s3(tmp_path, s3, tiny_cohort):
+    import json
+
+    from himae_dist.checkpoint import save_weights
+    from himae_dist.weights_export import sync_exports
+    from probes.evaluate import main as probe_main, run_checkpoints
+    from probes.random_baseline import random_encoder
+
+    fs, opts = s3
+    run = tmp_path / "run"
+    for step, seed in ((100, 5), (20, 6)):  # step 100 sorts after 20 by step, not by name
+        save_weights(random_encoder(1, seed), run / "weights" / f"step_{step:03d}.pt", step=step)
+    save_weights(random_encoder(1, 7), run / "himae_final.pt", step=100)
+    url = "s3://himae-test/exports/probe/run"
+    sync_exports(run, url, opts)
+    assert run_checkpoints(url, opts) == [f"{url}/weights/step_020.pt", f"{url}/weights/step_100.pt"]
+
+    out = tmp_path / "res"
+    probe_main(["--run", url, "--checkpoint", str(run / "himae_final.pt"), "--checkpoint", f"{url}/himae_final.pt",
+                "--storage-options", json.dumps(opts), "--random-baselines", "0", "--no-plots",
+                "--h5", str(tiny_cohort / "downstream.h5"), "--out", str(out), "--folds", "3", "--inner-folds", "2",
+                "--n-boot", "20"])
+    models = json.loads((out / "results.json").read_text())["models"]
+    assert [m["name"] for m in models] == [  # unique names cut from the URLs as from paths
+        f"{tmp_path.name}/run/himae_final.pt", "probe/run/himae_final.pt", "run/weights/step_020.pt", "run/weights/step_100.pt"]
+    local, remote = models[0], models[1]
+    assert remote["path"] == f"{url}/himae_final.pt" and remote["step"] == 100
+    assert remote["headline"]["metrics"]["roc_auc"]["value"] == local["headline"]["metrics"]["roc_auc"]["value"]
+    assert remote["headline"]["metrics"]["roc_auc"]["value"] > 0.5
+    assert [m["step"] for m in models[2:]] == [20, 100]
+
+
+def test_unreachable_export_is_one_clear_error_naming_the_url(tmp_path, monkeypatch, tiny_cohort):
+    import json
+
+    from himae_dist.checkpoint import load_himae
+    from himae_dist.weights_export import sync_exports
+    from probes.evaluate import main as probe_main
+
+    monkeypatch.setattr("data_prep.storage.RETRIES", 1)
+    monkeypatch.setattr("data_prep.storage.BACKOFF_S", 0.01)
+    dead = {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{_free_port()}",
+                                                         "region_name": "us-east-1"},
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    _fake_run(tmp_path)
+    with pytest.raises(StorageError, match=r"s3://himae-test/gone.*failed 2 times; last error"):
+        sync_exports(tmp_path, "s3://himae-test/gone", dead)
+    with pytest.raises(StorageError, match=r"reading s3://himae-test/gone/himae_final\.pt: failed 2 times"):
+        load_himae("s3://himae-test/gone/himae_final.pt", storage_options=dead)
+    with pytest.raises(SystemExit, match=r"himae-probe: error: .*s3://himae-test/gone/himae_final\.pt: failed 2 times"):
+        probe_main(["--checkpoint", "s3://himae-test/gone/himae_final.pt", "--storage-options", json.dumps(dead),
+                    "--random-baselines", "0", "--h5", str(tiny_cohort / "downstream.h5"), "--out", str(tmp_path / "o")])
