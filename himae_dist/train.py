@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from data_prep.storage import StorageError
-from himae_dist import run_state
+from himae_dist import run_state, weights_export
 from himae_dist.bn_sync import digest as bn_digest
 from himae_dist.bn_sync import sync_batchnorm_stats
 from himae_dist.checkpoint import save_weights
@@ -331,18 +331,15 @@ def _needs_final(start: int, out: Path, cfg: TrainConfig) -> bool:
     """Rank 0: steps left, or the final weights missing here or at --export-url (a restart after the last step)."""
     if start < cfg.steps or not (out / "himae_final.pt").exists():
         return True
-    from himae_dist import weights_export
-
     return bool(cfg.export_url) and not weights_export.exported(cfg.export_url, cfg.storage_options, "himae_final.pt")
 
 
 def _export(out: Path, cfg: TrainConfig, final: bool) -> None:
     """Rank 0: place every exported weights file not yet at --export-url. A failure is retried at the next
     save (the sync is idempotent); at the final save it is an error, so the run does not end without them."""
-    from himae_dist import weights_export
-
     try:
-        sent = weights_export.sync_exports(out, cfg.export_url, cfg.storage_options)
+        sent = weights_export.sync_exports(out, cfg.export_url, cfg.storage_options,
+                                           refresh=(weights_export.FINAL_NAME,) if final else ())
     except StorageError as e:
         if final:
             raise
@@ -374,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse_config(argv)
         train(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad options or data: one clear line, no traceback
+    except (ValueError, FileNotFoundError, StorageError) as e:  # bad options, data or store: one line, no traceback
         sys.exit(f"himae-train: error: {e}")
     except RuntimeError as e:  # a collective that waited past --collective-timeout-s: say so
         if "timeout" not in str(e).lower() and "timed out" not in str(e).lower():

@@ -28,8 +28,12 @@ def export_names(out: str | Path) -> list[str]:
     return names
 
 
-def sync_exports(out: str | Path, url: str, storage_options: dict | None = None) -> list[str]:
+def sync_exports(out: str | Path, url: str, storage_options: dict | None = None,
+                 refresh: tuple[str, ...] = ()) -> list[str]:
     """Upload every exported weights file under `out` that `url` lacks or holds at another size.
+
+    Names in `refresh` are uploaded whatever the export holds: a rewritten `himae_final.pt` (a run
+    resumed to more steps) has the same size as the old one.
 
     Returns the uploaded names (relative, sorted); [] when the export was already complete.
     Raises `data_prep.storage.StorageError` naming the URL when the store keeps failing.
@@ -40,7 +44,7 @@ def sync_exports(out: str | Path, url: str, storage_options: dict | None = None)
     todo = []
     for name in export_names(out):
         info = remote.get(name)
-        if info is None or int(info.get("size") or 0) != (out / name).stat().st_size:
+        if name in refresh or info is None or int(info.get("size") or 0) != (out / name).stat().st_size:
             todo.append(name)
     for name in todo:  # steps first, final last (export_names' order)
         folder.upload(out / name, name)

@@ -254,3 +254,31 @@ def test_unreachable_export_is_one_clear_error_naming_the_url(tmp_path, monkeypa
     with pytest.raises(SystemExit, match=r"himae-probe: error: .*s3://himae-test/gone/himae_final\.pt: failed 2 times"):
         probe_main(["--checkpoint", "s3://himae-test/gone/himae_final.pt", "--storage-options", json.dumps(dead),
                     "--random-baselines", "0", "--h5", str(tiny_cohort / "downstream.h5"), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.slow
+def test_trainer_exports_weights_to_s3_and_a_restart_completes_a_lost_final(tiny_shards, tmp_path, s3):
+    import json
+
+    from himae_dist.checkpoint import load_himae
+    from tests.test_train_distributed import _run_trainer
+
+    fs, opts = s3
+    url = "s3://himae-test/runs/export1"
+    args = ("--steps", "4", "--save-every", "2", "--micro-batch", "8", "--log-every", "2", "--shuffle-shards", "2",
+            "--export-url", url, "--storage-options", json.dumps(opts))
+    out = tmp_path / "run"
+    proc = _run_trainer(tiny_shards, out, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = sorted(p.split("export1/", 1)[1] for p in fs.find("himae-test/runs/export1", refresh=True))
+    assert remote == ["himae_final.pt", "weights/step_0000002.pt", "weights/step_0000004.pt"]
+    for name in remote:  # byte for byte the local files
+        assert fs.cat_file(f"himae-test/runs/export1/{name}") == (out / name).read_bytes(), name
+    model, info = load_himae(f"{url}/himae_final.pt", storage_options=opts)
+    assert info["step"] == 4
+
+    fs.rm_file("himae-test/runs/export1/himae_final.pt")  # e.g. the job died during the last upload
+    proc = _run_trainer(tiny_shards, out, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to train" in proc.stdout and "exported 1 file(s)" in proc.stdout
+    assert fs.cat_file("himae-test/runs/export1/himae_final.pt") == (out / "himae_final.pt").read_bytes()
