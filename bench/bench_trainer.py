@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--length", type=int, default=1000)
     ap.add_argument("--log-every", type=int, default=20)
     a = ap.parse_args(argv)
+    if a.steps < 2 * a.log_every:  # the first log interval is warm-up; at least one more is timed
+        ap.error(f"--steps={a.steps}: expected >= 2 x --log-every ({2 * a.log_every})")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         hist = train(cfg)["history"]
         trainer = sum(h["segments_per_s"] for h in hist[1:]) / len(hist[1:])
         wait = sum(h["data_wait_frac"] for h in hist[1:]) / len(hist[1:])
+        import torch.distributed as dist
+
+        dist.destroy_process_group()  # as the CLI does at exit; a live group slowed the loop after it by ~20 %
         after = plain_loop(batches)
     plain = (before + after) / 2
     overhead = (plain / trainer - 1) * 100

@@ -3,7 +3,8 @@
 DeepSpeed's own bf16 mode casts the parameters but not the buffers (BatchNorm running
 statistics stay fp32), which breaks BatchNorm, and it accumulates and all-reduces gradients in
 bf16. Autocast leaves every parameter, buffer and gradient in fp32 and runs the convolutions
-in bf16.
+in bf16; BatchNorm keeps fp32 weights and running statistics and normalises the bf16
+activations with fp32 accumulation (PyTorch's mixed-dtype batch_norm).
 """
 
 from __future__ import annotations
