@@ -20,11 +20,12 @@ def batchnorms(module: nn.Module) -> list[tuple[str, nn.modules.batchnorm._Batch
 
 
 @torch.no_grad()
-def sync_batchnorm_stats(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Replace every rank's running mean/var by the pooled ones; returns this rank's before (CPU copies)."""
+def sync_batchnorm_stats(module: nn.Module, keep_before: bool = True) -> dict[str, torch.Tensor]:
+    """Replace every rank's running mean/var by the pooled ones; returns this rank's before (CPU copies,
+    a device->host copy: only with keep_before, which saves use and validation does not)."""
     bns = batchnorms(module)
     before = {}
-    for n, m in bns:
+    for n, m in bns if keep_before else ():
         before[f"{n}.running_mean"] = m.running_mean.detach().cpu().clone()
         before[f"{n}.running_var"] = m.running_var.detach().cpu().clone()
     if not bns:

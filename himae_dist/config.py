@@ -175,6 +175,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
             raise ValueError(f"--ds-config={cfg.ds_config}: expected a JSON object, got {type(user).__name__}")
         for path, flag in _OWNED.items():
             mine, theirs = _get(ds, path), _get(user, path)
+            if path in (("bf16",), ("fp16",)) and theirs == {"enabled": False}:
+                continue  # agrees with the fp32 engine: DeepSpeed's bf16/fp16 modes stay off
             if theirs is not None and theirs != mine:
                 raise ValueError(
                     f"--ds-config={cfg.ds_config}: {'.'.join(path)}={theirs!r} contradicts {flag} "

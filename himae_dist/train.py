@@ -115,11 +115,11 @@ class _Window:
     last_logged: int = 0
 
     @classmethod
-    def new(cls, device: torch.device, saved: dict | None = None) -> "_Window":
+    def new(cls, device: torch.device, start: int, saved: dict | None = None) -> "_Window":
         saved = saved or {}
         t = lambda v: torch.tensor(float(v), dtype=torch.float32, device=device)  # noqa: E731
         return cls(t(saved.get("loss_sum", 0.0)), saved.get("loss_n", 0), t(saved.get("val_sum", 0.0)),
-                   saved.get("val_n", 0), saved.get("skipped", 0), saved.get("last_logged", 0))
+                   saved.get("val_n", 0), saved.get("skipped", 0), saved.get("last_logged", start))
 
     def to_dict(self) -> dict:  # host copies: only at saves, which sync anyway
         return {"loss_sum": float(self.loss_sum), "loss_n": self.loss_n, "val_sum": float(self.val_sum),
@@ -214,15 +214,18 @@ def train(cfg: TrainConfig) -> dict:
                        strict=cfg.strict_data, pin_memory=device.type == "cuda", verify=cfg.verify_data)
     try:
         loader, lstate = make_loader(manifest, cfg.micro_batch, state=res.loader, **loader_args)
-    except ValueError as e:
-        if res.loader is None or not cfg.allow_schedule_change:
-            raise ValueError(f"{e}; pass --allow-schedule-change to start a new data stream") from e
+    except ValueError as e:  # the saved stream cannot continue under the loader options given now
+        if res.loader is None:
+            raise
+        if not cfg.allow_schedule_change:
+            raise ValueError(f"{e}; resume with the loader options it was saved with, or pass "
+                             f"--allow-schedule-change to start a new data stream") from e
         loader_args["seed"] = cfg.seed + start  # the loader options changed: a new stream, on every rank alike
         loader, lstate = make_loader(manifest, cfg.micro_batch, **loader_args)
     consumed = lstate.batches
     shard_names = [sh.name for sh in manifest.shards("train")]
     batches = iter(loader)
-    win = _Window.new(device, res.window if res.loader is not None else None)
+    win = _Window.new(device, start, res.window if res.loader is not None else None)
     validator = Validator(manifest, cfg, rank, world, device, objective, bf16) if cfg.val_every else None
     grad_norm = torch.zeros((), device=device)
     log = TrainLog(cfg, rank, start, out, cfg.micro_batch * cfg.grad_accum * world, device)

@@ -47,7 +47,7 @@ class Validator:
     @torch.no_grad()
     def run(self, model: torch.nn.Module, plot=None, step: int = 0) -> torch.Tensor:
         """Collective (BatchNorm pooling): the sum of this rank's batch losses, a device scalar."""
-        sync_batchnorm_stats(model)
+        sync_batchnorm_stats(model, keep_before=False)  # no host copy
         model.eval()
         total = torch.zeros((), device=self.device)
         for i, sig in enumerate(self.batches):

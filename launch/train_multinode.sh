@@ -2,7 +2,7 @@
 # Multi-node GPU pretraining with torchrun (NCCL). Run once per node with the same MASTER_ADDR.
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 bash launch/train_multinode.sh s3://bucket/shards runs/big [flags...]
 # The same trainer runs under the DeepSpeed launcher:
-#   deepspeed --hostfile launch/hostfile.example --module himae_dist.train --data ... --ds-config launch/ds_config.json
+#   HOSTFILE=launch/hostfile.example bash launch/train_deepspeed.sh s3://bucket/shards /shared/runs/big
 set -euo pipefail
 data=$1 out=$2; shift 2
 exec "${PYTHON:-python}" -m torch.distributed.run --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \

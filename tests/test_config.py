@@ -33,9 +33,12 @@ def test_schedule_warms_up_decays_and_never_gives_lr_zero():
 
 
 def test_user_deepspeed_json_is_merged(tmp_path):
-    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 1, "overlap_comm": True}}))
+    user = {"zero_optimization": {"stage": 1, "overlap_comm": True}, "bf16": {"enabled": False},
+            "train_micro_batch_size_per_gpu": 64}  # values that agree with the flags are accepted
+    (tmp_path / "ds.json").write_text(json.dumps(user))
     ds = deepspeed_config(parse_config(["--data", "d", "--zero-stage", "1", "--ds-config", str(tmp_path / "ds.json")]), 1)
     assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True}
+    assert ds["bf16"] == {"enabled": False} and ds["train_micro_batch_size_per_gpu"] == 64
 
 
 @pytest.mark.parametrize("user,match", [

@@ -66,6 +66,11 @@ def test_two_rank_deepspeed_run_loss_falls_and_resumes(tiny_shards, tmp_path):
     assert "nothing to train" in log and (out / "himae_final.pt").read_bytes() == final_bytes
     assert {f.name: f.stat().st_mtime_ns for f in tag.iterdir()} == before
 
+    refused = _run_trainer(tiny_shards, out, ("--steps", "40", "--micro-batch", "16", "--log-every", "5",
+                                              "--shuffle-shards", "2", "--num-workers", "1"))
+    assert refused.returncode != 0  # the saved stream was read by 0 workers per rank
+    assert "cannot continue the data stream exactly" in refused.stderr, refused.stderr[-2000:]
+    assert "'num_workers': (0, 1)" in refused.stderr and "--allow-schedule-change" in refused.stderr
     refused = _run_trainer(tiny_shards, out, ("--steps", "50", "--micro-batch", "16", "--log-every", "5",
                                               "--shuffle-shards", "2"))
     assert refused.returncode != 0

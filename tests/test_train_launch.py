@@ -1,10 +1,12 @@
-"""launch/train_slurm.sbatch as SLURM would run it on one node (srun replaced by `env`): 2 CPU ranks, ZeRO 1, wandb offline."""
+"""The launch scripts on one CPU node: SLURM (srun replaced by `env`; ZeRO 1, wandb offline) and the DeepSpeed launcher."""
 
 import json
 import os
 import socket
 import subprocess
 from pathlib import Path
+
+import sys
 
 import pytest
 
@@ -32,3 +34,19 @@ def test_slurm_script_trains_with_the_zero_stage_it_says(tiny_shards, tmp_path):
     assert all(0 < h["grad_norm"] < 100 for h in hist), hist  # ZeRO 1 holds the gradients: DeepSpeed's norm
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # --wandb offline: rank 0's local run log
     assert len(runs) == 1 and runs[0].stat().st_size > 0, list((out / "wandb").glob("*"))
+
+
+def test_deepspeed_launcher_script_trains_two_ranks(tiny_shards, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, NPROC="2", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               DEEPSPEED=str(Path(sys.executable).parent / "deepspeed"))
+    out = tmp_path / "run"
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "train_deepspeed.sh"), str(tiny_shards), str(out),
+                           "--steps", "4", "--micro-batch", "8", "--log-every", "2", "--num-workers", "0",
+                           "--shuffle-shards", "2"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "world=2" in proc.stdout and "--local_rank=1" in proc.stdout + proc.stderr  # the launcher's own ranks
+    assert json.loads((out / "ds_config.json").read_text())["zero_optimization"] == {"stage": 1, "overlap_comm": True}
+    assert (out / "himae_final.pt").is_file()
