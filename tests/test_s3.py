@@ -93,12 +93,17 @@ def test_index_and_hdf5_read_from_s3(tmp_path, s3):
     assert m["n_samples"] == 3 and m["skipped"] == {"missing_file": 1}
 
 
-def test_unreachable_s3_is_one_clear_error_naming_the_url(tmp_path, monkeypatch, tiny_cohort):
+def _dead_endpoint(monkeypatch) -> dict:
+    """storage_options of an S3 endpoint nobody listens on, with retries cut to one quick attempt."""
     monkeypatch.setattr("data_prep.storage.RETRIES", 1)
     monkeypatch.setattr("data_prep.storage.BACKOFF_S", 0.01)
-    dead = {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{_free_port()}",
+    return {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{_free_port()}",
                                                          "region_name": "us-east-1"},
             "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+
+
+def test_unreachable_s3_is_one_clear_error_naming_the_url(tmp_path, monkeypatch, tiny_cohort):
+    dead = _dead_endpoint(monkeypatch)
     import json
 
     with pytest.raises(SystemExit, match=r"himae-prep: error: .*s3://himae-test/nowhere.*failed 2 times; last error"):
@@ -241,11 +246,7 @@ def test_unreachable_export_is_one_clear_error_naming_the_url(tmp_path, monkeypa
     from himae_dist.weights_export import sync_exports
     from probes.evaluate import main as probe_main
 
-    monkeypatch.setattr("data_prep.storage.RETRIES", 1)
-    monkeypatch.setattr("data_prep.storage.BACKOFF_S", 0.01)
-    dead = {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{_free_port()}",
-                                                         "region_name": "us-east-1"},
-            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    dead = _dead_endpoint(monkeypatch)
     _fake_run(tmp_path)
     with pytest.raises(StorageError, match=r"s3://himae-test/gone.*failed 2 times; last error"):
         sync_exports(tmp_path, "s3://himae-test/gone", dead)
