@@ -3,7 +3,7 @@
 Defaults are the seed's recipe: patch 5, mask ratio 0.8, AdamW lr 1e-3, weight decay 1e-3,
 10 % linear warmup then linear decay. Values come from the dataclass defaults, then an
 optional `--config FILE.json`, then command-line flags; the resolved result is printed at start.
-The optimizer and schedule are built by the trainer (`make_optimizer`, `lr_lambda`), not by
+The optimizer and schedule are built by the trainer (`train.build_engine`, `lr_lambda`), not by
 DeepSpeed: PyTorch's fused AdamW on GPUs (no JIT build), and a schedule whose every update has
 lr > 0. A user `--ds-config` may tune DeepSpeed but not contradict a flag (`deepspeed_config`).
 """
@@ -84,8 +84,12 @@ class TrainConfig:
             bad("wandb", "off, offline or online")
         if self.plot_every < 0:
             bad("plot_every", "an integer >= 0")
-        if self.plot_every and not self.val_every:
-            bad("plot_every", "0 unless --val-every is set too (the plots show validation samples)")
+        if self.plot_every and (not self.val_every or self.plot_every % self.val_every):
+            bad("plot_every", "0, or a multiple of --val-every (the plots show validation samples)")
+        if not self.lr > 0:
+            bad("lr", "a learning rate > 0")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            bad("weight_decay" if self.weight_decay < 0 else "grad_clip", "a value >= 0")
         if self.val_every < 0 or self.val_batches < 1:
             bad("val_every" if self.val_every < 0 else "val_batches", ">= 0" if self.val_every < 0 else ">= 1")
         if self.num_workers < 0 or self.save_every < 0:
@@ -210,10 +214,39 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def schedule_params(cfg: TrainConfig, world_size: int) -> dict:
-    """What must not change on resume (the update sequence depends on it)."""
+    """What a checkpoint records of the run; a resume with other values is no longer exact (`resume_refusal`)."""
     return {"steps": cfg.steps, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps,
             "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "world_size": world_size,
-            "seed": cfg.seed, "mask_ratio": cfg.mask_ratio, "patch_size": cfg.patch_size}
+            "seed": cfg.seed, "mask_ratio": cfg.mask_ratio, "patch_size": cfg.patch_size,
+            "grad_clip": cfg.grad_clip, "precision": cfg.precision, "loss_impl": cfg.loss_impl,
+            "in_chans": cfg.in_chans, "channels": list(cfg.channels), "zero_stage": cfg.zero_stage}
+
+
+_FIXED = ("in_chans", "channels", "zero_stage")  # the checkpoint's files cannot be loaded otherwise
+
+
+def resume_refusal(saved: dict, now: dict, allow_change: bool) -> tuple[dict, str | None]:
+    """(changed values {key: (saved, now)}, why the resume is refused or None).
+
+    Keys a checkpoint does not record (an older run state) are not compared. The model shape and
+    ZeRO stage never change on resume, nor the world size under ZeRO (its optimizer partitions
+    are per rank); everything else may with --allow-schedule-change.
+    """
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and _plain(saved[k]) != _plain(v)}
+    fixed = {k: changed[k] for k in _FIXED if k in changed}
+    if now["zero_stage"] > 0 and "world_size" in changed:
+        fixed["world_size"] = changed["world_size"]
+    if fixed:
+        return changed, (f"cannot resume with {fixed} (saved, now): the model shape and ZeRO stage are fixed for a run, "
+                         f"and so is the world size under ZeRO (optimizer partitions per rank); start a fresh --out")
+    if changed and not allow_change:
+        return changed, (f"trained with a different schedule (saved, now): {changed}; resume with the same flags, "
+                         f"or pass --allow-schedule-change")
+    return changed, None
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _merge(base: dict, over: dict) -> None:

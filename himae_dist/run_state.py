@@ -146,14 +146,26 @@ def choose_resume(ckpt_dir: Path, rank: int) -> tuple[str | None, dict | None]:
     return tag, broadcast(state)
 
 
-def schedule_changes(saved: dict, now: dict) -> dict:
-    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-
-
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after `step` (they belong to the run that was interrupted), atomically."""
+    """Drop records after `step` (they belong to the run that was interrupted), atomically.
+
+    A line that does not parse (torn by a crash mid-append) is dropped with a warning naming it,
+    instead of blocking every resume.
+    """
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = []
+    for i, ln in enumerate(path.read_text().splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except ValueError as e:
+            print(f"[himae-train] warning: {path} line {i} is not a metrics record ({e}); dropped", flush=True)
+            continue
+        if rec["step"] <= step:
+            keep.append(ln)
     with atomic_path(path) as tmp:
         tmp.write_text("".join(ln + "\n" for ln in keep))

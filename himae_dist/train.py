@@ -29,7 +29,8 @@ from himae_dist import run_state, weights_export
 from himae_dist.bn_sync import digest as bn_digest
 from himae_dist.bn_sync import sync_batchnorm_stats
 from himae_dist.checkpoint import save_weights
-from himae_dist.config import TrainConfig, deepspeed_config, lr_lambda, parse_config, resolved, schedule_params
+from himae_dist.config import (TrainConfig, deepspeed_config, lr_lambda, parse_config, resolved, resume_refusal,
+                               schedule_params)
 from himae_dist.guards import NonFiniteError, bad_rows, check_weights_finite, describe
 from himae_dist.model import HiMAE
 from himae_dist.objective import make_objective
@@ -142,10 +143,9 @@ def _resume(engine, optimizer, scheduler, cfg: TrainConfig, ckpt_dir: Path, out:
         if rank == 0:  # a fresh start (or a restart before the first checkpoint): no stale records
             run_state.truncate_metrics(out / "metrics.jsonl", 0)
         return _Resume(stream_seed=cfg.seed)
-    changed = run_state.schedule_changes(saved["schedule"], schedule_params(cfg, world))
-    if changed and not cfg.allow_schedule_change:
-        raise ValueError(f"{ckpt_dir / tag} was trained with a different schedule (saved, now): {changed}; "
-                         f"resume with the same flags, or pass --allow-schedule-change")
+    changed, refusal = resume_refusal(saved["schedule"], schedule_params(cfg, world), cfg.allow_schedule_change)
+    if refusal:
+        raise ValueError(f"{ckpt_dir / tag}: {refusal}")
     engine.load_checkpoint(str(ckpt_dir), tag=tag)
     start = engine.global_steps
     if start != saved["step"]:
@@ -165,6 +165,7 @@ def _resume(engine, optimizer, scheduler, cfg: TrainConfig, ckpt_dir: Path, out:
     elif rank == 0:
         print(f"[himae-train] world size {len(saved['ranks'])} -> {world}: a new data stream starts "
               f"(seed {res.stream_seed})", flush=True)
+        res.window = {"skipped": sum(r.get("window", {}).get("skipped", 0) for r in saved["ranks"]), "last_logged": start}
     if rank == 0:
         run_state.truncate_metrics(out / "metrics.jsonl", start)
         print(f"[himae-train] resumed from {ckpt_dir / tag} at step {start}", flush=True)
@@ -203,7 +204,10 @@ def train(cfg: TrainConfig) -> dict:
 
     # The stream position is the number of micro-batches consumed, so a resumed run continues it.
     # Rank 0 lists the shards once and every rank takes the same decision (no rank waits in a collective alone).
-    broken = run_state.broadcast(check_shards(manifest, "train", cfg.storage_options) if rank == 0 else None)
+    exporter = weights_export.Exporter(out, cfg.export_url, cfg.storage_options) if cfg.export_url and rank == 0 else None
+    broken, problem = run_state.broadcast(_start_checks(manifest, cfg, exporter) if rank == 0 else None)
+    if problem:
+        raise ValueError(problem)
     if broken and cfg.strict_data:
         raise ValueError(f"{manifest.url}: {len(broken)} shard(s) missing or damaged: {broken[:5]}; re-run himae-prep")
     if broken and rank == 0:
@@ -222,10 +226,13 @@ def train(cfg: TrainConfig) -> dict:
                              f"--allow-schedule-change to start a new data stream") from e
         loader_args["seed"] = cfg.seed + start  # the loader options changed: a new stream, on every rank alike
         loader, lstate = make_loader(manifest, cfg.micro_batch, **loader_args)
+        if rank == 0:
+            print(f"[himae-train] loader options changed ({e}): a new data stream starts (seed {cfg.seed + start})",
+                  flush=True)
     consumed = lstate.batches
     shard_names = [sh.name for sh in manifest.shards("train")]
     batches = iter(loader)
-    win = _Window.new(device, start, res.window if res.loader is not None else None)
+    win = _Window.new(device, start, res.window)
     validator = Validator(manifest, cfg, rank, world, device, objective, bf16) if cfg.val_every else None
     grad_norm = torch.zeros((), device=device)
     log = TrainLog(cfg, rank, start, out, cfg.micro_batch * cfg.grad_accum * world, device)
@@ -235,6 +242,8 @@ def train(cfg: TrainConfig) -> dict:
     def save(step: int, final: bool = False, checkpoint: bool = True) -> None:
         state = {"loader": dataclasses.replace(lstate, batches=consumed).to_dict(), "window": win.to_dict()}
         _save(engine, ckpt_dir, out, step, rank, extra, state, schedule, cfg, final, checkpoint)
+        if exporter:
+            exporter.kick()  # uploads in the background: no rank waits on the store in a collective
 
     if rank == 0 and start >= cfg.steps:
         print(f"[himae-train] already at step {start} >= --steps={cfg.steps}; nothing to train", flush=True)
@@ -304,6 +313,8 @@ def train(cfg: TrainConfig) -> dict:
         save(max(start, cfg.steps), final=True, checkpoint=start < cfg.steps)
     watchdog.stop()
     log.close()
+    if exporter:  # after the last collective: the other ranks may exit meanwhile
+        exporter.finish()
     return {"history": history, "start_step": start}
 
 
@@ -324,33 +335,39 @@ def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, extra: dict, 
         if final:
             save_weights(engine.module, out / "himae_final.pt", step, extra)
             print(f"[himae-train] wrote {out / 'himae_final.pt'} (step {step})", flush=True)
-        if cfg.export_url:
-            _export(out, cfg, final)
         run_state.prune(ckpt_dir, cfg.keep_checkpoints)
     dist.barrier()  # nobody runs ahead of (or exits before) rank 0's writes
 
 
+def _start_checks(manifest, cfg: TrainConfig, exporter) -> tuple[list[str], str | None]:
+    """Rank 0, before the first step: damaged shards (train, and val when validating; fatal in val,
+    which every rank caches at start) and an --export-url that cannot be written."""
+    broken = check_shards(manifest, "train", cfg.storage_options)
+    if cfg.val_every and manifest.splits.get("val"):
+        bad_val = check_shards(manifest, "val", cfg.storage_options)
+        if bad_val:
+            return broken, f"{manifest.url}: val shard(s) missing or damaged: {bad_val[:5]}; re-run himae-prep"
+    if exporter is not None:
+        try:
+            exporter.check()
+        except Exception as e:  # noqa: BLE001 (named, on every rank)
+            return broken, f"--export-url={cfg.export_url}: cannot write there: {type(e).__name__}: {e}"
+    return broken, None
+
+
 def _needs_final(start: int, out: Path, cfg: TrainConfig) -> bool:
-    """Rank 0: steps left, or the final weights missing here or at --export-url (a restart after the last step)."""
-    if start < cfg.steps or not (out / "himae_final.pt").exists():
+    """Rank 0: steps left, or the final weights missing, from another step (a resume to more steps
+    killed before the last write), or not the same at --export-url."""
+    final = out / weights_export.FINAL_NAME
+    if start < cfg.steps or not final.exists():
         return True
-    return bool(cfg.export_url) and not weights_export.exported(cfg.export_url, cfg.storage_options, "himae_final.pt")
-
-
-def _export(out: Path, cfg: TrainConfig, final: bool) -> None:
-    """Rank 0: place every exported weights file not yet at --export-url. A failure is retried at the next
-    save (the sync is idempotent); at the final save it is an error, so the run does not end without them."""
     try:
-        sent = weights_export.sync_exports(out, cfg.export_url, cfg.storage_options,
-                                           refresh=(weights_export.FINAL_NAME,) if final else ())
-    except StorageError as e:
-        if final:
-            raise
-        print(f"[himae-train] warning: export to {cfg.export_url} failed, retried at the next save: {e}",
-              file=sys.stderr, flush=True)
-        return
-    if sent:
-        print(f"[himae-train] exported {len(sent)} file(s) to {cfg.export_url}", flush=True)
+        if torch.load(final, map_location="cpu", weights_only=True).get("step") != start:
+            return True
+        return bool(cfg.export_url) and not weights_export.same_bytes(
+            cfg.export_url, cfg.storage_options, weights_export.FINAL_NAME, final)
+    except Exception:  # noqa: BLE001 (unreadable here or there: write and export it again)
+        return True
 
 
 def _as_scalar(value, device: torch.device) -> torch.Tensor:
@@ -383,8 +400,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"(a rank stalled or died): {str(e).splitlines()[0]}")
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.barrier()
+    if dist.is_initialized():  # no barrier: rank 0 may still be uploading the final weights (no collective)
         dist.destroy_process_group()
 
 

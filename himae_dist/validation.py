@@ -14,7 +14,7 @@ import sys
 import torch
 
 from himae_dist.bn_sync import sync_batchnorm_stats
-from himae_dist.guards import bad_rows
+from himae_dist.guards import NonFiniteError, bad_rows, describe
 from himae_dist.precision import autocast
 from himae_dist.streaming import make_loader
 
@@ -32,11 +32,17 @@ class Validator:
         loader, _ = make_loader(manifest, cfg.micro_batch, seed=cfg.seed, rank=rank, world_size=world,
                                 num_workers=0, shuffle_shards=cfg.shuffle_shards, split="val",
                                 storage_options=cfg.storage_options, strict=cfg.strict_data)
-        it = iter(loader)
+        it, names = iter(loader), [sh.name for sh in manifest.shards("val")]
         for _ in range(cfg.val_batches):
-            b = next(it)
-            if len(bad_rows(b["signal"])):
-                print(f"[himae-train] warning: a val batch has NaN/inf; it is replaced by the next", file=sys.stderr)
+            b, tries = next(it), 0
+            while len(rows := bad_rows(b["signal"])):  # as training batches: --on-nonfinite abort|skip
+                what = f"rank {rank}, validation: {describe(b, rows, names)}"
+                if cfg.on_nonfinite == "abort":
+                    raise NonFiniteError(f"{what}; fix the data or pass --on-nonfinite skip")
+                tries += 1
+                if tries > 100:
+                    raise NonFiniteError(f"{what}: 100 val batches in a row had NaN/inf; the val split is broken")
+                print(f"[himae-train] warning: skipped a val batch ({what})", file=sys.stderr, flush=True)
                 b = next(it)
             self.batches.append(b["signal"])  # [B, C, L] host, stored dtype
 

@@ -4,15 +4,19 @@ The trainer writes `weights/step_*.pt` and `himae_final.pt` locally on rank 0; `
 makes the export folder hold the same files under the same names. It lists the export once and
 uploads only what is missing there or differs in size, each file as one atomic PUT with retries
 (`data_prep.storage.Folder.upload`), so calling it after every save is cheap and retries any
-upload an earlier call lost. `himae_final.pt` goes last: an export that holds it is complete.
+upload an earlier call lost. `himae_final.pt` goes last. `Exporter` runs those syncs on rank 0
+in a background thread, so no rank waits on the object store inside a collective.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+import threading
+import uuid
 from pathlib import Path
 
-from data_prep.storage import Folder
+from data_prep.storage import Folder, StorageError
 
 FINAL_NAME = "himae_final.pt"
 _STEP = re.compile(r"step_(\d+)\.pt")
@@ -54,3 +58,73 @@ def sync_exports(out: str | Path, url: str, storage_options: dict | None = None,
 def exported(url: str, storage_options: dict | None = None, name: str = FINAL_NAME) -> bool:
     """Whether the export folder at `url` holds `name` (default `himae_final.pt`); one call, with retries."""
     return Folder(url, storage_options).exists(name)
+
+
+def same_bytes(url: str, storage_options: dict | None, name: str, local: str | Path) -> bool:
+    """Whether the export holds `name` with exactly the bytes of the local file (one read; weights are MBs)."""
+    folder = Folder(url, storage_options)
+    try:
+        return folder.read_bytes(name) == Path(local).read_bytes()
+    except FileNotFoundError:
+        return False
+
+
+class Exporter:
+    """Rank 0's uploads to --export-url, off the training loop: one sync at a time, in a thread.
+
+    A save only kicks a sync, so the other ranks never wait on the store inside a collective
+    (nor past --collective-timeout-s). A failed sync is a warning, and the next kick retries it
+    (the sync is idempotent). `finish()`, after the last collective, waits for the thread, then
+    syncs once more in the foreground, uploading the final weights again, and raises if that fails.
+    """
+
+    def __init__(self, out: str | Path, url: str, storage_options: dict | None = None):
+        self.out, self.url, self.storage_options = Path(out), url, storage_options
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._again = False
+
+    def check(self) -> None:
+        """At start: write and remove a small file at the URL, so a typo or a missing permission is
+        an error before the first step, not at the first save."""
+        folder = Folder(self.url, self.storage_options, create=True)
+        name = f".himae_export_check_{uuid.uuid4().hex}"
+        folder.write_bytes(name, b"ok")
+        folder.remove(name)
+
+    def kick(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                self._again = True  # the running sync goes round once more
+                return
+            self._thread = threading.Thread(target=self._run, name="himae-export", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                sent = sync_exports(self.out, self.url, self.storage_options)
+                if sent:
+                    print(f"[himae-train] exported {len(sent)} file(s) to {self.url}", flush=True)
+            except Exception as e:  # noqa: BLE001 (any failure: warn, the next kick retries)
+                print(f"[himae-train] warning: export to {self.url} failed, retried at the next save: "
+                      f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            with self._lock:
+                if not self._again:
+                    self._thread = None
+                    return
+                self._again = False
+
+    def finish(self) -> list[str]:
+        """Wait for the background sync, then upload whatever is missing and the final weights again."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        try:
+            sent = sync_exports(self.out, self.url, self.storage_options, refresh=(FINAL_NAME,))
+        except Exception as e:  # noqa: BLE001 (one clear error naming the URL)
+            raise StorageError(f"export to {self.url} failed at the end of the run: {type(e).__name__}: {e}; "
+                               f"a re-run uploads what is missing") from e
+        print(f"[himae-train] exported {len(sent)} file(s) to {self.url}", flush=True)
+        return sent

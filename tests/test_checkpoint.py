@@ -89,3 +89,41 @@ def test_sync_exports_to_a_local_folder(tmp_path):
         assert (dest / n).read_bytes() == (run / n).read_bytes() and (dest / n).stat().st_mode & 0o777 == 0o644
     model, info = load_himae(f"file://{dest}/himae_final.pt")
     assert info["step"] == 1000 and model.config.channels == (4, 8)
+
+
+def test_exporter_warns_and_retries_a_failed_sync_and_its_finish_reuploads_the_final(tmp_path, monkeypatch, capsys):
+    from data_prep.storage import StorageError
+    from himae_dist import weights_export
+
+    run, dest = tmp_path / "run", tmp_path / "export"
+    exporter = weights_export.Exporter(run, str(dest))
+    exporter.check()  # writable: nothing left behind
+    assert list(dest.iterdir()) == []
+    save_weights(HiMAE(1, (4, 8)), run / "weights" / "step_1.pt", step=1)
+    real, calls = weights_export.sync_exports, []
+
+    def flaky(*args, **kwargs):
+        calls.append(kwargs.get("refresh", ()))
+        if len(calls) == 1:
+            raise OSError("store unreachable")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weights_export, "sync_exports", flaky)
+    exporter.kick()
+    exporter._thread and exporter._thread.join()
+    assert "warning: export to" in capsys.readouterr().err and not (dest / "weights").exists()
+    save_weights(HiMAE(1, (4, 8)), run / "himae_final.pt", step=1)
+    (dest / "himae_final.pt").write_bytes(b"x" * (run / "himae_final.pt").stat().st_size)  # stale, same size
+    exporter.kick()  # the next save retries
+    exporter.finish()
+    assert calls[-1] == ("himae_final.pt",)  # finish uploads the final whatever the export holds
+    for name in ("weights/step_1.pt", "himae_final.pt"):
+        assert (dest / name).read_bytes() == (run / name).read_bytes()
+    assert weights_export.same_bytes(str(dest), None, "himae_final.pt", run / "himae_final.pt")
+
+    monkeypatch.setattr(weights_export, "sync_exports", lambda *a, **k: (_ for _ in ()).throw(OSError("gone")))
+    with pytest.raises(StorageError, match=f"export to {dest} failed at the end of the run: OSError: gone"):
+        exporter.finish()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OSError):  # the trainer names --export-url with it, before the first step
+        weights_export.Exporter(run, str(tmp_path / "afile" / "exp")).check()

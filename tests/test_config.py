@@ -66,7 +66,11 @@ def test_shipped_multinode_ds_config_matches_the_stage_its_script_passes():
     (["--data", "d", "--steps", "0"], r"--steps=0: expected an integer >= 1"),
     (["--data", "d", "--zero-stage", "3"], r"--zero-stage=3"),
     (["--steps", "5"], r"--data='': expected a manifest"),
-    (["--data", "d", "--plot-every", "10"], r"--plot-every=10: expected 0 unless --val-every is set"),
+    (["--data", "d", "--plot-every", "10"], r"--plot-every=10: expected 0, or a multiple of --val-every"),
+    (["--data", "d", "--plot-every", "6", "--val-every", "4"], r"--plot-every=6: expected 0, or a multiple"),
+    (["--data", "d", "--lr", "0"], r"--lr=0\.0: expected a learning rate > 0"),
+    (["--data", "d", "--weight-decay", "-1"], r"--weight-decay=-1\.0: expected a value >= 0"),
+    (["--data", "d", "--grad-clip", "-1"], r"--grad-clip=-1\.0: expected a value >= 0"),
 ])
 def test_bad_options_are_named(argv, match):
     with pytest.raises(ValueError, match=match):
@@ -77,3 +81,25 @@ def test_unknown_config_key_is_named(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"data": "d", "learning_rate": 1}))
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\]"):
         parse_config(["--config", str(tmp_path / "c.json")])
+
+
+def test_resume_refusals_name_what_changed():
+    from himae_dist.config import resume_refusal, schedule_params
+
+    def sched(*argv, world=2):
+        return schedule_params(parse_config(["--data", "d", *argv]), world)
+
+    saved = sched("--zero-stage", "1")
+    assert resume_refusal(saved, sched("--zero-stage", "1"), False) == ({}, None)
+    changed, why = resume_refusal(saved, sched("--zero-stage", "1", "--steps", "2000", "--lr", "5e-4"), False)
+    assert changed == {"steps": (1000, 2000), "warmup_steps": (100, 200), "lr": (1e-3, 5e-4)}
+    assert "--allow-schedule-change" in why
+    assert resume_refusal(saved, sched("--zero-stage", "1", "--precision", "bf16"), True)[1] is None
+    for argv, world, key in ((("--zero-stage", "1"), 4, "world_size"), (("--zero-stage", "0"), 2, "zero_stage"),
+                             (("--zero-stage", "1", "--channels", "8,16"), 2, "channels")):
+        changed, why = resume_refusal(saved, sched(*argv, world=world), True)  # refused even when allowed
+        assert f"'{key}'" in why and "start a fresh --out" in why, (key, why)
+    stage0 = sched()  # ZeRO 0 keeps no per-rank optimizer partitions: another world size is allowed
+    assert resume_refusal(stage0, sched(world=3), True)[1] is None
+    old = {k: v for k, v in stage0.items() if k not in ("precision", "channels")}  # an older run state
+    assert resume_refusal(old, sched("--precision", "bf16"), False) == ({}, None)

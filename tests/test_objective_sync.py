@@ -92,17 +92,18 @@ def test_trainer_reads_the_loss_once_per_log_step(tiny_shards, tmp_path):
         port = s.getsockname()[1]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # 4 steps x 3 micro-steps, logged at steps 2 and 4
+    # 4 steps x 3 micro-steps, logged and validated at steps 2 and 4
     args = ["--data", str(tiny_shards), "--out", str(tmp_path / "run"), "--num-workers", "0", "--steps", "4",
             "--grad-accum", "3", "--micro-batch", "8", "--log-every", "2", "--shuffle-shards", "2",
-            "--loss-impl", "reference"]
+            "--loss-impl", "reference", "--val-every", "2", "--val-batches", "1"]
     proc = subprocess.run([sys.executable, "-c", _TRAIN_UNDER_RECORDER, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("SITES ")]
     sites = json.loads(line[len("SITES "):])
     # the loader's set-up and fetch work on host tensors before the copy to the device: not a GPU sync
-    in_loop = [s for s in sites if ("train.py" in s or "kernels/" in s or "objective.py" in s)
+    in_loop = [s for s in sites if any(f in s for f in ("train.py", "kernels/", "objective.py", "validation.py",
+                                                        "train_log.py"))
                and "next(batches)" not in s and "iter(loader)" not in s
                and '{"loss_sum": float(self.loss_sum)' not in s]  # the log window kept in a checkpoint: at saves
     # per log step: loss, val loss, grad norm, skipped batches: four host reads of the one copy
@@ -110,4 +111,4 @@ def test_trainer_reads_the_loss_once_per_log_step(tiny_shards, tmp_path):
     assert len(in_loop) == 2 * 4, in_loop
     assert all("(float(v) for v in host)" in s for s in in_loop), in_loop
     hist = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in hist] == [2, 4] and all(h["loss"] > 0 for h in hist)
+    assert [h["step"] for h in hist] == [2, 4] and all(h["loss"] > 0 and h["val_loss"] > 0 for h in hist)

@@ -33,6 +33,14 @@ def test_metrics_are_truncated_to_the_resumed_step(tmp_path):
     assert [json.loads(x)["step"] for x in m.read_text().splitlines()] == [5, 10]
 
 
+def test_a_torn_metrics_line_is_dropped_with_a_warning_not_a_blocked_resume(tmp_path, capsys):
+    m = tmp_path / "metrics.jsonl"
+    m.write_text('{"step": 5, "loss": 0.2}\n{"step": 10, "loss": 0.1}\n{"step": 15, "lo')  # killed mid-append
+    run_state.truncate_metrics(m, 15)
+    assert m.read_text() == '{"step": 5, "loss": 0.2}\n{"step": 10, "loss": 0.1}\n'
+    assert f"{m} line 3 is not a metrics record" in capsys.readouterr().out
+
+
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     import random
 

@@ -57,13 +57,19 @@ def test_two_rank_deepspeed_run_loss_falls_and_resumes(tiny_shards, tmp_path):
     for (k, a), b in zip(model.state_dict().items(), ds_model.state_dict().values()):
         assert torch.equal(a.float(), b.float()), k
 
-    # a restart after the last step (final weights lost) re-exports them, leaving the checkpoint as it is
+    # a restart after the last checkpoint whose final weights are lost, or from an earlier step (a run
+    # resumed to more steps, killed before its last write), writes them again, leaving the checkpoint as it is
     tag = out / "checkpoints" / "step0000040"
     before = {f.name: f.stat().st_mtime_ns for f in tag.iterdir()}
     final_bytes = (out / "himae_final.pt").read_bytes()
-    (out / "himae_final.pt").unlink()
-    log = _torchrun(tiny_shards, out, steps=40)
-    assert "nothing to train" in log and (out / "himae_final.pt").read_bytes() == final_bytes
+    for damage in ("lost", "stale"):
+        if damage == "lost":
+            (out / "himae_final.pt").unlink()
+        else:
+            stale = torch.load(out / "himae_final.pt", weights_only=True)
+            torch.save({**stale, "step": 30}, out / "himae_final.pt")
+        log = _torchrun(tiny_shards, out, steps=40)
+        assert "nothing to train" in log and (out / "himae_final.pt").read_bytes() == final_bytes, damage
     assert {f.name: f.stat().st_mtime_ns for f in tag.iterdir()} == before
 
     refused = _run_trainer(tiny_shards, out, ("--steps", "40", "--micro-batch", "16", "--log-every", "5",

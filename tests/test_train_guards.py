@@ -16,13 +16,14 @@ ARGS = ("--steps", "6", "--micro-batch", "8", "--log-every", "3", "--shuffle-sha
 
 @pytest.fixture(scope="module")
 def nan_shards(tiny_shards, tmp_path_factory):
-    """tiny_shards with NaN in the first 8 segments of every train shard (same sizes: the manifest still fits)."""
+    """tiny_shards with NaN in the first 8 segments of every train shard and 4 of the val shard's
+    (same sizes: the manifest still fits)."""
     out = tmp_path_factory.mktemp("nan") / "shards"
     shutil.copytree(tiny_shards, out)
-    for f in sorted((out / "train").glob("*.tar")):
+    for f in sorted((out / "train").glob("*.tar")) + sorted((out / "val").glob("*.tar")):
         data = bytearray(f.read_bytes())
         block = next(read_shard_blocks(data, str(f)))  # arrays view `data`
-        block.signal[:8, 0, 3] = np.nan
+        block.signal[:8 if "train" in f.parent.name else 4, 0, 3] = np.nan
         f.write_bytes(bytes(data))
     return out
 
@@ -33,16 +34,22 @@ def test_nan_batch_aborts_naming_shard_and_key(nan_shards, tmp_path):
     assert "sample(s) with NaN/inf, shard(s) ['train/shard-" in proc.stderr, proc.stderr[-3000:]
     assert "key(s) ['" in proc.stderr and "--on-nonfinite skip" in proc.stderr
     assert not (tmp_path / "abort" / "himae_final.pt").exists()
+    proc = _run_trainer(nan_shards, tmp_path / "abort_val", (*ARGS, "--val-every", "3", "--val-batches", "2"))
+    assert proc.returncode != 0  # the val batches are read at start, before the first step
+    assert "validation: " in proc.stderr and "sample(s) with NaN/inf, shard(s) ['val/shard-" in proc.stderr, \
+        proc.stderr[-3000:]
 
 
 def test_nan_batch_is_skipped_with_a_warning_and_training_stays_finite(nan_shards, tmp_path):
-    proc = _run_trainer(nan_shards, tmp_path / "skip", (*ARGS, "--on-nonfinite", "skip"))
+    proc = _run_trainer(nan_shards, tmp_path / "skip", (*ARGS, "--on-nonfinite", "skip", "--val-every", "3",
+                                                        "--val-batches", "2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "warning: skipped batch 1 of this rank" in proc.stderr
+    assert "warning: skipped batch 1 of this rank" in proc.stderr and "warning: skipped a val batch" in proc.stderr
     assert "wrote" in proc.stdout  # final weights were checked finite before writing
     hist = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     counts = [h["skipped_batches"] for h in hist]  # all ranks, since step 0
     assert counts[0] >= 2 and counts == sorted(counts), counts  # every rank met a NaN block in its first shard
+    assert [h["step"] for h in hist if "val_loss" in h] == [3, 6] and all(0 < h["val_loss"] < 1 for h in hist[:2])
 
 
 @pytest.mark.parametrize("log_every,save_every,where", [
@@ -57,3 +64,13 @@ def test_diverged_run_fails_and_never_saves_non_finite_weights(tiny_shards, tmp_
     assert where in proc.stderr, proc.stderr[-3000:]
     assert not (out / "himae_final.pt").exists() and not (out / "weights").exists()
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("step*/himae_run_state.pt"))
+
+
+def test_unwritable_export_url_is_refused_before_the_first_step(tiny_shards, tmp_path):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "run"
+    proc = _run_trainer(tiny_shards, out, (*ARGS, "--export-url", str(tmp_path / "afile" / "export")))
+    assert proc.returncode != 0
+    assert f"himae-train: error: --export-url={tmp_path / 'afile' / 'export'}: cannot write there" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
