@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 
@@ -86,10 +87,11 @@ class TrainConfig:
             bad("plot_every", "an integer >= 0")
         if self.plot_every and (not self.val_every or self.plot_every % self.val_every):
             bad("plot_every", "0, or a multiple of --val-every (the plots show validation samples)")
-        if not self.lr > 0:
-            bad("lr", "a learning rate > 0")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            bad("weight_decay" if self.weight_decay < 0 else "grad_clip", "a value >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", "a finite learning rate > 0")
+        for name in ("weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                bad(name, "a finite value >= 0")
         if self.val_every < 0 or self.val_batches < 1:
             bad("val_every" if self.val_every < 0 else "val_batches", ">= 0" if self.val_every < 0 else ">= 1")
         if self.num_workers < 0 or self.save_every < 0:
@@ -213,12 +215,18 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def schedule_params(cfg: TrainConfig, world_size: int) -> dict:
-    """What a checkpoint records of the run; a resume with other values is no longer exact (`resume_refusal`)."""
+def schedule_params(cfg: TrainConfig, world_size: int, precision: str | None = None,
+                    loss_impl: str | None = None) -> dict:
+    """What a checkpoint records of the run; a resume with other values is no longer exact (`resume_refusal`).
+
+    `precision` (bf16/fp32) and `loss_impl` (fused/reference) are what "auto" resolved to on this
+    hardware, so the same flags on other hardware count as a change, and an explicit value equal
+    to the resolved one does not.
+    """
     return {"steps": cfg.steps, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps,
             "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "world_size": world_size,
             "seed": cfg.seed, "mask_ratio": cfg.mask_ratio, "patch_size": cfg.patch_size,
-            "grad_clip": cfg.grad_clip, "precision": cfg.precision, "loss_impl": cfg.loss_impl,
+            "grad_clip": cfg.grad_clip, "precision": precision or cfg.precision, "loss_impl": loss_impl or cfg.loss_impl,
             "in_chans": cfg.in_chans, "channels": list(cfg.channels), "zero_stage": cfg.zero_stage}
 
 

@@ -22,6 +22,7 @@ def mask_seed(base_seed: int, step: int, *stream: int) -> int:
 
 
 class ReferenceObjective:
+    impl = "reference"  # what --loss-impl resolved to (recorded in checkpoints)
     apply_tanh = True  # the model returns tanh(logits); the loss compares that to the input
 
     def __init__(self, patch_size: int, ratio: float, base_seed: int, rank: int):
@@ -40,6 +41,7 @@ class ReferenceObjective:
 
 
 class FusedObjective:
+    impl = "fused"
     apply_tanh = False  # the loss kernel applies tanh itself
 
     def __init__(self, patch_size: int, ratio: float, base_seed: int, rank: int, world_size: int):

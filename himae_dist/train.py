@@ -112,19 +112,22 @@ class _Window:
     loss_n: int = 0
     val_sum: torch.Tensor | None = None  # the latest validation, read at the next log step
     val_n: int = 0
-    skipped: int = 0  # non-finite batches skipped by this rank since step 0
+    skipped: int = 0  # non-finite batches skipped by this rank (the per-rank limit counts these)
     last_logged: int = 0
+    skipped_before: int = 0  # all ranks' skips before a world-size change (rank 0 carries them, for the log)
 
     @classmethod
     def new(cls, device: torch.device, start: int, saved: dict | None = None) -> "_Window":
         saved = saved or {}
         t = lambda v: torch.tensor(float(v), dtype=torch.float32, device=device)  # noqa: E731
         return cls(t(saved.get("loss_sum", 0.0)), saved.get("loss_n", 0), t(saved.get("val_sum", 0.0)),
-                   saved.get("val_n", 0), saved.get("skipped", 0), saved.get("last_logged", start))
+                   saved.get("val_n", 0), saved.get("skipped", 0), saved.get("last_logged", start),
+                   saved.get("skipped_before", 0))
 
     def to_dict(self) -> dict:  # host copies: only at saves, which sync anyway
         return {"loss_sum": float(self.loss_sum), "loss_n": self.loss_n, "val_sum": float(self.val_sum),
-                "val_n": self.val_n, "skipped": self.skipped, "last_logged": self.last_logged}
+                "val_n": self.val_n, "skipped": self.skipped, "last_logged": self.last_logged,
+                "skipped_before": self.skipped_before}
 
 
 @dataclasses.dataclass
@@ -136,14 +139,14 @@ class _Resume:
 
 
 def _resume(engine, optimizer, scheduler, cfg: TrainConfig, ckpt_dir: Path, out: Path, rank: int,
-            world: int) -> _Resume:
+            world: int, schedule: dict) -> _Resume:
     """Collective: load rank 0's newest complete checkpoint (if any) and this rank's run state."""
     tag, saved = run_state.choose_resume(ckpt_dir, rank)
     if tag is None:
         if rank == 0:  # a fresh start (or a restart before the first checkpoint): no stale records
             run_state.truncate_metrics(out / "metrics.jsonl", 0)
         return _Resume(stream_seed=cfg.seed)
-    changed, refusal = resume_refusal(saved["schedule"], schedule_params(cfg, world), cfg.allow_schedule_change)
+    changed, refusal = resume_refusal(saved["schedule"], schedule, cfg.allow_schedule_change)
     if refusal:
         raise ValueError(f"{ckpt_dir / tag}: {refusal}")
     engine.load_checkpoint(str(ckpt_dir), tag=tag)
@@ -165,7 +168,8 @@ def _resume(engine, optimizer, scheduler, cfg: TrainConfig, ckpt_dir: Path, out:
     elif rank == 0:
         print(f"[himae-train] world size {len(saved['ranks'])} -> {world}: a new data stream starts "
               f"(seed {res.stream_seed})", flush=True)
-        res.window = {"skipped": sum(r.get("window", {}).get("skipped", 0) for r in saved["ranks"]), "last_logged": start}
+        res.window = {"skipped_before": sum(r.get("window", {}).get("skipped", 0) + r.get("window", {}).get(
+            "skipped_before", 0) for r in saved["ranks"]), "last_logged": start}
     if rank == 0:
         run_state.truncate_metrics(out / "metrics.jsonl", start)
         print(f"[himae-train] resumed from {ckpt_dir / tag} at step {start}", flush=True)
@@ -198,8 +202,8 @@ def train(cfg: TrainConfig) -> dict:
     run_state.check_shared_out(out, rank, wait_s=min(30.0, cfg.collective_timeout_s / 4))
 
     ckpt_dir = out / "checkpoints"
-    schedule = schedule_params(cfg, world)
-    res = _resume(engine, optimizer, scheduler, cfg, ckpt_dir, out, rank, world)
+    schedule = schedule_params(cfg, world, precision="bf16" if bf16 else "fp32", loss_impl=objective.impl)
+    res = _resume(engine, optimizer, scheduler, cfg, ckpt_dir, out, rank, world, schedule)
     start = res.start
 
     # The stream position is the number of micro-batches consumed, so a resumed run continues it.
@@ -290,7 +294,7 @@ def train(cfg: TrainConfig) -> dict:
             win.val_sum, win.val_n = validator.run(engine.module, plot, done), len(validator.batches)
         if log_step:
             stats = torch.stack([win.loss_sum, win.val_sum, grad_norm,
-                                 torch.tensor(float(win.skipped), device=device)])
+                                 torch.tensor(float(win.skipped + win.skipped_before), device=device)])
             dist.all_reduce(stats)  # collective: every rank reaches it at the same step
             host = stats.cpu()  # the one device->host copy (sync) per log step
             loss_total, val_total, gn_total, skipped = (float(v) for v in host)  # host reads of it
@@ -347,26 +351,23 @@ def _start_checks(manifest, cfg: TrainConfig, exporter) -> tuple[list[str], str 
         bad_val = check_shards(manifest, "val", cfg.storage_options)
         if bad_val:
             return broken, f"{manifest.url}: val shard(s) missing or damaged: {bad_val[:5]}; re-run himae-prep"
-    if exporter is not None:
+    if exporter is not None:  # the other ranks wait in a collective meanwhile: bounded well below its timeout
         try:
-            exporter.check()
+            exporter.check(timeout_s=cfg.collective_timeout_s / 3)
         except Exception as e:  # noqa: BLE001 (named, on every rank)
             return broken, f"--export-url={cfg.export_url}: cannot write there: {type(e).__name__}: {e}"
     return broken, None
 
 
 def _needs_final(start: int, out: Path, cfg: TrainConfig) -> bool:
-    """Rank 0: steps left, or the final weights missing, from another step (a resume to more steps
-    killed before the last write), or not the same at --export-url."""
+    """Rank 0: steps left, or the final weights missing or from another step (a resume to more steps
+    killed before its last write). The export needs no check here: `Exporter.finish` uploads the final."""
     final = out / weights_export.FINAL_NAME
     if start < cfg.steps or not final.exists():
         return True
     try:
-        if torch.load(final, map_location="cpu", weights_only=True).get("step") != start:
-            return True
-        return bool(cfg.export_url) and not weights_export.same_bytes(
-            cfg.export_url, cfg.storage_options, weights_export.FINAL_NAME, final)
-    except Exception:  # noqa: BLE001 (unreadable here or there: write and export it again)
+        return torch.load(final, map_location="cpu", weights_only=True).get("step") != start
+    except Exception:  # noqa: BLE001 (unreadable: write it again)
         return True
 
 
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"(a rank stalled or died): {str(e).splitlines()[0]}")
     import torch.distributed as dist
 
-    if dist.is_initialized():  # no barrier: rank 0 may still be uploading the final weights (no collective)
+    if dist.is_initialized():  # no barrier: the others need not wait (in a collective) for rank 0's final upload
         dist.destroy_process_group()
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 import sys
 import threading
-import uuid
 from pathlib import Path
+from typing import Callable
 
 from data_prep.storage import Folder, StorageError
 
@@ -60,15 +60,6 @@ def exported(url: str, storage_options: dict | None = None, name: str = FINAL_NA
     return Folder(url, storage_options).exists(name)
 
 
-def same_bytes(url: str, storage_options: dict | None, name: str, local: str | Path) -> bool:
-    """Whether the export holds `name` with exactly the bytes of the local file (one read; weights are MBs)."""
-    folder = Folder(url, storage_options)
-    try:
-        return folder.read_bytes(name) == Path(local).read_bytes()
-    except FileNotFoundError:
-        return False
-
-
 class Exporter:
     """Rank 0's uploads to --export-url, off the training loop: one sync at a time, in a thread.
 
@@ -84,13 +75,25 @@ class Exporter:
         self._thread: threading.Thread | None = None
         self._again = False
 
-    def check(self) -> None:
-        """At start: write and remove a small file at the URL, so a typo or a missing permission is
-        an error before the first step, not at the first save."""
-        folder = Folder(self.url, self.storage_options, create=True)
-        name = f".himae_export_check_{uuid.uuid4().hex}"
-        folder.write_bytes(name, b"ok")
-        folder.remove(name)
+    def check(self, timeout_s: float = 60.0) -> None:
+        """At start: write a small file at the URL (one fixed name, removed if the store allows), so a
+        typo or a missing permission is an error before the first step. Gives up after `timeout_s`."""
+        def probe() -> None:
+            folder = Folder(self.url, self.storage_options, create=True)
+            folder.write_bytes(".himae_export_check", b"ok")
+            try:
+                folder.remove(".himae_export_check")
+            except Exception:  # noqa: BLE001 (a write-only bucket is a fine export)
+                pass
+
+        failure: list[BaseException] = []
+        t = threading.Thread(target=lambda: _capture(probe, failure), name="himae-export-check", daemon=True)
+        t.start()
+        t.join(timeout_s)
+        if t.is_alive():
+            raise TimeoutError(f"no answer from {self.url} within {timeout_s:g} s")
+        if failure:
+            raise failure[0]
 
     def kick(self) -> None:
         with self._lock:
@@ -128,3 +131,10 @@ class Exporter:
                                f"a re-run uploads what is missing") from e
         print(f"[himae-train] exported {len(sent)} file(s) to {self.url}", flush=True)
         return sent
+
+
+def _capture(fn: Callable[[], None], failure: list) -> None:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 (handed to the waiting thread)
+        failure.append(e)

@@ -9,13 +9,13 @@ data=$1 out=$2; shift 2
 here=$(cd "$(dirname "$0")" && pwd)
 if [ -n "${HOSTFILE:-}" ]; then
   where=(--hostfile "$HOSTFILE")
-elif [ -n "${NPROC:-}" ]; then
-  where=(--num_gpus "$NPROC")
-elif command -v nvidia-smi >/dev/null; then
-  where=(--num_gpus "$(nvidia-smi -L | wc -l)")
 else
-  echo "train_deepspeed.sh: error: set HOSTFILE (several nodes) or NPROC (ranks on this machine); no nvidia-smi to count GPUs" >&2
-  exit 2
+  nproc=${NPROC:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
+  if [ "${nproc:-0}" -lt 1 ]; then
+    echo "train_deepspeed.sh: error: set HOSTFILE (several nodes) or NPROC (ranks on this machine); nvidia-smi found no GPU to count" >&2
+    exit 2
+  fi
+  where=(--num_gpus "$nproc")
 fi
 exec "${DEEPSPEED:-deepspeed}" "${where[@]}" --master_port "${MASTER_PORT:-29500}" --module himae_dist.train \
   --data "$data" --out "$out" --ds-config "$here/ds_config.json" --zero-stage "${ZERO_STAGE:-1}" "$@"

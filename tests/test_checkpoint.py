@@ -119,7 +119,6 @@ def test_exporter_warns_and_retries_a_failed_sync_and_its_finish_reuploads_the_f
     assert calls[-1] == ("himae_final.pt",)  # finish uploads the final whatever the export holds
     for name in ("weights/step_1.pt", "himae_final.pt"):
         assert (dest / name).read_bytes() == (run / name).read_bytes()
-    assert weights_export.same_bytes(str(dest), None, "himae_final.pt", run / "himae_final.pt")
 
     monkeypatch.setattr(weights_export, "sync_exports", lambda *a, **k: (_ for _ in ()).throw(OSError("gone")))
     with pytest.raises(StorageError, match=f"export to {dest} failed at the end of the run: OSError: gone"):

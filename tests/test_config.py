@@ -68,9 +68,11 @@ def test_shipped_multinode_ds_config_matches_the_stage_its_script_passes():
     (["--steps", "5"], r"--data='': expected a manifest"),
     (["--data", "d", "--plot-every", "10"], r"--plot-every=10: expected 0, or a multiple of --val-every"),
     (["--data", "d", "--plot-every", "6", "--val-every", "4"], r"--plot-every=6: expected 0, or a multiple"),
-    (["--data", "d", "--lr", "0"], r"--lr=0\.0: expected a learning rate > 0"),
-    (["--data", "d", "--weight-decay", "-1"], r"--weight-decay=-1\.0: expected a value >= 0"),
-    (["--data", "d", "--grad-clip", "-1"], r"--grad-clip=-1\.0: expected a value >= 0"),
+    (["--data", "d", "--lr", "0"], r"--lr=0\.0: expected a finite learning rate > 0"),
+    (["--data", "d", "--lr", "inf"], r"--lr=inf: expected a finite learning rate > 0"),
+    (["--data", "d", "--weight-decay", "-1"], r"--weight-decay=-1\.0: expected a finite value >= 0"),
+    (["--data", "d", "--weight-decay", "nan"], r"--weight-decay=nan: expected a finite value >= 0"),
+    (["--data", "d", "--grad-clip", "inf"], r"--grad-clip=inf: expected a finite value >= 0"),
 ])
 def test_bad_options_are_named(argv, match):
     with pytest.raises(ValueError, match=match):
@@ -95,6 +97,13 @@ def test_resume_refusals_name_what_changed():
     assert changed == {"steps": (1000, 2000), "warmup_steps": (100, 200), "lr": (1e-3, 5e-4)}
     assert "--allow-schedule-change" in why
     assert resume_refusal(saved, sched("--zero-stage", "1", "--precision", "bf16"), True)[1] is None
+    # what "auto" resolved to is recorded: auto on a bf16 GPU == bf16; the same flags on a CPU are a change
+    gpu = schedule_params(parse_config(["--data", "d"]), 2, precision="bf16", loss_impl="fused")
+    same = schedule_params(parse_config(["--data", "d", "--precision", "bf16", "--loss-impl", "fused"]), 2,
+                           precision="bf16", loss_impl="fused")
+    assert resume_refusal(gpu, same, False) == ({}, None)
+    cpu = schedule_params(parse_config(["--data", "d"]), 2, precision="fp32", loss_impl="reference")
+    assert resume_refusal(gpu, cpu, False)[0] == {"precision": ("bf16", "fp32"), "loss_impl": ("fused", "reference")}
     for argv, world, key in ((("--zero-stage", "1"), 4, "world_size"), (("--zero-stage", "0"), 2, "zero_stage"),
                              (("--zero-stage", "1", "--channels", "8,16"), 2, "channels")):
         changed, why = resume_refusal(saved, sched(*argv, world=world), True)  # refused even when allowed

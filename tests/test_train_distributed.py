@@ -77,6 +77,8 @@ def test_two_rank_deepspeed_run_loss_falls_and_resumes(tiny_shards, tmp_path):
     assert refused.returncode != 0  # the saved stream was read by 0 workers per rank
     assert "cannot continue the data stream exactly" in refused.stderr, refused.stderr[-2000:]
     assert "'num_workers': (0, 1)" in refused.stderr and "--allow-schedule-change" in refused.stderr
+    log = _torchrun(tiny_shards, out, steps=40, extra=("--num-workers", "1", "--allow-schedule-change", "true"))
+    assert "loader options changed" in log and "a new data stream starts (seed 40)" in log
     refused = _run_trainer(tiny_shards, out, ("--steps", "50", "--micro-batch", "16", "--log-every", "5",
                                               "--shuffle-shards", "2"))
     assert refused.returncode != 0

@@ -50,6 +50,12 @@ def test_nan_batch_is_skipped_with_a_warning_and_training_stays_finite(nan_shard
     counts = [h["skipped_batches"] for h in hist]  # all ranks, since step 0
     assert counts[0] >= 2 and counts == sorted(counts), counts  # every rank met a NaN block in its first shard
     assert [h["step"] for h in hist if "val_loss" in h] == [3, 6] and all(0 < h["val_loss"] < 1 for h in hist[:2])
+    # resumed on 1 rank: the count goes on from all ranks' total, and the per-rank skip limit stays per rank
+    proc = _run_trainer(nan_shards, tmp_path / "skip", (*ARGS, "--on-nonfinite", "skip", "--steps", "9",
+                                                        "--allow-schedule-change", "true"), nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    more = [json.loads(line)["skipped_batches"] for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert len(more) == 3 and more[:2] == counts and more[2] > counts[-1], (counts, more)
 
 
 @pytest.mark.parametrize("log_every,save_every,where", [
@@ -74,3 +80,15 @@ def test_unwritable_export_url_is_refused_before_the_first_step(tiny_shards, tmp
     assert f"himae-train: error: --export-url={tmp_path / 'afile' / 'export'}: cannot write there" in proc.stderr, \
         proc.stderr[-3000:]
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_damaged_val_shard_is_named_before_the_first_step(tiny_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    (val,) = sorted((shards / "val").glob("*.tar"))
+    val.write_bytes(val.read_bytes()[:1000])  # truncated
+    proc = _run_trainer(shards, tmp_path / "run", (*ARGS, "--val-every", "3"))
+    assert proc.returncode != 0
+    assert "val shard(s) missing or damaged: ['val/shard-" in proc.stderr and "re-run himae-prep" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

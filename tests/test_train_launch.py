@@ -50,3 +50,14 @@ def test_deepspeed_launcher_script_trains_two_ranks(tiny_shards, tmp_path):
     assert "world=2" in proc.stdout and "--local_rank=1" in proc.stdout + proc.stderr  # the launcher's own ranks
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"] == {"stage": 1, "overlap_comm": True}
     assert (out / "himae_final.pt").is_file()
+
+
+def test_deepspeed_launcher_script_without_gpus_or_nproc_names_what_to_set(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "HOSTFILE")}
+    env["PATH"] = f"{tmp_path}:/usr/bin:/bin"  # a failing nvidia-smi (driver mismatch) first on the PATH
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "train_deepspeed.sh"), "shards", "out"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "set HOSTFILE (several nodes) or NPROC (ranks on this machine)" in proc.stderr, proc.stderr
