@@ -126,3 +126,26 @@ def test_exporter_warns_and_retries_a_failed_sync_and_its_finish_reuploads_the_f
     (tmp_path / "afile").write_text("")
     with pytest.raises(OSError):  # the trainer names --export-url with it, before the first step
         weights_export.Exporter(run, str(tmp_path / "afile" / "exp")).check()
+
+
+def test_exporter_kicks_during_a_running_sync_merge_into_one_more_pass(tmp_path, monkeypatch):
+    import threading
+
+    from himae_dist import weights_export
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow(*args, **kwargs):
+        calls.append(kwargs.get("refresh", ()))
+        started.set()
+        release.wait(10)
+        return []
+
+    monkeypatch.setattr(weights_export, "sync_exports", slow)
+    exporter = weights_export.Exporter(tmp_path / "run", str(tmp_path / "export"))
+    exporter.kick()
+    assert started.wait(10)
+    exporter.kick(), exporter.kick()  # two saves while the first sync uploads
+    release.set()
+    exporter.finish()  # waits for the thread, then its own sync with the final refreshed
+    assert calls == [(), (), ("himae_final.pt",)]
