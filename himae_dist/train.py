@@ -206,7 +206,6 @@ def train(cfg: TrainConfig) -> dict:
     res = _resume(engine, optimizer, scheduler, cfg, ckpt_dir, out, rank, world, schedule)
     start = res.start
 
-    # The stream position is the number of micro-batches consumed, so a resumed run continues it.
     # Rank 0 lists the shards once and every rank takes the same decision (no rank waits in a collective alone).
     exporter = weights_export.Exporter(out, cfg.export_url, cfg.storage_options) if cfg.export_url and rank == 0 else None
     broken, problem = run_state.broadcast(_start_checks(manifest, cfg, exporter) if rank == 0 else None)
@@ -217,6 +216,7 @@ def train(cfg: TrainConfig) -> dict:
     if broken and rank == 0:
         print(f"[himae-train] warning: {len(broken)} shard(s) missing or damaged, they will be skipped: "
               f"{broken[:5]}; re-run himae-prep to rebuild them", flush=True)
+    # The stream position is the number of micro-batches consumed, so a resumed run continues it.
     loader_args = dict(seed=res.stream_seed, rank=rank, world_size=world, num_workers=cfg.num_workers,
                        shuffle_shards=cfg.shuffle_shards, storage_options=cfg.storage_options,
                        strict=cfg.strict_data, pin_memory=device.type == "cuda", verify=cfg.verify_data)
