@@ -126,18 +126,15 @@ class Folder:
 
     def upload(self, local_path: str | os.PathLike, name: str, tmp_prefix: str = ".tmp-") -> None:
         """Copy an existing local file to `name` (mode 0644) and keep the original: one PUT
-        remotely, a temp copy renamed into place locally, so `name` is never half-written."""
+        remotely, a temp copy placed locally, so `name` is never half-written."""
         if self.remote:
             retrying(lambda: self.fs.put_file(os.fspath(local_path), self.path(name)), "uploading", self.child_url(name))
             return
-        dest = Path(self.path(name))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, dir=dest.parent)
+        fd, tmp = self.temp_file(tmp_prefix)
         try:
             with os.fdopen(fd, "wb") as out, open(local_path, "rb") as src:
                 shutil.copyfileobj(src, out)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
+            self.place(tmp, name)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

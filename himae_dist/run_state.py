@@ -93,6 +93,13 @@ def prune(ckpt_dir: Path, keep: int) -> list[str]:
     return sorted(gone)
 
 
+def _ranks_without(ok: bool) -> list[str]:
+    """Collective: "rank R on HOST" for every rank whose `ok` is False."""
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (ok, socket.gethostname()))
+    return [f"rank {r} on {host}" for r, (ok_r, host) in enumerate(seen) if not ok_r]
+
+
 def check_shared_out(out: Path, rank: int, wait_s: float = 30.0) -> None:
     """Collective: refuse an --out that is not one folder for every rank (node-local disks on several nodes).
 
@@ -110,11 +117,9 @@ def check_shared_out(out: Path, rank: int, wait_s: float = 30.0) -> None:
     deadline = time.monotonic() + wait_s
     while not (ok := probe.is_file() and probe.read_text() == token) and time.monotonic() < deadline:
         time.sleep(0.5)
-    seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (ok, socket.gethostname()))
+    blind = _ranks_without(ok)
     if rank == 0:
         probe.unlink(missing_ok=True)
-    blind = [f"rank {r} on {host}" for r, (ok_r, host) in enumerate(seen) if not ok_r]
     if blind:
         raise ValueError(
             f"--out {out} is not the same folder on every node: {', '.join(blind)} cannot see a file rank 0 wrote "
@@ -135,9 +140,7 @@ def choose_resume(ckpt_dir: Path, rank: int) -> tuple[str | None, dict | None]:
     if tag is None:
         return None, None
     model_file = ckpt_dir / tag / "mp_rank_00_model_states.pt"
-    seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (model_file.is_file(), socket.gethostname()))
-    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+    blind = _ranks_without(model_file.is_file())
     if blind:
         raise ValueError(
             f"checkpoint {ckpt_dir / tag} (rank 0's newest) is not visible to {', '.join(blind)}: --out must be "

@@ -55,11 +55,6 @@ def sync_exports(out: str | Path, url: str, storage_options: dict | None = None,
     return sorted(todo)
 
 
-def exported(url: str, storage_options: dict | None = None, name: str = FINAL_NAME) -> bool:
-    """Whether the export folder at `url` holds `name` (default `himae_final.pt`); one call, with retries."""
-    return Folder(url, storage_options).exists(name)
-
-
 class Exporter:
     """Rank 0's uploads to --export-url, off the training loop: one sync at a time, in a thread.
 

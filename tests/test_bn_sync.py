@@ -1,13 +1,13 @@
 """BatchNorm running statistics after sync: equal on every rank and those of the global stream (2 gloo ranks)."""
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
 from himae_dist.bn_sync import sync_batchnorm_stats
+from tests.ports import free_port
 
 
 def _net():
@@ -34,9 +34,7 @@ def _worker(rank, port, out):
 
 
 def test_synced_running_stats_are_equal_and_global(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k in ("running_mean", "running_var"):

@@ -71,17 +71,18 @@ def test_arbitrary_pickles_are_refused(tmp_path):
 
 def test_sync_exports_to_a_local_folder(tmp_path):
     """A plain path (or file://) is an export folder too: same names, same bytes, sources kept."""
-    from himae_dist.weights_export import export_names, exported, sync_exports
+    from data_prep.storage import Folder
+    from himae_dist.weights_export import export_names, sync_exports
 
     run, dest = tmp_path / "run", tmp_path / "export"
     for step in (200, 1000):  # step order, not name order
         save_weights(HiMAE(1, (4, 8)), run / "weights" / f"step_{step}.pt", step=step)
     (run / "weights" / ".step_3.pt.tmp-7").write_bytes(b"partial")
     assert export_names(run) == ["weights/step_200.pt", "weights/step_1000.pt"]
-    assert not exported(str(dest))
+    assert not Folder(str(dest)).exists("himae_final.pt")
     assert sync_exports(run, str(dest)) == ["weights/step_1000.pt", "weights/step_200.pt"]
     save_weights(HiMAE(1, (4, 8)), run / "himae_final.pt", step=1000)
-    assert sync_exports(run, f"file://{dest}") == ["himae_final.pt"] and exported(str(dest))
+    assert sync_exports(run, f"file://{dest}") == ["himae_final.pt"] and Folder(str(dest)).exists("himae_final.pt")
     assert sync_exports(run, str(dest)) == []
     assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == [
         "himae_final.pt", "weights", "weights/step_1000.pt", "weights/step_200.pt"]

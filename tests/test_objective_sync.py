@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from himae_dist.objective import make_objective
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = os.environ.get("HIMAE_TEST_DEVICE", "cpu")  # cuda: compiled kernels on a GPU (bench/gpu_check.sh)
@@ -87,9 +87,7 @@ print("SITES " + json.dumps(rec.sites))
 
 
 def test_trainer_reads_the_loss_once_per_log_step(tiny_shards, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # 4 steps x 3 micro-steps, logged and validated at steps 2 and 4

@@ -1,7 +1,6 @@
 """Conversion to and streaming from S3 through s3fs, against moto's S3 server on loopback."""
 
 import csv
-import socket
 
 import h5py
 import numpy as np
@@ -11,22 +10,17 @@ import torch
 from data_prep.convert import ConvertParams, convert_pretrain, main as prep_main
 from data_prep.storage import StorageError, retrying
 from himae_dist.streaming import check_shards, load_manifest, make_loader
+from tests.ports import free_port
 
 pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     opts = {"key": "testing", "secret": "testing",
@@ -97,7 +91,7 @@ def _dead_endpoint(monkeypatch) -> dict:
     """storage_options of an S3 endpoint nobody listens on, with retries cut to one quick attempt."""
     monkeypatch.setattr("data_prep.storage.RETRIES", 1)
     monkeypatch.setattr("data_prep.storage.BACKOFF_S", 0.01)
-    return {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{_free_port()}",
+    return {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}",
                                                          "region_name": "us-east-1"},
             "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
 
@@ -152,12 +146,13 @@ def test_sync_exports_uploads_missing_and_resized_files_once(tmp_path, s3, monke
     from data_prep.storage import Folder
     from himae_dist.checkpoint import save_weights
     from himae_dist.model import HiMAE
-    from himae_dist.weights_export import exported, sync_exports
+    from data_prep.storage import Folder
+    from himae_dist.weights_export import sync_exports
 
     fs, opts = s3
     _fake_run(tmp_path)
     url = "s3://himae-test/exports/run1"
-    assert not exported(url, opts)
+    assert not Folder(url, opts).exists("himae_final.pt")
     uploads = []
     real_upload = Folder.upload
     monkeypatch.setattr(Folder, "upload", lambda self, src, name, **kw: (uploads.append(name), real_upload(self, src, name, **kw)))
@@ -168,8 +163,9 @@ def test_sync_exports_uploads_missing_and_resized_files_once(tmp_path, s3, monke
     assert sorted(x[len("himae-test/exports/run1/"):] for x in fs.find("himae-test/exports/run1")) == names
     for n in names:
         assert fs.cat_file(f"himae-test/exports/run1/{n}") == (tmp_path / n).read_bytes()
-    assert exported(url, opts) and exported(url, opts, "weights/step_0000010.pt")
-    assert not exported(url, opts, "weights/step_0000030.pt")
+    export = Folder(url, opts)
+    assert export.exists("himae_final.pt") and export.exists("weights/step_0000010.pt")
+    assert not export.exists("weights/step_0000030.pt")
 
     before = {x: fs.info(x)["LastModified"] for x in fs.find("himae-test/exports/run1")}
     uploads.clear()

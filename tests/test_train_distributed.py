@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -12,14 +11,13 @@ import torch
 
 from himae_dist.checkpoint import load_himae
 from himae_dist.config import TrainConfig, lr_lambda
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 
 
 def _run_trainer(shards, out, args=(), nproc=2, env_extra=None, drop_env=(), torchrun_args=()):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in drop_env}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",

@@ -2,22 +2,20 @@
 
 import json
 import os
-import socket
 import subprocess
+import sys
 from pathlib import Path
 
-import sys
-
 import pytest
+
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_slurm_script_trains_with_the_zero_stage_it_says(tiny_shards, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, SRUN="env", SLURM_NNODES="1", SLURM_JOB_ID="t1", HEAD_NODE="127.0.0.1",
                MASTER_PORT=str(port), GPUS_PER_NODE="2", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                PYTHON=str(Path(os.sys.executable)), SLURM_SUBMIT_DIR=str(ROOT))
@@ -37,9 +35,7 @@ def test_slurm_script_trains_with_the_zero_stage_it_says(tiny_shards, tmp_path):
 
 
 def test_deepspeed_launcher_script_trains_two_ranks(tiny_shards, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, NPROC="2", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                DEEPSPEED=str(Path(sys.executable).parent / "deepspeed"))
     out = tmp_path / "run"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from himae_dist.checkpoint import load_himae
+from tests.ports import free_port
 from tests.test_train_distributed import _run_trainer
 
 pytestmark = pytest.mark.slow
@@ -120,13 +121,10 @@ def _two_agents(shards, outs, args, env_extra=None, torchrun_args=()):
     """Two torchrun agents on loopback, one rank each, c10d rendezvous (as launch/train_slurm.sbatch):
     a 2-node x 1 job; node i writes to outs[i]."""
     import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env_extra or {}))
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
