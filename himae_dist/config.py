@@ -45,7 +45,8 @@ class TrainConfig:
     strict_data: bool = False  # a missing/corrupt shard is fatal instead of skipped with a warning
     verify_data: bool = False  # check every shard read against the manifest's sha256 (costs a hash per read)
     log_every: int = 10
-    save_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # also save every N steps (0 = off)
+    save_every_min: float = 30.0  # also save at the first log step after N minutes since the last save (0 = off)
     val_every: int = 0  # masked MSE on the val split every N steps (0 = off), logged at the next log step
     val_batches: int = 4  # val micro-batches per rank (the same ones every time)
     wandb: str = "off"  # off, offline, online
@@ -57,6 +58,7 @@ class TrainConfig:
     allow_schedule_change: bool = False  # resume even if --steps/lr/warmup/batch differ from the checkpoint's
     on_nonfinite: str = "abort"  # a batch with NaN/inf: abort naming shard and keys, or skip it (counted, logged)
     collective_timeout_s: int = 300  # a collective waiting longer (stalled/dead rank) is an error
+    deterministic: bool = False  # deterministic cuDNN/cuBLAS kernels: bitwise resume on GPUs too (CPU always)
 
     def validate(self) -> None:
         def bad(name: str, want: str) -> None:
@@ -94,6 +96,8 @@ class TrainConfig:
                 bad(name, "a finite value >= 0")
         if self.val_every < 0 or self.val_batches < 1:
             bad("val_every" if self.val_every < 0 else "val_batches", ">= 0" if self.val_every < 0 else ">= 1")
+        if not (math.isfinite(self.save_every_min) and self.save_every_min >= 0):
+            bad("save_every_min", "a finite number of minutes >= 0 (0 = off)")
         if self.num_workers < 0 or self.save_every < 0:
             bad("num_workers" if self.num_workers < 0 else "save_every", "an integer >= 0")
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from data_prep.atomic_write import atomic_path
+from data_prep.parent_death import exit_with_parent
 from data_prep.storage import StorageError
 from himae_dist import run_state, weights_export
 from himae_dist.bn_sync import digest as bn_digest
@@ -33,8 +35,11 @@ from himae_dist.config import (TrainConfig, deepspeed_config, lr_lambda, parse_c
                                schedule_params)
 from himae_dist.guards import NonFiniteError, bad_rows, check_weights_finite, describe
 from himae_dist.model import HiMAE
+from himae_dist.elastic_attempt import attempt_store
 from himae_dist.objective import make_objective
+from himae_dist.preemption import PREEMPTED_EXIT, StopRequest
 from himae_dist.precision import autocast, use_bf16
+from himae_dist.run_lease import RunLease
 from himae_dist.train_log import TrainLog
 from himae_dist.streaming import check_shards, load_manifest, make_loader
 from himae_dist.validation import Validator
@@ -43,6 +48,7 @@ from kernels.masked_mse_reference import check_masking_args
 
 
 def _init_distributed(timeout_s: int = 300):
+    """(deepspeed, device, attempt): the process group, in a key namespace all nodes agree on under torchrun."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -50,12 +56,13 @@ def _init_distributed(timeout_s: int = 300):
 
     acc = get_accelerator()
     backend, timeout = acc.communication_backend_name(), timedelta(seconds=timeout_s)
-    store = _attempt_store(timeout)
+    store, attempt, formed = attempt_store(timeout)  # torchrun's restart count differs across nodes
     if store is not None:
         import torch.distributed as dist
 
         dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
                                 world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        formed()
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group if already made
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if acc.device_name() == "cuda":
@@ -63,23 +70,7 @@ def _init_distributed(timeout_s: int = 300):
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    return deepspeed, device
-
-
-def _attempt_store(timeout: timedelta):
-    """Under torchrun: the agent's store, prefixed by the restart attempt, or None.
-
-    After a restart, the agent's store still holds the previous attempt's gloo addresses, and
-    the new workers connect to dead ones (tried: torch 2.13, static and c10d rendezvous). A
-    per-attempt prefix gives each attempt fresh keys.
-    """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    import torch.distributed as dist
-
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
-                          is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"himae/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return deepspeed, device, attempt
 
 
 def build_engine(deepspeed, cfg: TrainConfig, model: HiMAE, device: torch.device, world: int):
@@ -92,16 +83,25 @@ def build_engine(deepspeed, cfg: TrainConfig, model: HiMAE, device: torch.device
     return engine, optimizer, scheduler, ds
 
 
-def _fault_hook(rank: int, step: int) -> None:
-    """Test hook: HIMAE_FAULT=kill:RANK:STEP or stall:RANK:STEP acts once, in the first attempt of a torchrun job."""
+def _fault_hook(rank: int, step: int, attempt: int, stop: StopRequest) -> None:
+    """Test hook: HIMAE_FAULT=WHAT:RANK:STEP[,...] acts in the first attempt (as all nodes count it).
+
+    kill: SIGKILL this rank; stall: sleep until a stop is requested (the others' next collective
+    waits); term: SIGTERM the torchrun agent (a preemption).
+    """
     spec = os.environ.get("HIMAE_FAULT")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    if not spec or attempt != 0:
         return
-    what, r, s = spec.split(":")
-    if int(r) == rank and int(s) == step:
-        if what == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(3600)  # stall: the others' next collective times out
+    for what, r, s in (item.split(":") for item in spec.split(",")):
+        if int(r) == rank and int(s) == step:
+            if what == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif what == "term":
+                os.kill(os.getppid(), signal.SIGTERM)
+            else:
+                deadline = time.monotonic() + 3600
+                while not stop.requested and time.monotonic() < deadline:
+                    time.sleep(0.05)
 
 
 @dataclasses.dataclass
@@ -176,12 +176,62 @@ def _resume(engine, optimizer, scheduler, cfg: TrainConfig, ckpt_dir: Path, out:
     return res
 
 
-def train(cfg: TrainConfig) -> dict:
-    deepspeed, device = _init_distributed(cfg.collective_timeout_s)
+class Preempted(Exception):
+    """Every rank saved at `step` on a stop request (`signal_name`) and stops."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"{signal_name}: saved step {step}; run the same command to resume")
+        self.step, self.signal_name = step, signal_name
+
+
+def set_determinism(on: bool) -> None:
+    """--deterministic: deterministic cuDNN/cuBLAS kernels (bitwise resume on GPUs), at some speed cost."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at the first cuBLAS call
+        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = on
+    torch.use_deterministic_algorithms(on)
+
+
+def _take_lease(out: Path, rank: int, attempt: int) -> RunLease | None:
+    """Collective: rank 0 takes the lease on --out before anything is written there; all ranks share its verdict."""
+    lease, problem = None, None
+    if rank == 0:
+        lease = RunLease(out, os.environ.get("TORCHELASTIC_RUN_ID", "none"), attempt)
+        try:
+            note = lease.acquire()
+        except (ValueError, OSError) as e:  # LeaseHeld, or a folder that cannot hold it
+            problem, lease = str(e), None
+        else:
+            if note:
+                print(f"[himae-train] {note}", flush=True)
+            lease.start_heartbeat()
+    problem = run_state.broadcast(problem)
+    if problem:
+        raise ValueError(problem)
+    return lease
+
+
+def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict:
+    stop = stop or StopRequest()
+    set_determinism(cfg.deterministic)
+    deepspeed, device, attempt = _init_distributed(cfg.collective_timeout_s)
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(cfg.out)
+    lease = _take_lease(out, rank, attempt)
+    try:
+        return _train(cfg, stop, deepspeed, device, attempt, rank, world, out)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device, attempt: int, rank: int, world: int,
+           out: Path) -> dict:
+    import torch.distributed as dist
+
     manifest = load_manifest(cfg.data, cfg.storage_options)
     if manifest.channels != cfg.in_chans:
         raise ValueError(f"--in-chans={cfg.in_chans} but {manifest.url} holds {manifest.channels}-channel segments")
@@ -196,15 +246,17 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0:
         print(f"[himae-train] world={world} device={device.type} bf16={bf16} "
               f"objective={type(objective).__name__} resolved config:\n{resolved(cfg)}", flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(resolved(cfg) + "\n")
-        (out / "ds_config.json").write_text(json.dumps(ds, indent=2, sort_keys=True) + "\n")  # as used
     run_state.check_shared_out(out, rank, wait_s=min(30.0, cfg.collective_timeout_s / 4))
 
     ckpt_dir = out / "checkpoints"
     schedule = schedule_params(cfg, world, precision="bf16" if bf16 else "fp32", loss_impl=objective.impl)
     res = _resume(engine, optimizer, scheduler, cfg, ckpt_dir, out, rank, world, schedule)
     start = res.start
+    if rank == 0:  # only now that the resume checks passed
+        with atomic_path(out / "config.json") as tmp:
+            tmp.write_text(resolved(cfg) + "\n")
+        with atomic_path(out / "ds_config.json") as tmp:
+            tmp.write_text(json.dumps(ds, indent=2, sort_keys=True) + "\n")  # as used
 
     # Rank 0 lists the shards once and every rank takes the same decision (no rank waits in a collective alone).
     exporter = weights_export.Exporter(out, cfg.export_url, cfg.storage_options) if cfg.export_url and rank == 0 else None
@@ -252,9 +304,10 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0 and start >= cfg.steps:
         print(f"[himae-train] already at step {start} >= --steps={cfg.steps}; nothing to train", flush=True)
     watchdog = Watchdog(cfg.collective_timeout_s, rank)
+    last_save = time.monotonic()
     for step in range(start, cfg.steps):
         watchdog.beat(f"step {step}")
-        _fault_hook(rank, step)
+        _fault_hook(rank, step, attempt, stop)
         done = step + 1
         log_step = done % cfg.log_every == 0 or done == cfg.steps
         for micro in range(cfg.grad_accum):
@@ -292,12 +345,17 @@ def train(cfg: TrainConfig) -> dict:
         if validator and validator.enabled and (done % cfg.val_every == 0 or done == cfg.steps):
             plot = out / "plots" / f"recon_{done:07d}.png" if rank == 0 and cfg.plot_every and done % cfg.plot_every == 0 else None
             win.val_sum, win.val_n = validator.run(engine.module, plot, done), len(validator.batches)
+        save_now = False
         if log_step:
-            stats = torch.stack([win.loss_sum, win.val_sum, grad_norm,
-                                 torch.tensor(float(win.skipped + win.skipped_before), device=device)])
+            # host values ride along: skipped batches, and whether this rank was asked to stop or is due a save
+            due = cfg.save_every_min > 0 and time.monotonic() - last_save >= 60 * cfg.save_every_min
+            flags = torch.tensor([win.skipped + win.skipped_before, stop.requested, due], dtype=torch.float32)
+            stats = torch.cat([torch.stack([win.loss_sum, win.val_sum, grad_norm]), flags.to(device)])
             dist.all_reduce(stats)  # collective: every rank reaches it at the same step
             host = stats.cpu()  # the one device->host copy (sync) per log step
-            loss_total, val_total, gn_total, skipped = (float(v) for v in host)  # host reads of it
+            loss_total, val_total, gn_total, skipped, stops, dues = (float(v) for v in host)  # host reads of it
+            stopping = stops > 0 and done < cfg.steps  # the same verdict on every rank
+            save_now = stopping or (dues > 0 and done < cfg.steps)
             mean = loss_total / (win.loss_n * world)
             if not math.isfinite(mean):
                 raise NonFiniteError(f"loss is {mean} at steps {win.last_logged + 1}..{done} on finite data; "
@@ -307,9 +365,14 @@ def train(cfg: TrainConfig) -> dict:
             win.loss_sum.zero_()
             win.loss_n, win.val_n, win.last_logged = 0, 0, done
             history.append(rec)
-        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+        if save_now or (cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps):
             watchdog.beat(f"step {done} (saving)")
             save(done)
+            last_save = time.monotonic()
+            if save_now and stopping:
+                watchdog.stop()
+                log.bar.close()
+                raise Preempted(done, stop.signal_name or "a stop request on another rank")
     watchdog.beat("the last step (final save)")
     need_final = run_state.broadcast(_needs_final(start, out, cfg) if rank == 0 else None)
     if need_final:  # decided by rank 0: _save is collective
@@ -389,9 +452,18 @@ def _grad_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> None:
+    if "LOCAL_RANK" in os.environ:  # under a launcher: never outlive it (torchrun starts workers in new sessions)
+        exit_with_parent()
+    stop = StopRequest()  # before the slow start: a signal during it is honoured at the first log step
     try:
         cfg = parse_config(argv)
-        train(cfg)
+        train(cfg, stop)
+    except Preempted as e:
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"himae-train: {e}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT)
     except (ValueError, FileNotFoundError, StorageError) as e:  # bad options, data or store: one line, no traceback
         sys.exit(f"himae-train: error: {e}")
     except RuntimeError as e:  # a collective that waited past --collective-timeout-s: say so

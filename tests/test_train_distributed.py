@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import torch
 from himae_dist.checkpoint import load_himae
 from himae_dist.config import TrainConfig, lr_lambda
 from tests.ports import free_port
+from tests.proc_tree import communicate_all
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +23,8 @@ def _run_trainer(shards, out, args=(), nproc=2, env_extra=None, drop_env=(), tor
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={port}", *torchrun_args, "-m", "himae_dist.train", "--data", str(shards), "--out", str(out),
            "--num-workers", "0", *args]
-    # own session: on a timeout the workers die with torchrun instead of spinning on as orphans
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as p:
-        try:
-            stdout, stderr = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            raise
-    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return communicate_all([p], timeout=300)[0]  # on a timeout, the whole tree is killed
 
 
 def _torchrun(shards, out, steps, extra=(), env_extra=None, nproc=2):

@@ -9,6 +9,7 @@ import torch
 
 from himae_dist.checkpoint import load_himae
 from tests.ports import free_port
+from tests.proc_tree import communicate_all
 from tests.test_train_distributed import _run_trainer
 
 pytestmark = pytest.mark.slow
@@ -120,7 +121,6 @@ def test_stalled_rank_is_a_clear_timeout_error(tiny_shards, tmp_path):
 def _two_agents(shards, outs, args, env_extra=None, torchrun_args=()):
     """Two torchrun agents on loopback, one rank each, c10d rendezvous (as launch/train_slurm.sbatch):
     a 2-node x 1 job; node i writes to outs[i]."""
-    import signal
     import subprocess
     import sys
 
@@ -132,34 +132,46 @@ def _two_agents(shards, outs, args, env_extra=None, torchrun_args=()):
          "--data", str(shards), "--out", str(out), "--num-workers", "0", *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         for out in outs]
-    results = []
-    for p in procs:
-        try:
-            so, se = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                os.killpg(q.pid, signal.SIGKILL)
-            raise
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
-    return results
+    return communicate_all(procs, timeout=300)
 
 
-def test_two_nodes_with_a_killed_rank_match_one_node_bitwise_and_node_local_out_is_refused(tiny_shards, tmp_path):
-    steps, args = 12, ("--steps", "12", "--save-every", "4", *ARGS, "--log-every", "2")
-    one = tmp_path / "1x2"
-    _ok(_run_trainer(tiny_shards, one, args))
-    shared = tmp_path / "2x1"  # both "nodes" see the same --out; the rank of node 1 is killed mid-run
-    kill_at = _kill_step(5, steps - 1)
-    runs = _two_agents(tiny_shards, [shared, shared], args, env_extra={"HIMAE_FAULT": f"kill:1:{kill_at}"},
+TWO_NODE_ARGS = ("--steps", "12", "--save-every", "4", *ARGS, "--log-every", "2")
+
+
+@pytest.fixture(scope="module")
+def one_node_run(tiny_shards, tmp_path_factory):
+    """The uninterrupted 1 x 2 run the 2 x 1 runs must equal."""
+    out = tmp_path_factory.mktemp("1x2")
+    _ok(_run_trainer(tiny_shards, out, TWO_NODE_ARGS))
+    return out
+
+
+# Which node's torchrun agent counts the restart decides whether the nodes' restart counts agree:
+# - "race": node 1's rank is killed; node 0's rank fails on the lost peer or is still healthy when node 1
+#   rejoins (then its agent restarts it as a membership change, not counted): either may happen;
+# - "both fail": both ranks die at the same step, so both agents count a restart (counts agree);
+# - "healthy rejoined": node 0's rank is stalled (healthy) while node 1's dies, so node 0's agent restarts
+#   it only because node 1 is waiting: counts 0 and 1 (this hung before the attempt handshake).
+@pytest.mark.parametrize("order", ["race", "both fail", "healthy rejoined"])
+def test_two_nodes_with_a_failed_rank_restart_together_and_match_one_node_bitwise(tiny_shards, tmp_path,
+                                                                                 one_node_run, order):
+    kill_at = _kill_step(5, 11)
+    fault = {"race": f"kill:1:{kill_at}", "both fail": f"kill:0:{kill_at},kill:1:{kill_at}",
+             "healthy rejoined": f"stall:0:{kill_at},kill:1:{kill_at}"}[order]
+    shared = tmp_path / "2x1"  # both "nodes" see the same --out
+    runs = _two_agents(tiny_shards, [shared, shared], TWO_NODE_ARGS, env_extra={"HIMAE_FAULT": fault},
                        torchrun_args=("--max-restarts=1",))
     logs = [_ok(r) for r in runs]
-    assert f"resumed from {shared / 'checkpoints'}" in logs[0] and f"at step {kill_at // 4 * 4}" in logs[0], kill_at
-    a, b = _final(one), _final(shared)
+    assert f"resumed from {shared / 'checkpoints'}" in logs[0] + logs[1], (fault, logs[0][-3000:])
+    assert f"at step {kill_at // 4 * 4}" in logs[0] + logs[1], fault
+    a, b = _final(one_node_run), _final(shared)
     for k in a:
-        assert torch.equal(a[k], b[k]), (kill_at, k)
-    assert _ds_states(shared)["global_steps"] == steps
-    assert [h["loss"] for h in _hist(one)] == [h["loss"] for h in _hist(shared)]
+        assert torch.equal(a[k], b[k]), (fault, k)
+    assert _ds_states(shared)["global_steps"] == 12
+    assert [h["loss"] for h in _hist(one_node_run)] == [h["loss"] for h in _hist(shared)], fault
 
+
+def test_node_local_out_is_refused_at_start(tiny_shards, tmp_path):
     # node-local --out: refused at start, before any step (not at the first resume, days later)
     local = [tmp_path / "node0", tmp_path / "node1"]
     refused = _two_agents(tiny_shards, local, ("--steps", "4", "--collective-timeout-s", "8", *ARGS))
