@@ -15,9 +15,15 @@ reading the skipped data.
 
 Faults: shards listed in the manifest but missing or of the wrong size are found at start
 (`check_shards`, one listing per split); a shard that fails mid-run (after retries; with
-`verify`, also a sha256 mismatch) is skipped with a warning and counted in each batch's
-`bad_shards`, or is fatal with `strict=True`. When a whole epoch's worth of reads fails in a row,
-the reader stops with an error instead of spinning.
+`verify`, also a sha256 mismatch) is skipped with a warning, or is fatal with `strict=True`.
+A skipped read is on the record, not only on stderr: every batch names its reader, the reads that
+reader has made (a pure function of position), the positions of its failed reads and the segments
+they held, so the trainer can report the loss and abort past a failure rate (`StreamProgress`
+folds the consumed batches into those numbers). The saved `LoaderState.failed` keeps each
+reader's failed positions: a failed read delivered nothing, so the skip-ahead counts it as 0
+samples, and a resumed reader does not read a recorded-failed position again (even if the shard
+has been repaired since), so the resumed stream is exactly the uninterrupted one. When a whole
+epoch's worth of reads fails in a row, the reader stops with `DataLostError` instead of spinning.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import hashlib
 import mmap
 import os
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -69,13 +76,27 @@ class LoaderState:
     shuffle_shards: int
     n_shards: int
     split: str = "train"
+    # reader id -> positions k (group * shuffle_shards + slot) of its reads that failed: the
+    # skip-ahead needs what was actually read, not the manifest's sizes. Plain ints, lists and a
+    # dict, so it survives torch.load(weights_only=True).
+    failed: dict = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoaderState":
+        """Also takes a dict saved before `failed` existed, or one whose keys went through JSON (str)."""
+        d = dict(d)
+        d["failed"] = {int(r): sorted(int(k) for k in ks) for r, ks in (d.get("failed") or {}).items()}
         return cls(**d)
+
+
+class DataLostError(ValueError):
+    """Every shard read in a whole epoch's worth failed: there is nothing left to train on.
+
+    One str argument, so it pickles and a DataLoader worker re-raises it as this type.
+    """
 
 
 def reader_shards(n_shards: int, reader: int, n_readers: int, seed: int, start: int = 0):
@@ -91,22 +112,49 @@ def reader_shards(n_shards: int, reader: int, n_readers: int, seed: int, start: 
         k += n_readers
 
 
+def _groups(n_shards: int, reader: int, n_readers: int, seed: int,
+            shuffle_shards: int) -> Iterator[tuple[int, list[int]]]:
+    """(g, shard indices) of a reader's groups: slot j of group g is read position g * shuffle_shards + j."""
+    order = reader_shards(n_shards, reader, n_readers, seed)
+    g = 0
+    while True:
+        yield g, [next(order) for _ in range(shuffle_shards)]
+        g += 1
+
+
+class _Losses:
+    """One reader's failed reads in one pass over its stream."""
+
+    def __init__(self):
+        self.failed: list[int] = []  # read positions, ascending (reads happen in position order)
+        self.lost = 0  # the manifest's n_samples over them
+        self.in_a_row = 0  # failed reads since the last good one (recorded ones are not reads)
+
+
 class ShardStream(torch.utils.data.IterableDataset):
-    """Endless batches {signal [B, C, L], key [B], shard [B], bad_shards} from this rank's readers."""
+    """Endless batches from this rank's readers.
+
+    Each is {signal [B, C, L], key [B], shard [B], reader, reads, failed, lost_segments}: the reader
+    that cut it, the shard reads that reader made up to and including the batch's group
+    ((g + 1) * shuffle_shards), the positions of its failed reads so far (a tuple, ascending,
+    restored ones included) and the manifest's segment count over them.
+    `failed` (LoaderState.failed) holds the failed read positions recorded by the run resumed from.
+    """
 
     def __init__(self, shards: list[ShardInfo], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  shuffle_shards: int = 4, storage_options: dict | None = None, strict: bool = False,
-                 start_batches: int = 0, verify: bool = False):
+                 start_batches: int = 0, verify: bool = False, failed: dict | None = None, base: str | None = None):
         if not shards:
             raise ValueError("no shards to read: the manifest lists none for this split")
         self.shards, self.batch_size, self.seed = shards, batch_size, seed
         self.rank, self.world_size, self.shuffle_shards = rank, world_size, max(1, shuffle_shards)
         self.storage_options, self.strict, self.verify = storage_options, strict, verify
         self.start_batches = start_batches
-        self.bad_shards = 0
-        self._failed_in_a_row = 0
+        self.failed = {int(r): frozenset(int(k) for k in ks) for r, ks in (failed or {}).items()}
+        self.base = base  # the manifest's folder, named when everything fails
 
-    def _read(self, idx: int) -> list | None:
+    def _read(self, idx: int, losses: _Losses) -> list | None:
+        """The shard's blocks, or None when it cannot be read (warned; raised with `strict`)."""
         s = self.shards[idx]
         try:
             folder, name = s.url.rsplit("/", 1)
@@ -117,21 +165,34 @@ class ShardStream(torch.utils.data.IterableDataset):
         except (OSError, ValueError, StorageError) as e:  # ShardFormatError is a ValueError
             if self.strict:
                 raise
-            self.bad_shards += 1
-            self._failed_in_a_row += 1
+            losses.in_a_row += 1
             print(f"[himae-data] warning: skipping shard {s.url}: {e}", file=sys.stderr, flush=True)
-            if self._failed_in_a_row >= len(self.shards):  # a whole epoch's worth: nothing left to train on
-                raise RuntimeError(f"the last {self._failed_in_a_row} shard reads all failed (the split has "
-                                   f"{len(self.shards)}); last error: {e}") from e
+            if losses.in_a_row >= len(self.shards):  # a whole epoch's worth: nothing left to train on
+                where = f" in {self.base}" if self.base else ""
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).removeprefix(f"{s.url}: ")
+                last = f"{s.url}: {why}"
+                raise DataLostError(f"the last {losses.in_a_row} shard reads all failed (the split has "
+                                    f"{len(self.shards)} shards{where}); last: {last}; re-run himae-prep "
+                                    f"to rebuild the shards") from e
             return None
-        self._failed_in_a_row = 0
+        losses.in_a_row = 0
         return blocks
 
-    def _group_samples(self, group: list[int], reader: int, g: int):
-        """The group's segments, concatenated ([n, C, L] etc.), and a seeded permutation of them."""
+    def _group_samples(self, group: list[int], reader: int, g: int, recorded: frozenset, losses: _Losses):
+        """The group's segments, concatenated ([n, C, L] etc.), and a seeded permutation of them.
+
+        A position in `recorded` failed in the run resumed from: it is not read again, so the
+        stream stays that run's even if the shard has been repaired since.
+        """
         sig, key, shard = [], [], []
-        for idx in group:
-            for b in self._read(idx) or []:
+        for j, idx in enumerate(group):
+            k = g * self.shuffle_shards + j
+            blocks = None if k in recorded else self._read(idx, losses)
+            if blocks is None:
+                losses.failed.append(k)
+                losses.lost += self.shards[idx].n_samples
+                continue
+            for b in blocks:
                 sig.append(b.signal)
                 key.append(b.key)
                 shard.append(np.full(len(b), idx, np.int32))
@@ -150,15 +211,24 @@ class ShardStream(torch.utils.data.IterableDataset):
         mine = max(0, (self.start_batches - wid + nw - 1) // nw)
         skip = mine * self.batch_size  # samples this reader already delivered
         sizes = [s.n_samples for s in self.shards]
-        order_ = reader_shards(len(self.shards), reader, n_readers, self.seed)
-        g, group = 0, [next(order_) for _ in range(self.shuffle_shards)]
-        while skip >= sum(sizes[i] for i in group):  # jump whole groups without reading them
-            skip -= sum(sizes[i] for i in group)
-            g, group = g + 1, [next(order_) for _ in range(self.shuffle_shards)]
+        S, recorded, losses = self.shuffle_shards, self.failed.get(reader, frozenset()), _Losses()
+        groups = _groups(len(self.shards), reader, n_readers, self.seed, S)
+        g, group = next(groups)
+        # Jump whole groups without reading them; a read that failed in the saved run delivered nothing.
+        while skip >= (n := sum(sizes[i] for j, i in enumerate(group) if g * S + j not in recorded)):
+            skip -= n
+            for j, i in enumerate(group):
+                if g * S + j in recorded:
+                    losses.failed.append(g * S + j)
+                    losses.lost += sizes[i]
+            g, group = next(groups)
         carry = None  # (signal, key, shard) rows left over from the previous group, in stream order
         B = self.batch_size
         while True:
-            got = self._group_samples(group, reader, g)
+            got = self._group_samples(group, reader, g, recorded, losses)
+            # what every batch cut in this group carries (small: it goes through the worker pipe)
+            info = {"reader": reader, "reads": (g + 1) * S, "failed": tuple(sorted(losses.failed)),
+                    "lost_segments": losses.lost}
             if got is not None:
                 pool, order = got
                 order, skip, pos = order[skip:], 0, 0
@@ -166,25 +236,87 @@ class ShardStream(torch.utils.data.IterableDataset):
                     pos = min(B - len(carry[0]), len(order))
                     carry = tuple(np.concatenate([c, a[order[:pos]]]) for a, c in zip(pool, carry))
                     if len(carry[0]) == B:
-                        yield self._batch(carry)
+                        yield self._batch(carry, info)
                         carry = None
                 if carry is None:
                     n_full = pos + (len(order) - pos) // B * B
                     for s in range(pos, n_full, B):
                         idx = order[s:s + B]
-                        yield self._batch(tuple(a[idx] for a in pool))  # a gather: the one copy per batch
+                        yield self._batch(tuple(a[idx] for a in pool), info)  # a gather: the one copy per batch
                     pos = n_full
                     if pos < len(order):
                         carry = tuple(a[order[pos:]] for a in pool)
-            g, group = g + 1, [next(order_) for _ in range(self.shuffle_shards)]
+            g, group = next(groups)
 
-    def _batch(self, rows: tuple) -> dict:
+    def _batch(self, rows: tuple, info: dict) -> dict:
         return {
             "signal": torch.from_numpy(rows[0]),  # [B, C, L] in the stored dtype
             "key": rows[1],
             "shard": torch.from_numpy(rows[2]),
-            "bad_shards": self.bad_shards,
+            **info,
         }
+
+
+class StreamProgress:
+    """This rank's view of its readers' data loss, from the batches it consumed (not prefetched ones).
+
+    `sizes` are the split's shard sizes, [s.n_samples for s in manifest.shards(split)]. Feed every
+    consumed batch to `update`; save `state(batches consumed)` instead of the bare LoaderState, so a
+    resume continues the stream exactly and these counts go on from where they were.
+    """
+
+    def __init__(self, state: LoaderState, sizes: list[int]):
+        if len(sizes) != state.n_shards:
+            raise ValueError(f"{len(sizes)} shard sizes for a stream over {state.n_shards} shards")
+        self._state, self._sizes = state, list(sizes)
+        self._readers: dict[int, tuple[int, tuple[int, ...], int]] = {}  # reader -> (reads, failed, lost)
+        for r, ks in state.failed.items():
+            self._readers[int(r)] = self._restored(int(r), sorted(int(k) for k in ks))
+
+    def _restored(self, reader: int, failed: list[int]) -> tuple[int, tuple[int, ...], int]:
+        """A saved reader's (reads, failed, lost): replays its position like the stream's skip-ahead.
+
+        Exact, not approximated: the reader delivered its share of `batches` samples, and its last
+        batch came from the first group where the samples actually read reach that count.
+        """
+        st, sizes = self._state, self._sizes
+        nw, S = max(1, st.num_workers), max(1, st.shuffle_shards)
+        wid = reader % nw  # reader = rank * nw + (original) worker
+        delivered = max(0, (st.batches - wid + nw - 1) // nw) * st.batch_size
+        recorded, last = set(failed), max(failed, default=-1)
+        reads = lost = end = 0
+        for g, group in _groups(len(sizes), reader, st.world_size * nw, st.seed, S):
+            if end >= delivered and g * S > last:
+                break
+            for j, i in enumerate(group):
+                if g * S + j in recorded:
+                    lost += sizes[i]
+                else:
+                    end += sizes[i]
+            reads = (g + 1) * S
+        return reads, tuple(failed), lost
+
+    def update(self, batch: dict) -> None:
+        """Take a consumed batch's record for its reader (it is cumulative: the latest one holds)."""
+        self._readers[int(batch["reader"])] = (int(batch["reads"]), tuple(int(k) for k in batch["failed"]),
+                                                int(batch["lost_segments"]))
+
+    def reads(self) -> int:
+        """Shard reads this rank's readers made, up to the groups of the batches consumed."""
+        return sum(r for r, _, _ in self._readers.values())
+
+    def failed(self) -> int:
+        """How many of those reads failed (a shard read twice and failing twice counts twice)."""
+        return sum(len(f) for _, f, _ in self._readers.values())
+
+    def lost_segments(self) -> int:
+        """Segments the failed reads would have delivered, by the manifest."""
+        return sum(n for _, _, n in self._readers.values())
+
+    def state(self, batches: int) -> LoaderState:
+        """The LoaderState to save after `batches` consumed: the position plus every reader's failed reads."""
+        return replace(self._state, batches=batches,
+                       failed={r: list(f) for r, (_, f, _) in sorted(self._readers.items())})
 
 
 def _read_local(path: str):
@@ -209,6 +341,7 @@ def make_loader(
 
     With `state` (from a previous run), the stream continues exactly where that run stopped; the
     seed, world size, workers, batch size and shuffle width must match, or this refuses.
+    Give it the state `StreamProgress.state` made, so reads that failed are not read again.
     `verify=True` checks every shard read against the manifest's sha256 (costs a hash of the bytes,
     about as much CPU as the rest of the loader), so a shard altered without a change of size is
     skipped (or fatal with `strict`) instead of read.
@@ -219,13 +352,20 @@ def make_loader(
     if state is not None:
         state = LoaderState.from_dict(state) if isinstance(state, dict) else state
         mismatch = {k: (v, getattr(current, k)) for k, v in asdict(state).items()
-                    if k != "batches" and v != getattr(current, k)}
+                    if k not in ("batches", "failed") and v != getattr(current, k)}
         if mismatch:
             raise ValueError(f"cannot continue the data stream exactly: saved vs now {mismatch}")
         start = state.batches
-    ds = ShardStream(shards, batch_size, seed, rank, world_size, shuffle_shards, storage_options, strict, start, verify)
+    failed = dict(state.failed) if state is not None else {}
+    ds = ShardStream(shards, batch_size, seed, rank, world_size, shuffle_shards, storage_options, strict, start, verify,
+                     failed, manifest.base)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+        ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_as_is,
         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
     )
-    return loader, LoaderState(start, seed, world_size, num_workers, batch_size, shuffle_shards, len(shards), split)
+    return loader, replace(current, batches=start, failed=failed)
+
+
+def _as_is(batch: dict) -> dict:
+    """The batch unchanged: the default conversion would turn the `failed` tuple into a list."""
+    return batch

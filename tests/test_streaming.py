@@ -2,6 +2,8 @@
 
 import json
 from collections import Counter
+from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,8 @@ import torch
 
 from data_prep.convert import ConvertParams, convert_pretrain
 from data_prep.shard_format import read_shard_blocks
-from himae_dist.streaming import LoaderState, check_shards, load_manifest, make_loader, reader_shards
+from himae_dist.streaming import (DataLostError, LoaderState, StreamProgress, check_shards, load_manifest, make_loader,
+                                  reader_shards)
 from tests.h5_inputs import random_index as _random_index
 
 
@@ -18,6 +21,11 @@ def _take(m, n, **kw):
     loader, _ = make_loader(m, **{"batch_size": 16, "seed": 1, **kw})
     it = iter(loader)
     return [next(it) for _ in range(n)]
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x["signal"], y["signal"]) and list(x["key"]) == list(y["key"])
+                                    for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +107,12 @@ def test_missing_or_damaged_shards_are_found_at_start_and_skipped_mid_run(tmp_pa
     assert problems == [f"{m.shards()[2].name} (3000 bytes, expected {m.shards()[2].bytes})",
                         f"{m.shards()[4].name} (missing)"]
     batches = _take(m, 40, batch_size=10, shuffle_shards=1)
-    assert batches[-1]["bad_shards"] >= 2
     bad = {2, 4}
+    last = batches[-1]
+    order = list(islice(reader_shards(6, 0, 1, 1), last["reads"]))
+    assert last["reader"] == 0 and isinstance(last["failed"], tuple) and len(last["failed"]) >= 2
+    assert last["failed"] == tuple(k for k, i in enumerate(order) if i in bad)  # every read of them, and only those
+    assert last["lost_segments"] == 50 * len(last["failed"])
     assert not any(int(s) in bad for b in batches for s in b["shard"])
     assert "skipping shard" in capfd.readouterr().err
     with pytest.raises(Exception, match=r"shard-00000[24]\.tar"):
@@ -136,11 +148,93 @@ def test_a_garbled_header_is_skipped_and_an_altered_shard_caught_with_verify(tmp
     assert "sha256 differs from the manifest" in capfd.readouterr().err
 
 
-def test_a_reader_whose_shards_all_fail_stops_with_an_error(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_reader_whose_shards_all_fail_stops_with_an_error(tmp_path, workers):
     index = _random_index(tmp_path, n=200)
     convert_pretrain(str(index), ConvertParams(str(tmp_path / "o"), samples_per_shard=50, val_fraction=0))
     m = load_manifest(str(tmp_path / "o"))
     for s in m.shards():
         Path(s.url).unlink()
-    with pytest.raises(RuntimeError, match=r"the last 4 shard reads all failed \(the split has 4\)"):
-        _take(m, 1)
+    it = iter(make_loader(m, 16, seed=1, num_workers=workers)[0])
+    # through a worker too: DataLoader re-raises the worker's exception as the same type
+    with pytest.raises(DataLostError, match=r"the last 4 shard reads all failed \(the split has 4 shards in "
+                                            r"\S*o\); last: \S*shard-\d+\.tar: No such file.*re-run himae-prep"):
+        next(it)
+    # now: left to a later gc pass, the failed worker's shutdown waits out a 5 s join timeout
+    getattr(it, "_shutdown_workers", lambda: None)()
+
+
+@pytest.fixture
+def one_truncated(tmp_path):
+    """6 shards of 50 (`_damage` truncates one)."""
+    index = _random_index(tmp_path, n=300)
+    convert_pretrain(str(index), ConvertParams(str(tmp_path / "o"), samples_per_shard=50, val_fraction=0))
+    return load_manifest(str(tmp_path / "o"))
+
+
+def _damage(m, n_readers):
+    """Truncate the shard reader 0 reads first; returns (its index, path, good bytes)."""
+    victim = next(reader_shards(6, 0, n_readers, 1))  # read first by reader 0: before any resume point
+    path = Path(m.shards()[victim].url)
+    good = path.read_bytes()
+    path.write_bytes(good[:3000])
+    return victim, path, good
+
+
+def _expected_losses(m, victim, reader, n_readers, delivered):
+    """(reads, failed positions) of a reader that delivered `delivered` samples, walked independently."""
+    got, k, failed = 0, 0, []
+    for k, i in enumerate(reader_shards(6, reader, n_readers, 1)):
+        if got >= delivered:
+            break
+        if i == victim:
+            failed.append(k)
+        else:
+            got += m.shards()[i].n_samples
+    return k, failed
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resume_after_a_failed_read_continues_exactly_even_once_the_shard_is_repaired(one_truncated, workers,
+                                                                                       tmp_path):
+    m, N, K = one_truncated, 30, 12
+    nw = max(1, workers)
+    victim, path, good = _damage(m, nw)
+    kw = dict(batch_size=10, shuffle_shards=1, num_workers=workers)
+    loader, start = make_loader(m, seed=1, **kw)
+    it = iter(loader)
+    full = [next(it) for _ in range(N)]
+    assert all(isinstance(b["failed"], tuple) for b in full)
+    progress = StreamProgress(start, [s.n_samples for s in m.shards()])
+    for b in full[:K]:
+        progress.update(b)
+    state = progress.state(K)
+
+    # the counts: the victim's size for each time a consumed group read it
+    expected = [_expected_losses(m, victim, r, nw, K // nw * 10) for r in range(nw)]
+    assert state.failed == {r: f for r, (_, f) in enumerate(expected)}
+    assert 0 in state.failed[0]  # the failure lies before the resume point: the skip-ahead must know it
+    assert progress.failed() == sum(len(f) for _, f in expected) >= 1
+    assert progress.lost_segments() == 50 * progress.failed()
+    assert progress.reads() == sum(reads for reads, _ in expected) > 0
+    torch.save(state.to_dict(), tmp_path / "state.pt")
+    loaded = LoaderState.from_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert loaded == state
+    assert LoaderState.from_dict(json.loads(json.dumps(state.to_dict()))) == state  # keys through JSON: str
+    assert LoaderState.from_dict({k: v for k, v in state.to_dict().items() if k != "failed"}).failed == {}  # older
+    again = StreamProgress(loaded, [s.n_samples for s in m.shards()])  # a restored rank counts the same
+    assert (again.reads(), again.failed(), again.lost_segments()) == (progress.reads(), progress.failed(),
+                                                                      progress.lost_segments())
+
+    def resumed(st):
+        loader, _ = make_loader(m, seed=1, state=st, **kw)
+        it = iter(loader)
+        return [next(it) for _ in range(N - K)]
+
+    rest = resumed(loaded.to_dict())
+    assert _same(rest, full[K:])
+    assert [(b["reader"], b["reads"], b["failed"], b["lost_segments"]) for b in rest] == \
+        [(b["reader"], b["reads"], b["failed"], b["lost_segments"]) for b in full[K:]]
+    assert not _same(resumed(replace(state, failed={})), full[K:])  # the manifest's sizes alone (the old way) diverge
+    path.write_bytes(good)  # repaired: a recorded failure is still not read, so the stream is the saved run's
+    assert _same(resumed(state), full[K:])
