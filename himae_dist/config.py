@@ -43,6 +43,7 @@ class TrainConfig:
     num_workers: int = 4  # DataLoader workers per rank (pinned memory on CUDA)
     shuffle_shards: int = 4  # shards loaded and shuffled together per reader
     strict_data: bool = False  # a missing/corrupt shard is fatal instead of skipped with a warning
+    max_bad_data: float = 0.01  # stop when more than this fraction of shard reads failed (all ranks, so far)
     verify_data: bool = False  # check every shard read against the manifest's sha256 (costs a hash per read)
     log_every: int = 10
     save_every: int = 0  # also save every N steps (0 = off)
@@ -96,6 +97,8 @@ class TrainConfig:
                 bad(name, "a finite value >= 0")
         if self.val_every < 0 or self.val_batches < 1:
             bad("val_every" if self.val_every < 0 else "val_batches", ">= 0" if self.val_every < 0 else ">= 1")
+        if not 0.0 <= self.max_bad_data <= 1.0:
+            bad("max_bad_data", "a fraction in [0, 1] of shard reads that may fail")
         if not (math.isfinite(self.save_every_min) and self.save_every_min >= 0):
             bad("save_every_min", "a finite number of minutes >= 0 (0 = off)")
         if self.num_workers < 0 or self.save_every < 0:

@@ -313,6 +313,19 @@ class StreamProgress:
         """Segments the failed reads would have delivered, by the manifest."""
         return sum(n for _, _, n in self._readers.values())
 
+    def failed_shards(self) -> list[int]:
+        """Shard indices (distinct, sorted) of the failed reads: to name them when the run stops over them."""
+        st = self._state
+        nw, S = max(1, st.num_workers), max(1, st.shuffle_shards)
+        found: set[int] = set()
+        for reader, (_, failed, _) in self._readers.items():
+            want, last = set(failed), max(failed, default=-1)
+            for g, group in _groups(len(self._sizes), reader, st.world_size * nw, st.seed, S):
+                if g * S > last:
+                    break
+                found.update(i for j, i in enumerate(group) if g * S + j in want)
+        return sorted(found)
+
     def state(self, batches: int) -> LoaderState:
         """The LoaderState to save after `batches` consumed: the position plus every reader's failed reads."""
         return replace(self._state, batches=batches,

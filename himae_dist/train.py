@@ -41,7 +41,7 @@ from himae_dist.preemption import PREEMPTED_EXIT, StopRequest
 from himae_dist.precision import autocast, use_bf16
 from himae_dist.run_lease import RunLease
 from himae_dist.train_log import TrainLog
-from himae_dist.streaming import check_shards, load_manifest, make_loader
+from himae_dist.streaming import DataLostError, StreamProgress, check_shards, load_manifest, make_loader
 from himae_dist.validation import Validator
 from himae_dist.watchdog import Watchdog
 from kernels.masked_mse_reference import check_masking_args
@@ -263,8 +263,11 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
     broken, problem = run_state.broadcast(_start_checks(manifest, cfg, exporter) if rank == 0 else None)
     if problem:
         raise ValueError(problem)
-    if broken and cfg.strict_data:
-        raise ValueError(f"{manifest.url}: {len(broken)} shard(s) missing or damaged: {broken[:5]}; re-run himae-prep")
+    n_train = len(manifest.shards("train"))
+    if broken and (cfg.strict_data or len(broken) > cfg.max_bad_data * n_train):
+        raise ValueError(f"{manifest.url}: {len(broken)} of {n_train} train shard(s) missing or damaged: {broken[:5]} "
+                         f"(--max-bad-data={cfg.max_bad_data:g}{', --strict-data' if cfg.strict_data else ''}); "
+                         f"re-run himae-prep")
     if broken and rank == 0:
         print(f"[himae-train] warning: {len(broken)} shard(s) missing or damaged, they will be skipped: "
               f"{broken[:5]}; re-run himae-prep to rebuild them", flush=True)
@@ -287,6 +290,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
                   flush=True)
     consumed = lstate.batches
     shard_names = [sh.name for sh in manifest.shards("train")]
+    progress = StreamProgress(lstate, [sh.n_samples for sh in manifest.shards("train")])  # what was actually read
     batches = iter(loader)
     win = _Window.new(device, start, res.window)
     validator = Validator(manifest, cfg, rank, world, device, objective, bf16) if cfg.val_every else None
@@ -296,7 +300,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
     params = [p for p in engine.module.parameters() if p.requires_grad]
 
     def save(step: int, final: bool = False, checkpoint: bool = True) -> None:
-        state = {"loader": dataclasses.replace(lstate, batches=consumed).to_dict(), "window": win.to_dict()}
+        state = {"loader": progress.state(consumed).to_dict(), "window": win.to_dict()}
         _save(engine, ckpt_dir, out, step, rank, extra, state, schedule, cfg, final, checkpoint)
         if exporter:
             exporter.kick()  # uploads in the background: no rank waits on the store in a collective
@@ -315,6 +319,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
             batch = next(batches)
             log.waited(time.perf_counter() - t_wait)
             consumed += 1
+            progress.update(batch)
             while len(rows := bad_rows(batch["signal"])):  # host-side check, before the copy to the device
                 what = f"rank {rank}, step {done}: {describe(batch, rows, shard_names)}"
                 if cfg.on_nonfinite == "abort":
@@ -325,6 +330,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
                     raise NonFiniteError(f"{what}: {win.skipped} batches skipped on this rank; the data is broken")
                 batch = next(batches)  # the same micro-step count on every rank: no collective mismatch
                 consumed += 1
+                progress.update(batch)
             x = batch["signal"].to(device, non_blocking=True).float()  # [B, C, L], stored fp16/fp32
             x_masked, mask = objective.mask(x, step, micro, torch.bfloat16 if bf16 else None)
             with autocast(device, bf16):
@@ -349,11 +355,15 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
         if log_step:
             # host values ride along: skipped batches, and whether this rank was asked to stop or is due a save
             due = cfg.save_every_min > 0 and time.monotonic() - last_save >= 60 * cfg.save_every_min
-            flags = torch.tensor([win.skipped + win.skipped_before, stop.requested, due], dtype=torch.float32)
-            stats = torch.cat([torch.stack([win.loss_sum, win.val_sum, grad_norm]), flags.to(device)])
+            flags = torch.tensor([win.skipped + win.skipped_before, stop.requested, due, progress.failed(),
+                                  progress.reads(), progress.lost_segments()], dtype=torch.float64)
+            stats = torch.cat([torch.stack([win.loss_sum, win.val_sum, grad_norm]).double(), flags.to(device)])
             dist.all_reduce(stats)  # collective: every rank reaches it at the same step
             host = stats.cpu()  # the one device->host copy (sync) per log step
-            loss_total, val_total, gn_total, skipped, stops, dues = (float(v) for v in host)  # host reads of it
+            loss_total, val_total, gn_total, skipped, stops, dues, bad_reads, reads, lost = (float(v) for v in host)
+            lost_data = {"failed_shard_reads": int(bad_reads), "shard_reads": int(reads), "lost_segments": int(lost)}
+            if bad_reads > cfg.max_bad_data * reads:  # the same verdict on every rank: stop, naming the shards
+                _too_much_lost(lost_data, progress, shard_names, cfg.max_bad_data, done)
             stopping = stops > 0 and done < cfg.steps  # the same verdict on every rank
             save_now = stopping or (dues > 0 and done < cfg.steps)
             mean = loss_total / (win.loss_n * world)
@@ -361,7 +371,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
                 raise NonFiniteError(f"loss is {mean} at steps {win.last_logged + 1}..{done} on finite data; "
                                      f"lower --lr or set --grad-clip (last good checkpoint kept)")
             rec = log.record(done, mean, lr, val_total / (win.val_n * world) if win.val_n else None,
-                             gn_total / world, int(skipped))  # the same norm on every rank (all-reduced gradients)
+                             gn_total / world, int(skipped), lost_data)  # the same norm on every rank (all-reduced)
             win.loss_sum.zero_()
             win.loss_n, win.val_n, win.last_logged = 0, 0, done
             history.append(rec)
@@ -380,6 +390,11 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
         save(max(start, cfg.steps), final=True, checkpoint=start < cfg.steps)
     watchdog.stop()
     log.close()
+    if rank == 0 and history:
+        last = history[-1]
+        print(f"[himae-train] done at step {last['step']}: {last['failed_shard_reads']} of {last['shard_reads']} shard "
+              f"reads failed ({last['lost_segments']} segments lost), {last['skipped_batches']} non-finite batches "
+              f"skipped", flush=True)
     if exporter:  # after the last collective: the other ranks may exit meanwhile
         exporter.finish()
     return {"history": history, "start_step": start}
@@ -404,6 +419,18 @@ def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, extra: dict, 
             print(f"[himae-train] wrote {out / 'himae_final.pt'} (step {step})", flush=True)
         run_state.prune(ckpt_dir, cfg.keep_checkpoints)
     dist.barrier()  # nobody runs ahead of (or exits before) rank 0's writes
+
+
+def _too_much_lost(lost: dict, progress: StreamProgress, shard_names: list[str], limit: float, step: int) -> None:
+    """Collective (every rank reaches it on the same all-reduced counts): raise naming every rank's failed shards."""
+    import torch.distributed as dist
+
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, [shard_names[i] for i in progress.failed_shards()])
+    bad = sorted({n for ns in names for n in ns})
+    raise DataLostError(f"{lost['failed_shard_reads']} of {lost['shard_reads']} shard reads failed by step {step} "
+                        f"({lost['lost_segments']} segments lost), more than --max-bad-data={limit:g}: shard(s) "
+                        f"{bad[:10]}{' ...' if len(bad) > 10 else ''}; re-run himae-prep (or raise --max-bad-data)")
 
 
 def _start_checks(manifest, cfg: TrainConfig, exporter) -> tuple[list[str], str | None]:
@@ -465,7 +492,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"himae-train: {e}", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT)
     except (ValueError, FileNotFoundError, StorageError) as e:  # bad options, data or store: one line, no traceback
-        sys.exit(f"himae-train: error: {e}")
+        msg = str(e)
+        if "Original Traceback" in msg:  # raised in a DataLoader worker: its own message is the last line
+            msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+        sys.exit(f"himae-train: error: {msg}")
     except RuntimeError as e:  # a collective that waited past --collective-timeout-s: say so
         if "timeout" not in str(e).lower() and "timed out" not in str(e).lower():
             raise

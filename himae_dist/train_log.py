@@ -36,8 +36,9 @@ class TrainLog:
         self.bar.update(1)
 
     def record(self, step: int, loss: float, lr: float, val_loss: float | None, grad_norm: float | None,
-               skipped: int = 0) -> dict:
-        """One log step's record; `lr` is the last update's, `skipped` the non-finite batches skipped so far (all ranks)."""
+               skipped: int = 0, lost: dict | None = None) -> dict:
+        """One log step's record; `lr` is the last update's, `skipped` the non-finite batches skipped so far and
+        `lost` the failed shard reads, all reads and the segments lost so far (all ranks, cumulative)."""
         now = time.perf_counter()
         dt = max(now - self._t, 1e-9)
         rec = {"step": step, "loss": loss, "lr": lr}
@@ -46,6 +47,7 @@ class TrainLog:
         if grad_norm is not None and math.isfinite(grad_norm):
             rec["grad_norm"] = grad_norm
         rec["skipped_batches"] = skipped
+        rec.update(lost or {})
         rec["segments_per_s"] = round(self._steps * self.segments_per_step / dt, 1)  # all ranks
         rec["data_wait_frac"] = round(self._wait / dt, 4)
         rec["peak_mem_mb"] = round(_peak_mem_mb(self.device), 1)
@@ -53,10 +55,13 @@ class TrainLog:
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
-            self.bar.set_postfix(loss=f"{loss:.4f}", seg_s=f"{rec['segments_per_s']:.0f}", refresh=False)
+            bad = rec.get("failed_shard_reads", 0)
+            lost_s = f" LOST {bad} shard reads ({rec['lost_segments']} segments)" if bad else ""
+            self.bar.set_postfix(loss=f"{loss:.4f}", seg_s=f"{rec['segments_per_s']:.0f}", refresh=False,
+                                 **({"lost_reads": bad} if bad else {}))
             val = f" val {val_loss:.5f}" if val_loss is not None else ""
             self.bar.write(f"[himae-train] step {step}/{self.cfg.steps} loss {loss:.5f}{val} lr {lr:.2e} "
-                           f"{rec['segments_per_s']:.0f} seg/s data-wait {rec['data_wait_frac']:.0%}")
+                           f"{rec['segments_per_s']:.0f} seg/s data-wait {rec['data_wait_frac']:.0%}{lost_s}")
             if self.wandb:
                 self.wandb.log(rec, step=step)
         return rec
