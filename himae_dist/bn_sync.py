@@ -4,7 +4,9 @@ In training mode BatchNorm normalises with batch statistics, so each rank's runn
 estimates only follow its own 1/world share of the data and drift apart; every checkpoint,
 exported weights and probe would use rank 0's. The trainer all-reduces them before every
 save: one collective, fp64, equal weight per rank (every rank sees the same number of
-batches of the same size).
+batches of the same size). After the save each rank takes its own estimates back (and a resume
+restores them from the run state), so when saves happen never changes the run: a preemption
+save or a time-based one leaves it bitwise equal to a run without them.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ def sync_batchnorm_stats(module: nn.Module, keep_before: bool = True) -> dict[st
         m.running_mean.copy_(mean)
         m.running_var.copy_((sq - mean**2).clamp_min(0))
     return before
+
+
+@torch.no_grad()
+def restore_batchnorm_stats(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Put back this rank's own running statistics (what `sync_batchnorm_stats` returned)."""
+    for n, m in batchnorms(module):
+        if f"{n}.running_mean" in before:
+            m.running_mean.copy_(before[f"{n}.running_mean"])
+            m.running_var.copy_(before[f"{n}.running_var"])
 
 
 def digest(module: nn.Module) -> float:

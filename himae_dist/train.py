@@ -29,7 +29,7 @@ from data_prep.parent_death import exit_with_parent
 from data_prep.storage import StorageError
 from himae_dist import run_state, weights_export
 from himae_dist.bn_sync import digest as bn_digest
-from himae_dist.bn_sync import sync_batchnorm_stats
+from himae_dist.bn_sync import restore_batchnorm_stats, sync_batchnorm_stats
 from himae_dist.checkpoint import save_weights
 from himae_dist.config import (TrainConfig, deepspeed_config, lr_lambda, parse_config, resolved, resume_refusal,
                                schedule_params)
@@ -165,6 +165,7 @@ def _resume(engine, optimizer, scheduler, cfg: TrainConfig, ckpt_dir: Path, out:
         res.loader, res.window = mine["loader"], mine.get("window")
         res.stream_seed = mine["loader"]["seed"]
         run_state.set_rng_state(mine["rng"])
+        restore_batchnorm_stats(engine.module, mine.get("bn_before_sync", {}))  # its own, as if never saved
     elif rank == 0:
         print(f"[himae-train] world size {len(saved['ranks'])} -> {world}: a new data stream starts "
               f"(seed {res.stream_seed})", flush=True)
@@ -418,6 +419,8 @@ def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, extra: dict, 
             save_weights(engine.module, out / "himae_final.pt", step, extra)
             print(f"[himae-train] wrote {out / 'himae_final.pt'} (step {step})", flush=True)
         run_state.prune(ckpt_dir, cfg.keep_checkpoints)
+    if checkpoint:
+        restore_batchnorm_stats(engine.module, bn_before)  # training goes on with this rank's own estimates
     dist.barrier()  # nobody runs ahead of (or exits before) rank 0's writes
 
 
