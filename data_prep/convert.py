@@ -14,17 +14,24 @@ refused unless `--overwrite`: the shards on disk would silently describe other d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 import re
+import signal
 import sys
+import threading
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 from data_prep.hdf5_sources import BadSamplePolicy, segment_shape
 from data_prep.index_plan import DownstreamSource, IndexSource, Plan, find_duplicate_rows, make_plan, rows_for_shards, scan
+from data_prep.parent_death import exit_with_parent
 from data_prep.preprocess import CONSTANT_POLICIES, LENGTH_POLICIES, NORMALIZE, Preprocess
 from data_prep.shard_format import DTYPES, FORMAT, MANIFEST, MEMBERS, PARTS, PLAN, part_name
 from data_prep.shard_writer import WriteParams, build_shard
@@ -226,30 +233,108 @@ def run_task(source, p: ConvertParams, prep: dict | None = None) -> dict:
     return done
 
 
+class Interrupted(BaseException):
+    """SIGTERM/SIGINT reached himae-prep: unwinds like KeyboardInterrupt (finally blocks remove temp
+    files), but a BaseException that no `except Exception` (bad-row handling, retries) can swallow."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Tests only: seconds each pool worker sleeps before building a shard, so a test can signal the job mid-run.
+TEST_SHARD_DELAY_ENV = "HIMAE_TEST_SHARD_DELAY_S"
+
+
+def _init_pool_worker(parent_pid: int) -> None:
+    """Pool worker setup: die with the parent, leave SIGINT/SIGTERM handling to it.
+
+    A worker blocks on the call queue forever once its parent is gone (it holds the queue's write
+    end itself), so the kernel SIGKILLs it when the parent dies (PR_SET_PDEATHSIG). A parent that
+    died before prctl took effect is caught by comparing with the pid the parent passed in. Forked
+    workers inherit the parent's Python signal handlers: SIGTERM goes back to the default (die),
+    SIGINT is ignored (a terminal's Ctrl-C reaches the whole process group; the parent stops us).
+    """
+    exit_with_parent()
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _build_shard_in_worker(split: str, index: int, rows, wp: WriteParams) -> dict:
+    """build_shard as a pool worker runs it (the test delay is read here, never in the parent)."""
+    delay = float(os.environ.get(TEST_SHARD_DELAY_ENV) or 0)
+    if delay > 0:
+        time.sleep(delay)
+    return build_shard(split, index, rows, wp)
+
+
+def _shard_pool(workers: int) -> ProcessPoolExecutor:
+    """The worker pool, its processes forked by the thread that first calls submit().
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so that thread must
+    outlive the pool. CPython 3.11 (concurrent/futures/process.py): with the "fork" start method,
+    `submit()` -> `_start_executor_manager_thread()` -> `_launch_processes()` forks all
+    `max_workers` processes at once, in the thread calling the first submit() (here the main
+    thread, which lives for the whole job), before the manager thread starts. The manager thread
+    forks only in `_adjust_process_count()` after a worker exits on `max_tasks_per_child`, which
+    is refused with fork (ValueError) and not used here; a worker that dies breaks the pool
+    instead of being replaced. Under "spawn"/"forkserver" submit() spawns lazily and, with
+    forkserver (the default from 3.14), the workers are the forkserver's children, not ours; so
+    the start method is pinned to fork on Linux (where prctl exists).
+    """
+    ctx = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker, initargs=(os.getpid(),))
+
+
+def _kill_pool_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGKILL the pool's workers: on an interrupt, waiting for their shards could take minutes.
+    What they were writing is a temp file; the next run of the task removes it. (3.14 has
+    `kill_workers()`; before, the pool's processes are only in `_processes`.)"""
+    if hasattr(pool, "kill_workers"):
+        pool.kill_workers()
+        return
+    procs = list(getattr(pool, "_processes", {}).values())
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.join(5)
+
+
 def _build(source, plan: Plan, todo: list[tuple[str, int]], wp: WriteParams, p: ConvertParams, done: dict) -> None:
     from tqdm import tqdm
 
     per_wave = max(1, p.max_rows // p.samples_per_shard)
     total = sum(min(p.samples_per_shard, plan.n_split[s] - i * p.samples_per_shard) for s, i in todo)
+    build = _build_shard_in_worker if p.workers > 1 else build_shard
     with tqdm(total=total, unit="seg", unit_scale=True, desc="himae-prep", disable=None, smoothing=0.1) as bar, \
-            ProcessPoolExecutor(p.workers) if p.workers > 1 else _Inline() as pool:
-        for w in range(0, len(todo), per_wave):
-            wave = todo[w:w + per_wave]
-            rows = rows_for_shards(source, plan, set(wave))
-            code = rows["split"].to_numpy() * (1 << 40) + rows["shard"].to_numpy() if len(rows) else None
-            futures = []
-            for s, i in wave:
-                sel = code == (0 if s == "train" else 1) * (1 << 40) + i
-                futures.append(pool.submit(build_shard, s, i, rows[sel], wp))
-            try:
+            _shard_pool(p.workers) if p.workers > 1 else _Inline() as pool:
+        futures = []
+        try:
+            for w in range(0, len(todo), per_wave):
+                wave = todo[w:w + per_wave]
+                rows = rows_for_shards(source, plan, set(wave))
+                code = rows["split"].to_numpy() * (1 << 40) + rows["shard"].to_numpy() if len(rows) else None
+                futures = []
+                for s, i in wave:
+                    sel = code == (0 if s == "train" else 1) * (1 << 40) + i
+                    futures.append(pool.submit(build, s, i, rows[sel], wp))
                 for f in as_completed(futures):
                     rec = f.result()
                     done[(rec["split"], rec["index"])] = rec
                     bar.update(rec["n_rows"])
-            except BaseException:
-                for f in futures:  # stop at the first error, not after the whole wave
-                    f.cancel()
-                raise
+        except (Interrupted, KeyboardInterrupt):
+            # Kill rather than wait: the pool's __exit__ would wait for the running shards. No cancel()
+            # first: 3.11's manager thread then fails the pending futures itself (BrokenProcessPool),
+            # and crashes with InvalidStateError on any future already cancelled.
+            if p.workers > 1:
+                _kill_pool_workers(pool)
+            raise
+        except BaseException:
+            for f in futures:  # stop at the first error, not after the whole wave
+                f.cancel()
+            raise
 
 
 class _Inline:
@@ -355,6 +440,30 @@ def _slurm_task(num_tasks: int | None) -> tuple[int | None, int | None]:
     return int(tid), num_tasks
 
 
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """While the job runs, SIGTERM and SIGINT raise `Interrupted` in the main thread, so the job unwinds
+    (workers killed, temp files removed) and main() exits 128+signum with one line, not a traceback.
+    A repeated signal is ignored while the first unwinds; the previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    stopping = False
+
+    def raise_interrupted(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="himae-prep", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -402,7 +511,13 @@ def main(argv: list[str] | None = None) -> None:
         a.max_rows, a.storage_options, a.signal_key,
     )
     try:
-        convert(a.index, a.downstream, p, finalize_only=a.finalize)
+        with _stop_on_signals():
+            convert(a.index, a.downstream, p, finalize_only=a.finalize)
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        print(f"himae-prep: interrupted by {name}; shards written so far are kept (each is written under a temp "
+              f"name, then renamed); run the same command to resume", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
     except (ValueError, KeyError, OSError, StorageError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.exit(f"himae-prep: error: {msg}")

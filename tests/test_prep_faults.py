@@ -1,0 +1,141 @@
+"""himae-prep under kill -9, SIGTERM and SIGINT: no pool worker outlives the job, a signal ends it
+with one line and 128+signum, and a re-run finishes with the shards of an uninterrupted run.
+
+Each test runs the real CLI (`python -m data_prep.convert --workers 2`) slowed by the test hook
+HIMAE_TEST_SHARD_DELAY_S, signals it once a few shards are written, and kills whatever it started
+in a `finally`, so a failing test leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from data_prep.convert import TEST_SHARD_DELAY_ENV, ConvertParams, convert_pretrain
+from tests.h5_inputs import random_index
+
+SHARD_DELAY_S = 0.25  # per shard and worker: 40 shards take ~5 s, far longer than it takes to signal
+STARTUP_TIMEOUT_S = 60.0  # imports and planning before the first shard, on a loaded machine
+GONE_TIMEOUT_S = 10.0
+EXPECTED_LINE = ("himae-prep: interrupted by {sig}; shards written so far are kept (each is written under a temp "
+                 "name, then renamed); run the same command to resume")
+
+
+def _prep_command(index: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "data_prep.convert", "--index", str(index), "--out", str(out),
+            "--samples-per-shard", "10", "--workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory) -> Path:
+    """400 rows in 40 shards: enough shards that the job is still running when it is signalled."""
+    return random_index(tmp_path_factory.mktemp("faults_in"), n=400, length=250, n_files=4)
+
+
+def _tree_bytes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _kill_tree(proc: subprocess.Popen, known: list[psutil.Process]) -> None:
+    """SIGKILL the job and every descendant it has or had (those seen earlier may be orphans now)."""
+    procs = list(known)
+    try:
+        procs += psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    for p in [*procs, proc]:
+        try:
+            p.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _start_mid_run(index: Path, out: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """Start himae-prep and return once both workers run and some shards are written (not all):
+    the job and its descendants, collected before any signal."""
+    env = {**os.environ, TEST_SHARD_DELAY_ENV: str(SHARD_DELAY_S)}
+    proc = subprocess.Popen(_prep_command(index, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    descendants: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+            finished_shards = [p for p in (out / "_parts").glob("*.json") if p.name != "plan.json"]
+            if len(descendants) >= 2 and len(finished_shards) >= 2:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"himae-prep ended before it was signalled: {proc.stderr.read().decode()}"
+        assert len(descendants) >= 2, "himae-prep never started its two workers"
+        assert not (out / "manifest.json").exists()
+    except BaseException:
+        _kill_tree(proc, descendants)
+        raise
+    return proc, descendants
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """The processes still alive (zombies count as gone) after up to `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _signal_and_check(index: Path, out: Path, sig: signal.Signals) -> None:
+    """Signal a mid-run job: exit 128+sig, the one line on stderr, no traceback, no process left."""
+    proc, descendants = _start_mid_run(index, out)
+    try:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=GONE_TIMEOUT_S)
+        stderr = err.decode()
+        assert proc.returncode == 128 + sig, stderr
+        assert "Traceback" not in stderr, stderr
+        assert stderr.strip().splitlines() == [EXPECTED_LINE.format(sig=sig.name)], stderr
+        assert not _wait_gone(descendants, GONE_TIMEOUT_S), "pool workers outlived the interrupted job"
+    finally:
+        _kill_tree(proc, descendants)
+
+
+def test_kill_9_of_the_parent_takes_its_workers_with_it(index, tmp_path):
+    """Workers block on the call queue forever if the parent vanishes: the kernel must kill them."""
+    proc, descendants = _start_mid_run(index, tmp_path / "out")
+    try:
+        proc.kill()
+        proc.wait(GONE_TIMEOUT_S)
+        alive = _wait_gone(descendants, GONE_TIMEOUT_S)
+        assert not alive, f"still alive {GONE_TIMEOUT_S} s after kill -9 of the parent: {alive}"
+    finally:
+        _kill_tree(proc, descendants)
+
+
+def test_sigterm_stops_cleanly_and_a_rerun_gives_the_uninterrupted_shards(index, tmp_path):
+    """SIGTERM (a scheduler's stop) must keep finished shards intact and leave a resumable folder."""
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    convert_pretrain(str(index), ConvertParams(str(reference), samples_per_shard=10))
+    expected = _tree_bytes(reference)
+    _signal_and_check(index, out, signal.SIGTERM)
+    kept = {k: v for k, v in _tree_bytes(out).items() if not Path(k).name.startswith(".tmp-")}
+    assert "manifest.json" not in kept
+    assert kept and all(expected.get(k) == v for k, v in kept.items()), "a final name holds other bytes"
+    subprocess.run(_prep_command(index, out), check=True, capture_output=True, timeout=60)
+    assert _tree_bytes(out) == expected  # temp files of the killed workers are gone too
+
+
+def test_sigint_stops_cleanly(index, tmp_path):
+    """Ctrl-C must end the job with one line and 130, not a KeyboardInterrupt traceback."""
+    _signal_and_check(index, tmp_path / "out", signal.SIGINT)
