@@ -71,16 +71,21 @@ def attempt_store(timeout: timedelta):
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None, 0, lambda: None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return handshake(_client(timeout), rank, world, timeout, lambda: _client(timeout))
+
+
+def handshake(store, rank: int, world: int, timeout: timedelta, new_client):
+    """The protocol above over `store`; `new_client()` gives the leader's answering thread its own connection."""
     import torch.distributed as dist
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    store, token = _client(timeout), uuid.uuid4().hex
+    token = uuid.uuid4().hex
     finish = lambda: None  # noqa: E731
     if rank == 0:
         attempt = store.add(_ATTEMPTS, 1) - 1
         namespace = f"himae/attempt_{attempt}_{token[:12]}"
         if world > 1:  # its own connection: the process group uses `store` meanwhile
-            finish = _Answerer(_client(timeout), world, f"{attempt}:{namespace}".encode()).stop
+            finish = _Answerer(new_client(), world, f"{attempt}:{namespace}".encode()).stop
     else:
         store.set(f"{_REGISTERED}{store.add(_SEQ, 1)}", token)
         store.wait([_ANSWER + token], timeout)
