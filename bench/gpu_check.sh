@@ -168,6 +168,22 @@ elif [ "$data_ok" = 1 ] && run_logged "$L7" trun 2 -m himae_dist.train --data "$
   row "2-process NCCL run" pass "$(grep -o 'world=2 device=cuda' "$L7" | head -1); $(seg_per_s "$SCRATCH/run_nccl/metrics.jsonl" $((2 * MB))) segments/s" "$L7"
 else row "2-process NCCL run" FAIL "$(first_error "$L7")" "$L7"; fi
 
+# 8: kill-and-resume under --deterministic on the GPU: final weights bitwise equal to an uninterrupted run
+L8="$RES/deterministic_resume.log"
+if [ "$data_ok" = 1 ]; then
+  DARGS=(--data "$SCRATCH/shards" --steps 30 --save-every 10 --deterministic true "${TRAIN_ARGS[@]}")
+  rm -rf "$SCRATCH/det_clean" "$SCRATCH/det_killed"
+  if run_logged "$L8" trun 1 -m himae_dist.train --out "$SCRATCH/det_clean" "${DARGS[@]}" && \
+     HIMAE_FAULT=kill:0:15 run_logged "$L8" trun 1 --max-restarts=1 -m himae_dist.train --out "$SCRATCH/det_killed" "${DARGS[@]}" && \
+     run_logged "$L8" "$PY" -c 'import sys, torch
+a, b = (torch.load(p, map_location="cpu", weights_only=True)["state_dict"] for p in sys.argv[1:3])
+diff = [k for k in a if not torch.equal(a[k], b[k])]
+print("bitwise equal" if not diff else f"differ: {diff[:5]}")
+sys.exit(1 if diff else 0)' "$SCRATCH/det_clean/himae_final.pt" "$SCRATCH/det_killed/himae_final.pt"
+  then row "kill at 15 + resume, --deterministic" pass "final weights bitwise equal to the uninterrupted run" "$L8"
+  else row "kill at 15 + resume, --deterministic" FAIL "$(tail -1 "$L8")" "$L8"; fi
+fi
+
 {
   echo "### $(date -u +%Y-%m-%d), bench/gpu_check.sh on $(grep -m1 -o 'NVIDIA [A-Za-z0-9 ]*' "$RES/env.txt" || echo 'an unnamed GPU')"
   echo
