@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from datetime import timedelta
 
@@ -76,7 +77,11 @@ def attempt_store(timeout: timedelta):
 
 
 def handshake(store, rank: int, world: int, timeout: timedelta, new_client):
-    """The protocol above over `store`; `new_client()` gives the leader's answering thread its own connection."""
+    """The protocol above over `store`; `new_client()` gives the leader's answering thread its own connection.
+
+    `finish()` returns once every rank holds its answer: the leader keeps answering until then,
+    whether or not the backend's init waited for all ranks (NCCL's may return at once).
+    """
     import torch.distributed as dist
 
     token = uuid.uuid4().hex
@@ -85,10 +90,20 @@ def handshake(store, rank: int, world: int, timeout: timedelta, new_client):
         attempt = store.add(_ATTEMPTS, 1) - 1
         namespace = f"himae/attempt_{attempt}_{token[:12]}"
         if world > 1:  # its own connection: the process group uses `store` meanwhile
-            finish = _Answerer(new_client(), world, f"{attempt}:{namespace}".encode()).stop
+            answerer = _Answerer(new_client(), world, f"{attempt}:{namespace}".encode())
+            finish = lambda: _wait_answered(store, namespace, world, timeout, answerer)  # noqa: E731
     else:
         store.set(f"{_REGISTERED}{store.add(_SEQ, 1)}", token)
         store.wait([_ANSWER + token], timeout)
         attempt_s, namespace = store.get(_ANSWER + token).decode().split(":", 1)
         attempt = int(attempt_s)
+        store.add(f"{namespace}/answered", 1)
     return dist.PrefixStore(namespace, store), attempt, finish
+
+
+def _wait_answered(store, namespace: str, world: int, timeout: timedelta, answerer: _Answerer) -> None:
+    """Leader: stop answering once all world-1 other ranks took their answer (or after `timeout`)."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while store.add(f"{namespace}/answered", 0) < world - 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    answerer.stop()

@@ -69,7 +69,7 @@ class RunLease:
         age = time.time() - float(held.get("heartbeat") or self._mtime())
         if age > self.stale_after * float(held.get("interval_s") or self.interval_s):
             return f"its heartbeat is {age:.0f} s old"
-        if held.get("host") == socket.gethostname() and not _pid_alive(int(held.get("pid", 0))):
+        if held.get("host") == socket.gethostname() and not _pid_alive(int(held.get("pid") or 0)):
             return f"pid {held.get('pid')} is no longer running on this host"
         if self.run_id != "none" and held.get("run_id") == self.run_id and int(held.get("attempt", -1)) < self.attempt:
             return f"it was written by attempt {held.get('attempt')} of this torchrun job ({self.run_id})"
@@ -123,7 +123,9 @@ class RunLease:
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):
             held = self._read()
-            if not held or held.get("token") != self.token:
+            if held == {}:
+                continue  # unreadable for now (NFS hiccup, a torn read): try again next beat
+            if held is None or held.get("token") != self.token:
                 print(f"himae-train: error: lost the lease on --out {self.path.parent} (now {held}); another trainer "
                       f"took the folder over: stopping without writing more", file=sys.stderr, flush=True)
                 os._exit(1)

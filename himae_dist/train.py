@@ -201,8 +201,9 @@ def _take_lease(out: Path, rank: int, attempt: int) -> RunLease | None:
         lease = RunLease(out, os.environ.get("TORCHELASTIC_RUN_ID", "none"), attempt)
         try:
             note = lease.acquire()
-        except (ValueError, OSError) as e:  # LeaseHeld, or a folder that cannot hold it
-            problem, lease = str(e), None
+        except Exception as e:  # noqa: BLE001 (LeaseHeld, a folder that cannot hold it, an odd lease: named on every rank)
+            problem, lease = (str(e) if isinstance(e, ValueError) else f"--out {out}: cannot take the lease "
+                              f"{out / '.himae_lease.json'}: {type(e).__name__}: {e}"), None
         else:
             if note:
                 print(f"[himae-train] {note}", flush=True)

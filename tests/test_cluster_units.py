@@ -27,13 +27,10 @@ def _attempt(port: int, world: int, ranks: list[int]) -> dict[int, tuple]:
 
     def one(rank: int) -> None:
         store, attempt, formed = elastic_attempt.handshake(client(), rank, world, timeout, client)
-        store.add("joined", 1)  # as init_process_group does: every rank in the same namespace, then formed
-        deadline = time.monotonic() + 20
-        while store.add("joined", 0) < world and time.monotonic() < deadline:
-            time.sleep(0.01)
-        got[rank] = (attempt, store)
         if rank == 0:
-            formed()
+            formed()  # at once, as NCCL's lazy init returns: the leader still answers everyone first
+        store.add("joined", 1)
+        got[rank] = (attempt, store)
 
     threads = []
     for r in ranks:
