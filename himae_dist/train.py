@@ -56,6 +56,8 @@ def _init_distributed(timeout_s: int = 300):
 
     acc = get_accelerator()
     backend, timeout = acc.communication_backend_name(), timedelta(seconds=timeout_s)
+    if acc.device_name() == "cpu":
+        _clear_stale_build_lock()
     store, attempt, formed = attempt_store(timeout)  # torchrun's restart count differs across nodes
     if store is not None:
         import torch.distributed as dist
@@ -71,6 +73,22 @@ def _init_distributed(timeout_s: int = 300):
     else:
         device = torch.device("cpu")
     return deepspeed, device, attempt
+
+
+def _clear_stale_build_lock(max_age_s: float = 600.0) -> None:
+    """On CPU, DeepSpeed JIT-loads its shared-memory comm op under torch's build lock, a file with no
+    owner: a rank SIGKILLed while holding it left every later start waiting forever. A lock older
+    than any build (minutes) is removed, with a warning."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except Exception:  # noqa: BLE001 (no lock, or another torch layout: nothing to clear)
+        return
+    if age > max_age_s:
+        print(f"[himae-train] warning: removing {lock}, a build lock {age:.0f} s old (its process died)", flush=True)
+        lock.unlink(missing_ok=True)
 
 
 def build_engine(deepspeed, cfg: TrainConfig, model: HiMAE, device: torch.device, world: int):
@@ -217,21 +235,28 @@ def _take_lease(out: Path, rank: int, attempt: int) -> RunLease | None:
 def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict:
     stop = stop or StopRequest()
     set_determinism(cfg.deterministic)
-    deepspeed, device, attempt = _init_distributed(cfg.collective_timeout_s)
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    out = Path(cfg.out)
-    lease = _take_lease(out, rank, attempt)
+    # The start (process group, engine, resume, shard checks) may build DeepSpeed's CPU op and read a
+    # checkpoint: a longer bound than a collective's, but a bound (a hung start exits, so torchrun acts).
+    watchdog = Watchdog(max(cfg.collective_timeout_s, 900), int(os.environ.get("RANK", 0)))
+    watchdog.beat("start: process group, DeepSpeed engine, resume")
     try:
-        return _train(cfg, stop, deepspeed, device, attempt, rank, world, out)
+        deepspeed, device, attempt = _init_distributed(cfg.collective_timeout_s)
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        out = Path(cfg.out)
+        lease = _take_lease(out, rank, attempt)
+        try:
+            return _train(cfg, stop, deepspeed, device, attempt, rank, world, out, watchdog)
+        finally:
+            if lease is not None:
+                lease.release()
     finally:
-        if lease is not None:
-            lease.release()
+        watchdog.stop()
 
 
 def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device, attempt: int, rank: int, world: int,
-           out: Path) -> dict:
+           out: Path, watchdog: Watchdog) -> dict:
     import torch.distributed as dist
 
     manifest = load_manifest(cfg.data, cfg.storage_options)
@@ -309,7 +334,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
 
     if rank == 0 and start >= cfg.steps:
         print(f"[himae-train] already at step {start} >= --steps={cfg.steps}; nothing to train", flush=True)
-    watchdog = Watchdog(cfg.collective_timeout_s, rank)
+    watchdog.beat("the first step", timeout_s=cfg.collective_timeout_s)  # from here on, a collective's bound
     last_save = time.monotonic()
     for step in range(start, cfg.steps):
         watchdog.beat(f"step {step}")
@@ -382,7 +407,6 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
             save(done)
             last_save = time.monotonic()
             if save_now and stopping:
-                watchdog.stop()
                 log.bar.close()
                 raise Preempted(done, stop.signal_name or "a stop request on another rank")
     watchdog.beat("the last step (final save)")
@@ -390,7 +414,6 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
     if need_final:  # decided by rank 0: _save is collective
         # Nothing trained in this attempt: the checkpoint it resumed from is the final one, kept as it is.
         save(max(start, cfg.steps), final=True, checkpoint=start < cfg.steps)
-    watchdog.stop()
     log.close()
     if rank == 0 and history:
         last = history[-1]
@@ -500,8 +523,12 @@ def main(argv: list[str] | None = None) -> None:
         if "Original Traceback" in msg:  # raised in a DataLoader worker: its own message is the last line
             msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
         sys.exit(f"himae-train: error: {msg}")
-    except RuntimeError as e:  # a collective that waited past --collective-timeout-s: say so
-        if "timeout" not in str(e).lower() and "timed out" not in str(e).lower():
+    except RuntimeError as e:  # a collective that waited past --collective-timeout-s, or lost a rank: say so
+        msg = str(e).lower()
+        if "connection closed by peer" in msg or "connection reset by peer" in msg:
+            sys.exit(f"himae-train: error: a peer rank exited or died mid-collective (its own error, if any, is "
+                     f"above): {str(e).splitlines()[0]}")
+        if "timeout" not in msg and "timed out" not in msg:
             raise
         sys.exit(f"himae-train: error: a collective timed out after --collective-timeout-s={cfg.collective_timeout_s} s "
                  f"(a rank stalled or died): {str(e).splitlines()[0]}")

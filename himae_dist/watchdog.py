@@ -22,8 +22,11 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="himae-watchdog", daemon=True)
         self._thread.start()
 
-    def beat(self, where: str) -> None:
+    def beat(self, where: str, timeout_s: float | None = None) -> None:
+        """Progress at `where`; `timeout_s` changes the bound from now on."""
         self._last, self._where = time.monotonic(), where
+        if timeout_s is not None:
+            self.timeout_s = timeout_s
 
     def stop(self) -> None:
         self._stop.set()

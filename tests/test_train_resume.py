@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import shutil
 
 import pytest
@@ -126,7 +127,9 @@ def test_stalled_rank_is_a_clear_timeout_error(tiny_shards, tmp_path):
     proc = _run_trainer(tiny_shards, tmp_path / "stall", ("--steps", "10", "--collective-timeout-s", "5", *ARGS),
                         env_extra={"HIMAE_FAULT": "stall:1:3"})
     assert proc.returncode != 0
-    assert "rank 0 made no progress for" in proc.stderr and "after step 3" in proc.stderr, proc.stderr[-3000:]
+    # the stalled rank or the one waiting for it, whichever watchdog looks first; the other names the lost peer
+    assert re.search(r"rank [01] made no progress for \d+ s after step 3", proc.stderr), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.split("made no progress")[0], proc.stderr[-3000:]
     assert "(--collective-timeout-s=5)" in proc.stderr
 
 
