@@ -22,11 +22,11 @@ _SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
 
 
 class StopRequest:
-    """Installs the handlers (main thread only); `signal_name` is the first signal received, or None."""
+    """Installs the handlers (main thread only, unless install=False); `signal_name` is the first signal, or None."""
 
-    def __init__(self) -> None:
+    def __init__(self, install: bool = True) -> None:
         self.signal_name: str | None = None
-        if threading.current_thread() is threading.main_thread():
+        if install and threading.current_thread() is threading.main_thread():
             for name in _SIGNALS:
                 signal.signal(getattr(signal, name), self._handle)
 

@@ -75,6 +75,10 @@ class RunLease:
             return f"it was written by attempt {held.get('attempt')} of this torchrun job ({self.run_id})"
         return None
 
+    def _same_job(self, held: dict) -> bool:
+        """Written by this torchrun job (a SLURM requeue keeps the id but starts the attempt count again)."""
+        return self.run_id != "none" and held.get("run_id") == self.run_id
+
     def _mtime(self) -> float:
         try:
             return self.path.stat().st_mtime
@@ -85,7 +89,8 @@ class RunLease:
         """Take the lease (a message if a stale one was taken over), or raise LeaseHeld naming the holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         note = None
-        for _ in range(5):
+        patience = time.monotonic() + (self.stale_after + 1) * self.interval_s
+        while time.monotonic() < patience + 5:  # takeover races resolve at once; a same-job wait is bounded
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
@@ -93,6 +98,9 @@ class RunLease:
                 if held is None:
                     continue  # released meanwhile
                 why = self.why_stale(held)
+                if why is None and self._same_job(held) and time.monotonic() < patience:
+                    time.sleep(min(5.0, self.interval_s))  # this job's earlier attempt, maybe on another host:
+                    continue  # its heartbeat goes stale within stale_after intervals
                 if why is None:
                     beat = time.time() - float(held.get("heartbeat", 0))
                     raise LeaseHeld(

@@ -233,7 +233,7 @@ def _take_lease(out: Path, rank: int, attempt: int) -> RunLease | None:
 
 
 def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict:
-    stop = stop or StopRequest()
+    stop = stop or StopRequest(install=False)  # main() installs the handlers; an in-process caller keeps its own
     set_determinism(cfg.deterministic)
     # The start (process group, engine, resume, shard checks) may build DeepSpeed's CPU op and read a
     # checkpoint: a longer bound than a collective's, but a bound (a hung start exits, so torchrun acts).
@@ -407,7 +407,12 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
             save(done)
             last_save = time.monotonic()
             if save_now and stopping:
-                log.bar.close()
+                log.close()
+                if exporter:  # the saved weights reach --export-url too; a failure is a warning (a re-run syncs)
+                    try:
+                        exporter.finish()
+                    except StorageError as e:
+                        print(f"[himae-train] warning: {e}", file=sys.stderr, flush=True)
                 raise Preempted(done, stop.signal_name or "a stop request on another rank")
     watchdog.beat("the last step (final save)")
     need_final = run_state.broadcast(_needs_final(start, out, cfg) if rank == 0 else None)
@@ -430,8 +435,8 @@ def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, extra: dict, 
     """Collective: BatchNorm sync, DeepSpeed's files, every rank's run state, `latest`, exported weights, pruning."""
     import torch.distributed as dist
 
+    bn_before = sync_batchnorm_stats(engine.module)  # collective: every rank saves/exports the pooled statistics
     if checkpoint:
-        bn_before = sync_batchnorm_stats(engine.module)  # collective: every rank saves/exports the pooled statistics
         check_weights_finite(engine.module, step)  # the same verdict on every rank: never save NaN weights
         engine.save_checkpoint(str(ckpt_dir), tag=run_state.tag_for(step), save_latest=False)  # collective
         state = {**state, "bn_before_sync": bn_before, "bn_digest": bn_digest(engine.module)}  # drift, per rank
@@ -443,8 +448,7 @@ def _save(engine, ckpt_dir: Path, out: Path, step: int, rank: int, extra: dict, 
             save_weights(engine.module, out / "himae_final.pt", step, extra)
             print(f"[himae-train] wrote {out / 'himae_final.pt'} (step {step})", flush=True)
         run_state.prune(ckpt_dir, cfg.keep_checkpoints)
-    if checkpoint:
-        restore_batchnorm_stats(engine.module, bn_before)  # training goes on with this rank's own estimates
+    restore_batchnorm_stats(engine.module, bn_before)  # training goes on with this rank's own estimates
     dist.barrier()  # nobody runs ahead of (or exits before) rank 0's writes
 
 

@@ -130,3 +130,14 @@ def test_stop_request_takes_the_first_signal_and_keeps_running():
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def test_a_lease_of_the_same_job_is_waited_for_until_stale(tmp_path):
+    # a SLURM requeue keeps the run id but starts the attempt count again; the old rank 0 may be on another host
+    _lease_file(tmp_path, host="node7", run_id="job9", attempt=3, interval_s=0.1)
+    t0 = time.monotonic()
+    note = RunLease(tmp_path, run_id="job9", attempt=0, interval_s=0.1).acquire()
+    assert "heartbeat is" in note and 0.5 < time.monotonic() - t0 < 5, note
+    _lease_file(tmp_path / "other", host="node7", run_id="job8", attempt=0)
+    with pytest.raises(LeaseHeld):  # another job's live lease: refused at once
+        RunLease(tmp_path / "other", run_id="job9", attempt=1, interval_s=0.1).acquire()

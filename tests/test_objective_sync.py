@@ -104,9 +104,9 @@ def test_trainer_reads_the_loss_once_per_log_step(tiny_shards, tmp_path):
                                                         "train_log.py"))
                and "next(batches)" not in s and "iter(loader)" not in s
                and '{"loss_sum": float(self.loss_sum)' not in s]  # the log window kept in a checkpoint: at saves
-    # per log step: loss, val loss, grad norm, skipped batches: four host reads of the one copy
-    # `host = stats.cpu()`; none per micro-step
-    assert len(in_loop) == 2 * 4, in_loop
+    # per log step: loss, val loss, grad norm, skipped batches, stop and save-due flags, failed and all shard
+    # reads, lost segments: nine host reads of the one copy `host = stats.cpu()`; none per micro-step
+    assert len(in_loop) == 2 * 9, in_loop
     assert all("(float(v) for v in host)" in s for s in in_loop), in_loop
     hist = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [2, 4] and all(h["loss"] > 0 and h["val_loss"] > 0 for h in hist)
