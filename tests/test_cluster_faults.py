@@ -126,6 +126,7 @@ def test_failed_shard_reads_are_on_the_record_and_past_the_limit_stop_the_run(ti
     assert all(h["failed_shard_reads"] >= 1 and h["lost_segments"] > 0 and h["shard_reads"] > h["failed_shard_reads"]
                for h in hist), hist
     last = hist[-1]
+    assert f"LOST {hist[0]['failed_shard_reads']} shard reads ({hist[0]['lost_segments']} segments)" in ok  # the log
     assert (f"done at step 6: {last['failed_shard_reads']} of {last['shard_reads']} shard reads failed "
             f"({last['lost_segments']} segments lost)") in ok
 

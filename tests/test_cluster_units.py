@@ -141,3 +141,14 @@ def test_a_lease_of_the_same_job_is_waited_for_until_stale(tmp_path):
     _lease_file(tmp_path / "other", host="node7", run_id="job8", attempt=0)
     with pytest.raises(LeaseHeld):  # another job's live lease: refused at once
         RunLease(tmp_path / "other", run_id="job9", attempt=1, interval_s=0.1).acquire()
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_save():
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time; from himae_dist.preemption import StopRequest; s = StopRequest(); "
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2); assert s.signal_name == 'SIGINT'; "
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(10)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and "interrupted twice: stopping without a save" in proc.stderr, proc.stderr
