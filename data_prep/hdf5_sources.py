@@ -80,22 +80,48 @@ class UnreadableFile(Exception):
     """An input file that exists but cannot be opened as HDF5 (truncated, not HDF5, bad permissions)."""
 
 
-def open_h5(path: str, storage_options: dict | None = None):
-    """Open an HDF5 file, local or remote. FileNotFoundError if it is absent, UnreadableFile if it is broken."""
+def download(url: str, local_path: str, storage_options: dict | None = None) -> None:
+    """Copy a remote object to a local file with one streaming GET (no HEAD, no readahead).
+
+    s3fs's get_file would otherwise split objects over its 50 MB block into concurrent ranged
+    GETs after already opening the whole body once.
+    """
+    import fsspec
+
+    from data_prep.storage import retrying
+
+    fs, p = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    kw = {"max_concurrency": 1} if "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) else {}
+    retrying(lambda: fs.get_file(p, local_path, **kw), "downloading", url)  # FileNotFoundError passes through
+
+
+def open_h5(path: str, storage_options: dict | None = None, tmp_dir: str | None = None):
+    """Open an HDF5 file, local or remote. FileNotFoundError if it is absent, UnreadableFile if it is broken.
+
+    A remote file is downloaded whole into `tmp_dir` (default: the system's temp folder), opened
+    natively and unlinked at once (the open handle keeps it readable until closed). Never hand
+    h5py an fsspec file object: h5py holds its global lock while it calls the object's read(),
+    which waits on fsspec's IO thread, and a garbage collection on that thread that frees any
+    h5py object needs the same lock, a deadlock that hung CI (h5py#2019). It also read each
+    file five times over through s3fs's readahead.
+    """
     import h5py
 
-    from data_prep.storage import is_remote, retrying
+    from data_prep.storage import is_remote
 
     if is_remote(path):
-        import fsspec
+        import tempfile
 
-        fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        fh = retrying(lambda: fs.open(p, "rb"), "opening", path)  # FileNotFoundError passes through
+        fd, tmp = tempfile.mkstemp(prefix=".h5-", suffix=".tmp", dir=tmp_dir)
+        os.close(fd)
         try:
-            return h5py.File(fh, "r")
-        except OSError as e:
-            fh.close()
-            raise UnreadableFile(f"{path}: not a readable HDF5 file ({e})") from e
+            download(path, tmp, storage_options)
+            try:
+                return h5py.File(tmp, "r")
+            except OSError as e:
+                raise UnreadableFile(f"{path}: not a readable HDF5 file ({e})") from e
+        finally:
+            os.unlink(tmp)
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
     try:

@@ -77,6 +77,13 @@ def test_index_and_hdf5_read_from_s3(tmp_path, s3):
         for i, k in enumerate(keys):
             f.create_group(k).create_dataset("normalized_waveform", data=np.arange(250, dtype=np.float32) * (i + 1))
     fs.put_file(str(tmp_path / "a.h5"), "himae-test/raw/a.h5")
+    from data_prep.hdf5_sources import open_h5
+
+    # h5py reads a remote file natively, never through an fsspec file object: h5py's global lock held
+    # across a read that waits on fsspec's IO thread deadlocks when that thread's GC frees an h5py object
+    with open_h5("s3://himae-test/raw/a.h5", opts, str(tmp_path)) as f:
+        assert f.driver == "sec2" and f["000011/normalized_waveform"][3] == 6.0
+    assert list(tmp_path.glob(".h5-*")) == []  # the download is unlinked once open
     with open(tmp_path / "index.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["local_path", "global_idx"])
