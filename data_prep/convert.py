@@ -22,20 +22,25 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+import numpy as np
+
 from data_prep.hdf5_sources import BadSamplePolicy, segment_shape
-from data_prep.index_plan import DownstreamSource, IndexSource, Plan, find_duplicate_rows, make_plan, rows_for_shards, scan
+from data_prep import external_shuffle as shuffle
+from data_prep.external_shuffle import ReadParams, SpillLayout, make_layout
+from data_prep.index_plan import DownstreamSource, IndexSource, find_duplicate_rows, make_plan, rows_for_files, scan
 from data_prep.parent_death import exit_with_parent
 from data_prep.preprocess import CONSTANT_POLICIES, LENGTH_POLICIES, NORMALIZE, Preprocess
 from data_prep.shard_format import DTYPES, FORMAT, MANIFEST, MEMBERS, PARTS, PLAN, part_name
-from data_prep.shard_writer import WriteParams, build_shard
-from data_prep.storage import Folder, StorageError, file_fingerprints
+from data_prep.shard_writer import WriteParams, write_shard
+from data_prep.storage import Folder, StorageError, file_fingerprints, is_remote
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,21 @@ class ConvertParams:
     num_tasks: int = 1
     task_index: int = 0
     overwrite: bool = False
-    max_rows: int = 2_000_000  # rows held in memory at once (one wave of shards)
+    max_rows: int = 2_000_000  # index rows held in memory at once (one wave of input files per worker)
     storage_options: dict | None = None
     signal_key: str = "ppg"  # downstream only
+    spill_dir: str | None = None  # pass-1 spill (external_shuffle); default <out>/.spill, or the temp folder
+
+    def spill_base(self) -> str:
+        """The folder that holds this conversion's spill and its copy of a remote index."""
+        if self.spill_dir:
+            return self.spill_dir
+        if not is_remote(self.out):
+            return os.path.join(self.out, ".spill")
+        if self.num_tasks > 1:
+            raise ValueError(f"--out {self.out} is remote and --num-tasks={self.num_tasks}: pass --spill-dir, a "
+                             f"folder on a filesystem every task can read (the tasks exchange rows through it)")
+        return os.path.join(tempfile.gettempdir(), "himae-spill")
 
     def validate(self) -> None:
         def bad(name: str, want: str) -> None:
@@ -99,13 +116,19 @@ def open_source(index: str | None, downstream: str | None, p: ConvertParams):
     if (index is None) == (downstream is None):
         raise ValueError("give exactly one of --index (pretraining CSV) or --downstream (labelled HDF5)")
     chunk = min(p.max_rows, 1_000_000)
-    return IndexSource(index, p.storage_options, chunk) if index else DownstreamSource(downstream, p.signal_key, chunk)
+    if index:
+        return IndexSource(index, p.storage_options, chunk, cache_dir=p.spill_base())
+    return DownstreamSource(downstream, p.signal_key, chunk)
 
 
 def _infer_shape(source, stats, p: ConvertParams) -> tuple[int, int, str]:
     """(channels, input length, how) from a seeded sample of rows: the shape most rows have."""
     keys = tuple(k.strip() for k in p.signal_key.split("+"))
-    shapes = segment_shape(stats.sample, source.kind, keys, p.storage_options)
+    sample = stats.sample
+    if len(sample) and sample["path"].map(is_remote).any():  # remote: shapes from a few files' metadata
+        top = sample["path"].value_counts(sort=True).index[:4]
+        sample = sample[sample["path"].isin(top)].head(64)
+    shapes = segment_shape(sample, source.kind, keys, p.storage_options)
     if not shapes:
         raise ValueError(f"{source.url}: none of {len(stats.sample)} sampled rows is readable; check the paths "
                          f"(relative paths are resolved against the index's folder)")
@@ -135,7 +158,10 @@ def prepare(source, p: ConvertParams) -> dict:
         "skipped_at_plan": dict(dup_policy.skipped),
     }
     record["plan_id"] = _sha(record)
-    return {"record": record, "plan": plan, "preprocess": pre, "channels": channels}
+    layout = make_layout(p.spill_base(), record["plan_id"], p.num_tasks, channels, length_in, p.samples_per_shard,
+                         p.max_rows, (plan.n_shards("train"), plan.n_shards("val")))
+    return {"record": record, "plan": plan, "preprocess": pre, "channels": channels, "layout": layout,
+            "file_rows": stats.file_rows}
 
 
 def _check_against_existing(out: Folder, record: dict, overwrite: bool) -> None:
@@ -212,14 +238,14 @@ def run_task(source, p: ConvertParams, prep: dict | None = None) -> dict:
     """Build (or verify) this task's shards. Returns {(split, i): record}."""
     p.validate()
     prep = prep or prepare(source, p)
-    record, plan = prep["record"], prep["plan"]
+    record, layout = prep["record"], prep["layout"]
     out = Folder(p.out, p.storage_options, create=True)
     tmp_prefix = f".tmp-t{p.task_index}-"
-    if (n := out.clean_temp_files(tmp_prefix)):
+    if (n := out.clean_temp_files(tmp_prefix) + shuffle.clean_temp_files(layout, p.task_index)):
         _log(f"removed {n} orphaned temp file(s) of a killed run")
     _check_against_existing(out, record, p.overwrite)
     out.write_text(PLAN, json.dumps(record, indent=2, sort_keys=True), tmp_prefix)
-    mine = plan.task_shards(p.task_index, p.num_tasks)
+    mine = [sh for g in layout.task_groups(p.task_index) for sh in layout.shards_of(*g)]
     done, bad = _verified_records(out, mine, record["plan_id"])
     rebuilt = {sh: why for sh, why in bad.items() if why != "no record"}
     if done or rebuilt:
@@ -227,10 +253,27 @@ def run_task(source, p: ConvertParams, prep: dict | None = None) -> dict:
              + (f"; rebuilding {len(rebuilt)}: " + ", ".join(f"{s}/{i} ({w})" for (s, i), w in list(rebuilt.items())[:5])
                 if rebuilt else ""))
     todo = [sh for sh in mine if sh not in done]
-    wp = WriteParams(p.out, p.storage_options, source.kind, tuple(k.strip() for k in p.signal_key.split("+")),
-                     prep["channels"], prep["preprocess"], p.dtype, p.block_size, p.on_bad, record["plan_id"], tmp_prefix)
-    _build(source, plan, todo, wp, p, done)
+    finished = out.exists(MANIFEST) and json.loads(out.read_text(MANIFEST)).get("plan_id") == record["plan_id"]
+    rp = ReadParams(source.kind, _signal_keys(p), prep["channels"], prep["preprocess"].fit_length, p.on_bad,
+                    p.storage_options)
+    if todo or (p.num_tasks > 1 and not finished):  # the other tasks' shards need this task's spill too
+        _spill(source, prep, rp, p)
+    if not todo:
+        return done
+    waiting = shuffle.missing_waves(prep["file_rows"], layout)
+    if waiting:
+        _log(f"task {p.task_index} of {p.num_tasks} spilled its input files; tasks {sorted(waiting)} have not yet, "
+             f"so its {len(todo)} shard(s) wait: run the tasks again once every task has finished "
+             f"(each then builds its shards from {layout.root}), then --finalize")
+        return done
+    wp = WriteParams(p.out, p.storage_options, source.kind, _signal_keys(p), prep["channels"], prep["preprocess"],
+                     p.dtype, p.block_size, p.on_bad, record["plan_id"], tmp_prefix)
+    _write(layout, todo, wp, p, done, prep["plan"])
     return done
+
+
+def _signal_keys(p: ConvertParams) -> tuple[str, ...]:
+    return tuple(k.strip() for k in p.signal_key.split("+"))
 
 
 class Interrupted(BaseException):
@@ -242,7 +285,8 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-# Tests only: seconds each pool worker sleeps before building a shard, so a test can signal the job mid-run.
+# Tests only: seconds a pool worker sleeps before each wave it reads and each shard it writes, so a test
+# can signal the job mid-run.
 TEST_SHARD_DELAY_ENV = "HIMAE_TEST_SHARD_DELAY_S"
 
 
@@ -262,12 +306,28 @@ def _init_pool_worker(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _build_shard_in_worker(split: str, index: int, rows, wp: WriteParams) -> dict:
-    """build_shard as a pool worker runs it (the test delay is read here, never in the parent)."""
+def _spill_in_worker(task: int, wave: int, files: list[str], rows, layout: SpillLayout, rp: ReadParams) -> int:
+    """Pass 1 of one wave as a pool worker runs it (the test delay is read here, never in the parent)."""
     delay = float(os.environ.get(TEST_SHARD_DELAY_ENV) or 0)
     if delay > 0:
         time.sleep(delay)
-    return build_shard(split, index, rows, wp)
+    return shuffle.spill_wave(task, wave, files, rows, layout, rp)
+
+
+def _write_group(split: str, group: int, shards: list[int], layout: SpillLayout, wp: WriteParams) -> list[dict]:
+    """Pass 2 of one group: load its spill, write the given shards of it; their records."""
+    delay = float(os.environ.get(TEST_SHARD_DELAY_ENV) or 0)
+    loaded = shuffle.load_group(layout, split, group)
+    records = []
+    for i in shards:
+        if delay > 0:
+            time.sleep(delay)
+        rows, segs, counts = loaded.get(i, (None, None, {"rows": 0, "skipped": {}, "noted": {}}))
+        if rows is None:
+            rows, segs = shuffle.empty_rows(), np.zeros((0, wp.channels, 1), np.float32)
+        policy = BadSamplePolicy(wp.on_bad, Counter(counts["skipped"]), Counter(counts["noted"]))
+        records.append(write_shard(split, i, rows, segs, counts["rows"], policy, wp))
+    return records
 
 
 def _shard_pool(workers: int) -> ProcessPoolExecutor:
@@ -302,39 +362,77 @@ def _kill_pool_workers(pool: ProcessPoolExecutor) -> None:
         proc.join(5)
 
 
-def _build(source, plan: Plan, todo: list[tuple[str, int]], wp: WriteParams, p: ConvertParams, done: dict) -> None:
-    from tqdm import tqdm
-
-    per_wave = max(1, p.max_rows // p.samples_per_shard)
-    total = sum(min(p.samples_per_shard, plan.n_split[s] - i * p.samples_per_shard) for s, i in todo)
-    build = _build_shard_in_worker if p.workers > 1 else build_shard
-    with tqdm(total=total, unit="seg", unit_scale=True, desc="himae-prep", disable=None, smoothing=0.1) as bar, \
-            _shard_pool(p.workers) if p.workers > 1 else _Inline() as pool:
-        futures = []
+def _in_pool(p: ConvertParams, jobs, fn, on_result) -> None:
+    """Run fn(*job) for each job, in --workers processes (or inline), at most `workers` ahead of
+    the results; on_result(result) in this process as each finishes."""
+    with _shard_pool(p.workers) if p.workers > 1 else _Inline() as pool:
+        futures: set = set()
         try:
-            for w in range(0, len(todo), per_wave):
-                wave = todo[w:w + per_wave]
-                rows = rows_for_shards(source, plan, set(wave))
-                code = rows["split"].to_numpy() * (1 << 40) + rows["shard"].to_numpy() if len(rows) else None
-                futures = []
-                for s, i in wave:
-                    sel = code == (0 if s == "train" else 1) * (1 << 40) + i
-                    futures.append(pool.submit(build, s, i, rows[sel], wp))
-                for f in as_completed(futures):
-                    rec = f.result()
-                    done[(rec["split"], rec["index"])] = rec
-                    bar.update(rec["n_rows"])
+            for job in jobs:
+                futures.add(pool.submit(fn, *job))
+                while len(futures) >= p.workers:
+                    finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        on_result(f.result())
+            for f in as_completed(futures):
+                on_result(f.result())
         except (Interrupted, KeyboardInterrupt):
-            # Kill rather than wait: the pool's __exit__ would wait for the running shards. No cancel()
+            # Kill rather than wait: the pool's __exit__ would wait for the running jobs. No cancel()
             # first: 3.11's manager thread then fails the pending futures itself (BrokenProcessPool),
             # and crashes with InvalidStateError on any future already cancelled.
             if p.workers > 1:
                 _kill_pool_workers(pool)
             raise
         except BaseException:
-            for f in futures:  # stop at the first error, not after the whole wave
+            for f in futures:  # stop at the first error
                 f.cancel()
             raise
+
+
+def _spill(source, prep: dict, rp: ReadParams, p: ConvertParams) -> None:
+    """Pass 1 for this task's waves without a marker: each reads its files once and spills their rows."""
+    from tqdm import tqdm
+
+    layout, plan = prep["layout"], prep["plan"]
+    waves = shuffle.task_waves(prep["file_rows"], layout, p.task_index)
+    todo = [w for w in range(len(waves)) if not layout.marker(p.task_index, w).exists()]
+    if not todo:
+        return
+    rows_todo = sum(prep["file_rows"][f] for w in todo for f in waves[w])
+    shuffle.check_disk(layout, rows_todo)
+    _log(f"pass 1: reading {sum(len(waves[w]) for w in todo)} input file(s) once ({rows_todo} rows, "
+         f"{len(todo)} wave(s)), spilling to {layout.root}")
+
+    def jobs():
+        for b in range(0, len(todo), p.workers):  # one index pass per batch of `workers` waves
+            batch = todo[b:b + p.workers]
+            rows = rows_for_files(source, plan, {f for w in batch for f in waves[w]})
+            for w in batch:
+                yield p.task_index, w, waves[w], rows[rows["path"].isin(set(waves[w]))], layout, rp
+
+    fn = _spill_in_worker if p.workers > 1 else shuffle.spill_wave
+    with tqdm(total=rows_todo, unit="row", unit_scale=True, desc="himae-prep read", disable=None) as bar:
+        _in_pool(p, jobs(), fn, lambda n: bar.update(n))
+
+
+def _write(layout: SpillLayout, todo: list[tuple[str, int]], wp: WriteParams, p: ConvertParams, done: dict,
+           plan) -> None:
+    """Pass 2: the shards in `todo`, group by group, from the spill."""
+    from tqdm import tqdm
+
+    by_group: dict = {}
+    for s, i in todo:
+        by_group.setdefault(layout.group_of(s, i), []).append(i)
+    total = sum(min(p.samples_per_shard, plan.n_split[s] - i * p.samples_per_shard) for s, i in todo)
+    jobs = [(s, g, shards, layout, wp) for (s, g), shards in sorted(by_group.items())]
+    fn = _write_group
+    with tqdm(total=total, unit="seg", unit_scale=True, desc="himae-prep write", disable=None, smoothing=0.1) as bar:
+        def got(records: list[dict]) -> None:
+            for rec in records:
+                done[(rec["split"], rec["index"])] = rec
+                bar.update(rec["n_rows"])
+
+        _in_pool(p, jobs, fn, got)
 
 
 class _Inline:
@@ -363,12 +461,15 @@ def finalize(source, p: ConvertParams, prep: dict | None = None, known: dict | N
     known = dict(known or {})
     rest = [sh for sh in plan.all_shards() if sh not in known]
     good, bad = _verified_records(out, rest, record["plan_id"]) if rest else ({}, {})
+    layout = prep["layout"]
     if bad:
-        position = {sh: g for g, sh in enumerate(plan.all_shards())}
-        tasks = sorted({position[sh] % p.num_tasks for sh in bad})
+        tasks = sorted({layout.task_of_group(*layout.group_of(*sh)) for sh in bad})
         sample = ", ".join(f"{s}/{i} ({w})" for (s, i), w in list(bad.items())[:5])
-        raise ValueError(f"{out.url}: {len(bad)} shard(s) not finished or not intact: {sample}; "
-                         f"re-run task(s) {tasks} of --num-tasks={p.num_tasks}, then --finalize")
+        unread = shuffle.missing_waves(prep["file_rows"], layout) if any(w == "no record" for w in bad.values()) else {}
+        why = (f"; task(s) {sorted(unread)} have not read their input files yet, and every task's shards need them: "
+               f"run every task again" if unread else f"; re-run task(s) {tasks}")
+        raise ValueError(f"{out.url}: {len(bad)} shard(s) not finished or not intact: {sample}{why} "
+                         f"of --num-tasks={p.num_tasks}, then --finalize")
     records = {**known, **good}
     stale = set(out.listing("train")) | set(out.listing("val"))
     stale -= {r["url"] for r in records.values()}
@@ -396,6 +497,12 @@ def finalize(source, p: ConvertParams, prep: dict | None = None, known: dict | N
         "n_samples": n, "splits": splits, "skipped": dict(skipped), "noted": dict(noted),
     }
     out.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    shuffle.remove(layout)  # the spill and the index copy are not needed once the manifest is written
+    if getattr(source, "local_copy", None):
+        with contextlib.suppress(OSError):
+            os.unlink(source.local_copy)
+    with contextlib.suppress(OSError):
+        os.rmdir(p.spill_base())  # only if empty: a user's --spill-dir may hold other things
     _log(f"{n} samples ({splits['train']['n_samples']} train, {splits['val']['n_samples']} val) of "
          f"[{record['channels']}, {manifest['length']}] {p.dtype} in {len(splits['train']['shards'])} + "
          f"{len(splits['val']['shards'])} shards -> {out.url}/{MANIFEST}" + (f"; skipped {dict(skipped)}" if skipped else ""))
@@ -412,7 +519,9 @@ def convert(index: str | None, downstream: str | None, p: ConvertParams, finaliz
     done = run_task(source, p, prep)
     if p.num_tasks == 1:
         return finalize(source, p, prep, known=done)
-    _log(f"task {p.task_index} of {p.num_tasks} finished its shards; run --finalize once every task has")
+    layout = prep["layout"]
+    if len(done) == sum(len(layout.shards_of(*g)) for g in layout.task_groups(p.task_index)):
+        _log(f"task {p.task_index} of {p.num_tasks} finished its shards; run --finalize once every task has")
     return None
 
 
@@ -495,7 +604,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--task-index", type=int, default=None, help="this task (default: SLURM_ARRAY_TASK_ID, else 0)")
     ap.add_argument("--finalize", action="store_true", help="verify every task's shards and write manifest.json")
     ap.add_argument("--overwrite", action="store_true", help="replace shards made with other options or source")
-    ap.add_argument("--max-rows", type=int, default=2_000_000, help="index rows held in memory at once")
+    ap.add_argument("--max-rows", type=int, default=2_000_000,
+                    help="index rows of one wave of input files (each worker holds one wave at a time)")
+    ap.add_argument("--spill-dir", default=None,
+                    help="local folder for the rows between the read pass and the write pass, about rows x "
+                         "(C x L x 4 + 64) bytes (default: <out>/.spill for a local --out, else the temp folder; "
+                         "with --num-tasks > 1, a folder every task can read)")
     ap.add_argument("--storage-options", type=json.loads, default=None,
                     help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
     a = ap.parse_args(argv)
@@ -508,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
     p = ConvertParams(
         a.out, a.samples_per_shard, a.block_size, a.dtype, a.length, a.length_policy, a.normalize, a.source_rate,
         a.target_rate, a.constant, a.val_fraction, a.seed, a.on_bad, a.workers, num_tasks, task_index, a.overwrite,
-        a.max_rows, a.storage_options, a.signal_key,
+        a.max_rows, a.storage_options, a.signal_key, a.spill_dir,
     )
     try:
         with _stop_on_signals():

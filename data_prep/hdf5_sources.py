@@ -14,7 +14,9 @@ Bad input policy (`on_bad`): "error" (default) raises BadSampleError naming the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import gc
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -130,30 +132,32 @@ def open_h5(path: str, storage_options: dict | None = None, tmp_dir: str | None 
         raise UnreadableFile(f"{path}: not a readable HDF5 file ({e})") from e
 
 
-def read_segments(
-    rows, kind: str, policy: BadSamplePolicy, fit_length, signal_keys: tuple[str, ...] = ("ppg",),
-    channels: int | None = None, storage_options: dict | None = None,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (row, segment [C, L] float32) for the usable rows of a DataFrame (row, path, key).
+def read_file(
+    path: str, parts: list, kind: str, fit_length, signal_keys: tuple[str, ...] = ("ppg",),
+    channels: int | None = None, storage_options: dict | None = None, tmp_dir: str | None = None,
+) -> Iterator[tuple[object, int, np.ndarray]]:
+    """Yield (part, row, segment [C, L] float32) for the usable rows of one file, opened once.
 
-    Rows are read file by file in sorted key order (the source is read in order).
-    `fit_length(seg) -> (seg | None, note)` applies the length policy. Bad rows go to `policy`.
+    parts: [(part, rows DataFrame (row, key) in key order, policy)], e.g. one per destination
+    shard, so that a bad row is counted by the policy of the shard it was planned for.
+    `fit_length(seg) -> (seg | None, note)` applies the length policy.
     """
-    for path, grp in rows.sort_values(["path", "key"]).groupby("path", sort=False):
-        try:
-            f = open_h5(path, storage_options)
-        except FileNotFoundError:
+    try:
+        f = open_h5(path, storage_options, tmp_dir)
+    except FileNotFoundError:
+        for _, grp, policy in parts:
             for r, k in zip(grp["row"], grp["key"]):
                 policy.reject("missing_file", f"{path} [{k!r}] (row {r + 1}): HDF5 file does not exist")
-            continue
-        except UnreadableFile as e:
+        return
+    except UnreadableFile as e:
+        for _, grp, policy in parts:
             for r, k in zip(grp["row"], grp["key"]):
                 policy.reject("unreadable_file", f"{e} [{k!r}] (row {r + 1})")
-            continue
-        # Closed after this shard's rows: an open HDF5 file's metadata cache grows with every group read
-        # (keeping files open across shards took 1.2 GB at 200 k rows in bench_convert).
-        with f:
-            yield from _read_rows(f, path, grp, kind, policy, fit_length, signal_keys, channels)
+        return
+    with f:
+        for part, grp, policy in parts:
+            for r, seg in _read_rows(f, path, grp, kind, policy, fit_length, signal_keys, channels):
+                yield part, r, seg
 
 
 def _read_rows(f, path: str, grp, kind: str, policy: BadSamplePolicy, fit_length, signal_keys: tuple[str, ...],
@@ -199,15 +203,55 @@ def _read_rows(f, path: str, grp, kind: str, policy: BadSamplePolicy, fit_length
         yield r, seg
 
 
+@contextlib.contextmanager
+def _metadata_reader(path: str, storage_options: dict | None = None) -> Iterator:
+    """An open HDF5 file for reading shapes (None if absent or broken). A remote file is read in
+    64 KB ranges (its metadata, not its data) through an fsspec file object, with the cyclic GC
+    off meanwhile: see open_h5 for the deadlock that a GC on fsspec's IO thread causes."""
+    import h5py
+
+    from data_prep.storage import is_remote, retrying
+
+    if not is_remote(path):
+        try:
+            f = open_h5(path)
+        except (FileNotFoundError, UnreadableFile):
+            yield None
+            return
+        with f:
+            yield f
+        return
+    import fsspec
+
+    gc_on = gc.isenabled()
+    gc.disable()
+    try:
+        fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        try:
+            fh = retrying(lambda: fs.open(p, "rb", block_size=64 * 1024, cache_type="readahead"), "opening", path)
+        except FileNotFoundError:
+            yield None
+            return
+        with fh:
+            try:
+                f = h5py.File(fh, "r")
+            except OSError:
+                yield None
+                return
+            with f:
+                yield f
+    finally:
+        if gc_on:
+            gc.enable()
+
+
 def segment_shape(rows, kind: str, signal_keys: tuple[str, ...], storage_options: dict | None = None) -> Counter:
     """Counter of (C, L) over the readable rows given: shapes only, no data is read."""
     shapes: Counter = Counter()
     for path, grp in rows.sort_values(["path", "key"]).groupby("path", sort=False):
-        try:
-            f = open_h5(path, storage_options)
-        except (FileNotFoundError, UnreadableFile):
-            continue
-        with f:
+        with _metadata_reader(path, storage_options) as f:
+            if f is None:
+                continue
             try:
                 if kind == "downstream":
                     shapes[(len(signal_keys), int(f[signal_keys[0]].shape[1]))] += len(grp)

@@ -17,7 +17,9 @@ tables (per-patient counts, the duplicate rows), recomputed on each pass over th
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -25,8 +27,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from data_prep.hdf5_sources import BadSamplePolicy, check_labels, check_patient_ids
-from data_prep.storage import retrying
+from data_prep.hdf5_sources import BadSamplePolicy, check_labels, check_patient_ids, download
+from data_prep.storage import is_remote, retrying
 
 INDEX_COLUMNS = ("local_path", "global_idx")
 PATIENT_COLUMN = "patient_id"
@@ -83,19 +85,44 @@ class IndexSource:
 
     kind = "pretrain"
 
-    def __init__(self, index: str, storage_options: dict | None = None, chunk_rows: int = 1_000_000):
+    def __init__(self, index: str, storage_options: dict | None = None, chunk_rows: int = 1_000_000,
+                 cache_dir: str | None = None):
         self.url, self.storage_options, self.chunk_rows = str(index), storage_options or {}, chunk_rows
         self.base = self.url.rsplit("/", 1)[0] if "/" in self.url else "."
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        if not retrying(lambda: fs.exists(path), "checking", self.url):
+        try:
+            info = retrying(lambda: fs.info(path), "reading info of", self.url)
+        except FileNotFoundError:
+            info = None
+        if info is None or info.get("type") == "directory":
             raise FileNotFoundError(f"pretraining index {self.url} does not exist")
+        self._fingerprint = [int(info.get("size") or 0),
+                             str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")]
         self._fs, self._path = fs, path
+        if is_remote(self.url):  # read many times (plan, duplicates, waves): download it once
+            import hashlib
+
+            name = hashlib.sha256(json.dumps([self.url, self._fingerprint]).encode()).hexdigest()[:16]
+            local = os.path.join(cache_dir or tempfile.gettempdir(), f"index-{name}.csv")
+            if not os.path.exists(local) or os.path.getsize(local) != self._fingerprint[0]:
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-index-", dir=os.path.dirname(local))
+                os.close(fd)
+                try:
+                    download(self.url, tmp, self.storage_options)
+                    os.replace(tmp, local)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            self.local_copy: str | None = local
+            self._fs, self._path = fsspec.filesystem("file"), local
+        else:
+            self.local_copy = None
 
     def fingerprint(self) -> list:
-        info = retrying(lambda: self._fs.info(self._path), "reading info of", self.url)
-        return [int(info.get("size") or 0), str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")]
+        return self._fingerprint
 
     def chunks(self) -> Iterator[pd.DataFrame]:
         start = 0
@@ -205,17 +232,21 @@ class DownstreamSource:
 class IndexStats:
     n_rows: int
     patient_counts: dict[int, int]
-    files: list[str]
+    file_rows: dict[str, int]  # input file -> its index rows
     sample: pd.DataFrame  # a seeded sample of rows, to infer the segment shape from many rows
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(self.file_rows)
 
 
 def scan(source, seed: int, sample_size: int = 256) -> IndexStats:
     """One pass: row count, rows per patient, distinct files, a seeded sample of rows."""
-    n, counts, files, picked = 0, Counter(), set(), []
+    n, counts, files, picked = 0, Counter(), Counter(), []
     for chunk in source.chunks():
         n += len(chunk)
         counts.update(chunk["patient"].value_counts().to_dict())
-        files.update(chunk["path"].unique().tolist())
+        files.update(chunk["path"].value_counts().to_dict())
         # Bottom-k by a seeded hash of the row number: a uniform sample without knowing n in advance.
         h = _mix(chunk["row"].to_numpy().astype(np.uint64), np.uint64(seed + 0xA5))
         take = np.argsort(h)[:sample_size]
@@ -224,7 +255,7 @@ def scan(source, seed: int, sample_size: int = 256) -> IndexStats:
         picked = [merged.nsmallest(sample_size, "_h")]
     counts.pop(NO_PATIENT, None)
     sample = picked[0].drop(columns="_h").sort_values("row") if picked else pd.DataFrame()
-    return IndexStats(n, dict(counts), sorted(files), sample)
+    return IndexStats(n, dict(counts), dict(files), sample)
 
 
 def find_duplicate_rows(source, n_rows: int, max_rows: int, policy: BadSamplePolicy) -> set[int]:
@@ -341,14 +372,14 @@ def make_plan(source, stats: IndexStats, samples_per_shard: int, val_fraction: f
     return plan
 
 
-def rows_for_shards(source, plan: Plan, shards: set[tuple[str, int]]) -> pd.DataFrame:
-    """The rows of the given shards (split, index), with split/pos/shard columns; one pass."""
-    want = np.array(sorted((0 if s == "train" else 1) * (1 << 40) + i for s, i in shards), dtype=np.int64)
+def rows_for_files(source, plan: Plan, files: set[str]) -> pd.DataFrame:
+    """The planned rows (duplicates dropped) that live in the given input files, with split/pos/shard
+    columns; one pass over the index."""
     keep = []
     for chunk in plan.assign(source.chunks()):
-        code = chunk["split"].to_numpy() * (1 << 40) + chunk["shard"].to_numpy()
-        sel = (chunk["split"].to_numpy() >= 0) & np.isin(code, want)
+        sel = (chunk["split"].to_numpy() >= 0) & chunk["path"].isin(files).to_numpy()
         if sel.any():
             keep.append(chunk[sel])
-    return pd.concat(keep, ignore_index=True) if keep else pd.DataFrame()
+    return pd.concat(keep, ignore_index=True) if keep else pd.DataFrame(
+        columns=["row", "path", "key", "patient", "label", "split", "pos", "shard"])
 

@@ -1,4 +1,4 @@
-"""Builds one shard: read its rows from HDF5, check and preprocess them, write a v2 tar atomically.
+"""Writes one shard: preprocess its rows (read and checked by external_shuffle), write a v2 tar atomically.
 
 A shard's bytes depend only on its rows (chosen by index_plan) and the options, never on which
 worker, task or machine builds it. The tar is written to a temp file, given mode 0644 and
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from data_prep.hdf5_sources import BadSamplePolicy, read_segments
+from data_prep.hdf5_sources import BadSamplePolicy
 from data_prep.preprocess import Preprocess
 from data_prep.shard_format import Block, part_name, shard_name, write_shard_tar
 from data_prep.storage import Folder
@@ -38,17 +38,18 @@ class WriteParams:
     tmp_prefix: str  # per task, so a task cleans only its own orphans
 
 
-def build_shard(split: str, index: int, rows: pd.DataFrame, p: WriteParams) -> dict:
-    """rows: this shard's rows (row, path, key, patient, label, pos). Returns its record."""
-    policy = BadSamplePolicy(p.on_bad)
-    segs = dict(read_segments(rows, p.kind, policy, p.preprocess.fit_length, p.signal_keys, p.channels,
-                              p.storage_options))
-    ordered = rows.sort_values("pos")
-    ordered = ordered[ordered["row"].isin(segs.keys())]
-    n_in = len(ordered)
-    if n_in:
-        x = np.stack([segs[r] for r in ordered["row"]])  # [n, C, L_in]
-        y, kept = p.preprocess.apply(x)  # [n', C, L_out]
+def write_shard(split: str, index: int, rows: pd.DataFrame, segs: np.ndarray, n_rows: int, policy: BadSamplePolicy,
+                p: WriteParams) -> dict:
+    """Preprocess and write one shard; returns its record.
+
+    rows: the shard's usable rows (pos, key, patient, label), in any order; segs [n, C, L_in]
+    float32, aligned with rows; n_rows: the shard's planned rows, bad ones included; policy: the
+    skips and notes of its bad rows so far.
+    """
+    order = np.argsort(rows["pos"].to_numpy(), kind="stable")  # the planned (shuffled) order
+    ordered = rows.iloc[order]
+    if len(ordered):
+        y, kept = p.preprocess.apply(segs[order])  # [n', C, L_out]
         ordered = ordered[kept]
         if (~kept).any():
             policy.skipped["constant"] += int((~kept).sum())
@@ -78,7 +79,7 @@ def build_shard(split: str, index: int, rows: pd.DataFrame, p: WriteParams) -> d
     record = {
         "split": split, "index": index, "url": shard_name(split, index), "n_samples": int(len(y)),
         "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest(),
-        "n_rows": int(len(rows)), "skipped": dict(policy.skipped), "noted": dict(policy.noted), "plan_id": p.plan_id,
+        "n_rows": int(n_rows), "skipped": dict(policy.skipped), "noted": dict(policy.noted), "plan_id": p.plan_id,
     }
     out.write_text(part_name(split, index), json.dumps(record, sort_keys=True), p.tmp_prefix)  # last: marks it done
     return record

@@ -94,15 +94,16 @@ def test_bounded_memory_waves_give_the_same_shards(tmp_path, monkeypatch):
     import data_prep.convert as conv
     import data_prep.index_plan as plan_mod
 
-    index = _random_index(tmp_path, n=300)
+    index = _random_index(tmp_path, n=300, n_files=12)  # 25 rows a file: waves of two files
     convert_pretrain(str(index), ConvertParams(str(tmp_path / "big"), samples_per_shard=40))
-    held = []
-    chunks, rows_for = plan_mod.IndexSource.chunks, conv.rows_for_shards
+    held, waves = [], []
+    chunks, rows_for = plan_mod.IndexSource.chunks, conv.rows_for_files
     monkeypatch.setattr(plan_mod.IndexSource, "chunks", lambda self: (held.append(len(c)) or c for c in chunks(self)))
-    monkeypatch.setattr(conv, "rows_for_shards", lambda *a: (lambda r: held.append(len(r)) or r)(rows_for(*a)))
+    monkeypatch.setattr(conv, "rows_for_files", lambda *a: (lambda r: waves.append(len(r)) or r)(rows_for(*a)))
     convert_pretrain(str(index), ConvertParams(str(tmp_path / "small"), samples_per_shard=40, max_rows=50))
     assert _tree_hashes(tmp_path / "big") == _tree_hashes(tmp_path / "small")
     assert max(held) <= 50 and len(held) > 20
+    assert max(waves) <= 50 and len(waves) == 6
 
 
 def test_split_is_by_patient_and_shards_mix_patients(tmp_path):
@@ -143,15 +144,21 @@ def test_resampling_and_normalisation_are_recorded(tmp_path):
         prep_main(["--index", str(index), "--out", str(tmp_path / "x"), "--source-rate", "24", "--target-rate", "100"])
 
 
-def test_three_tasks_and_finalize_equal_one_run(tmp_path):
+def test_three_tasks_and_finalize_equal_one_run(tmp_path, capsys):
     index = _random_index(tmp_path, n=350)
     convert_pretrain(str(index), ConvertParams(str(tmp_path / "one"), samples_per_shard=40))
     common = ["--index", str(index), "--out", str(tmp_path / "multi"), "--samples-per-shard", "40"]
-    for t in range(3):
-        prep_main(common + ["--num-tasks", "3", "--task-index", str(t)])
-        assert not (tmp_path / "multi" / "manifest.json").exists()
+    prep_main(common + ["--num-tasks", "3", "--task-index", "0"])
+    assert "task 0 of 3 spilled its input files; tasks [1, 2] have not yet" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"task\(s\) \[1, 2\] have not read their input files yet.*run every task again"):
+        prep_main(common + ["--num-tasks", "3", "--finalize"])
+    for _ in range(2):  # as a SLURM array submitted twice: the second round builds from every task's spill
+        for t in range(3):
+            prep_main(common + ["--num-tasks", "3", "--task-index", str(t)])
+            assert not (tmp_path / "multi" / "manifest.json").exists()
     prep_main(common + ["--num-tasks", "3", "--finalize"])
     assert _tree_hashes(tmp_path / "one") == _tree_hashes(tmp_path / "multi")
+    assert not (tmp_path / "multi" / ".spill").exists()
 
 
 def test_finalize_names_the_missing_task(tmp_path, monkeypatch):
@@ -161,7 +168,7 @@ def test_finalize_names_the_missing_task(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "1")
     prep_main(["--index", str(index), "--out", str(tmp_path / "o"), "--samples-per-shard", "40"])
-    with pytest.raises(SystemExit, match=r"not finished or not intact.*re-run task\(s\) \[0\] of --num-tasks=2"):
+    with pytest.raises(SystemExit, match=r"not finished or not intact.*task\(s\) \[0\] have not read their input"):
         prep_main(["--index", str(index), "--out", str(tmp_path / "o"), "--samples-per-shard", "40", "--finalize"])
 
 

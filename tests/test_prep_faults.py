@@ -29,9 +29,9 @@ EXPECTED_LINE = ("himae-prep: interrupted by {sig}; shards written so far are ke
                  "name, then renamed); run the same command to resume")
 
 
-def _prep_command(index: Path, out: Path) -> list[str]:
+def _prep_command(index: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "data_prep.convert", "--index", str(index), "--out", str(out),
-            "--samples-per-shard", "10", "--workers", "2"]
+            "--samples-per-shard", "10", "--workers", "2", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -63,20 +63,26 @@ def _kill_tree(proc: subprocess.Popen, known: list[psutil.Process]) -> None:
         pass
 
 
-def _start_mid_run(index: Path, out: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
-    """Start himae-prep and return once both workers run and some shards are written (not all):
-    the job and its descendants, collected before any signal."""
-    env = {**os.environ, TEST_SHARD_DELAY_ENV: str(SHARD_DELAY_S)}
-    proc = subprocess.Popen(_prep_command(index, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _start_mid_run(index: Path, out: Path, in_pass: str = "write") -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """Start himae-prep and return once both workers run and, in pass "write", some shards are
+    written (not all), or in pass "read" (waves of 100 rows, one file each) some waves are spilled
+    and no shard is written yet: the job and its descendants, collected before any signal."""
+    env = {**os.environ, TEST_SHARD_DELAY_ENV: str(SHARD_DELAY_S * (8 if in_pass == "read" else 1))}
+    extra = ("--max-rows", "100") if in_pass == "read" else ()
+    proc = subprocess.Popen(_prep_command(index, out, *extra), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     descendants: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline and proc.poll() is None:
             descendants = psutil.Process(proc.pid).children(recursive=True)
             finished_shards = [p for p in (out / "_parts").glob("*.json") if p.name != "plan.json"]
-            if len(descendants) >= 2 and len(finished_shards) >= 2:
+            waves = list(out.glob(".spill/*/done/*.json"))
+            if len(descendants) >= 2 and (len(finished_shards) >= 2 if in_pass == "write" else len(waves) >= 1):
                 break
             time.sleep(0.02)
+        if in_pass == "read":
+            assert not [p for p in (out / "_parts").glob("*.json") if p.name != "plan.json"], "pass 2 began already"
         assert proc.poll() is None, f"himae-prep ended before it was signalled: {proc.stderr.read().decode()}"
         assert len(descendants) >= 2, "himae-prep never started its two workers"
         assert not (out / "manifest.json").exists()
@@ -123,13 +129,40 @@ def test_kill_9_of_the_parent_takes_its_workers_with_it(index, tmp_path):
         _kill_tree(proc, descendants)
 
 
+@pytest.mark.parametrize("in_pass", ["read", "write"])
+def test_kill_9_in_either_pass_resumes_to_the_same_bytes(index, tmp_path, in_pass):
+    """kill -9 while input files are read and spilled, or while shards are written: the re-run
+    reads only the waves not yet spilled, writes only the shards not yet written, and gives the
+    uninterrupted run's bytes (the spill removed)."""
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    convert_pretrain(str(index), ConvertParams(str(reference), samples_per_shard=10))
+    proc, descendants = _start_mid_run(index, out, in_pass)
+    try:
+        proc.kill()
+        proc.wait(GONE_TIMEOUT_S)
+        assert not _wait_gone(descendants, GONE_TIMEOUT_S)
+    finally:
+        _kill_tree(proc, descendants)
+    spilled = len(list(out.glob(".spill/*/done/*.json")))
+    assert spilled >= 1 and not (out / "manifest.json").exists()
+    rerun = subprocess.run(_prep_command(index, out, *(("--max-rows", "100") if in_pass == "read" else ())),
+                           capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    if in_pass == "read":  # 4 files, one per wave: only the waves without a marker are read again
+        assert f"reading {4 - spilled} input file(s) once" in rerun.stdout, rerun.stdout
+    else:
+        assert "pass 1" not in rerun.stdout and "shards verified" in rerun.stdout, rerun.stdout
+    assert _tree_bytes(out) == _tree_bytes(reference)
+
+
 def test_sigterm_stops_cleanly_and_a_rerun_gives_the_uninterrupted_shards(index, tmp_path):
     """SIGTERM (a scheduler's stop) must keep finished shards intact and leave a resumable folder."""
     out, reference = tmp_path / "out", tmp_path / "reference"
     convert_pretrain(str(index), ConvertParams(str(reference), samples_per_shard=10))
     expected = _tree_bytes(reference)
     _signal_and_check(index, out, signal.SIGTERM)
-    kept = {k: v for k, v in _tree_bytes(out).items() if not Path(k).name.startswith(".tmp-")}
+    kept = {k: v for k, v in _tree_bytes(out).items()
+            if not Path(k).name.startswith(".tmp-") and not k.startswith(".spill/")}  # spill: removed at the end
     assert "manifest.json" not in kept
     assert kept and all(expected.get(k) == v for k, v in kept.items()), "a final name holds other bytes"
     subprocess.run(_prep_command(index, out), check=True, capture_output=True, timeout=60)

@@ -51,8 +51,8 @@ def test_slurm_array_then_finalize_equals_one_run(tmp_path):
     out = subprocess.run(["bash", str(ROOT / "launch" / "prep_slurm.sh"), "--samples-per-shard", "30"],
                          env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "submitted array job 4242 (3 tasks)" in out.stdout
+    assert "submitted array jobs 4242 (read) and 4242 (build) of 3 tasks" in out.stdout
     log = (tmp_path / "log").read_text().splitlines()
-    assert len(log) == 2 and "--finalize" in log[1] and "--num-tasks 3" in log[1]
+    assert len(log) == 3 and log[0] == log[1] and "--finalize" in log[2] and "--num-tasks 3" in log[2]
     convert_pretrain(str(index), ConvertParams(str(tmp_path / "one"), samples_per_shard=30, workers=1))
     assert _hashes(tmp_path / "slurm") == _hashes(tmp_path / "one")
