@@ -125,9 +125,9 @@ def _infer_shape(source, stats, p: ConvertParams) -> tuple[int, int, str]:
     """(channels, input length, how) from a seeded sample of rows: the shape most rows have."""
     keys = tuple(k.strip() for k in p.signal_key.split("+"))
     sample = stats.sample
-    if len(sample) and sample["path"].map(is_remote).any():  # remote: shapes from a few files' metadata
-        top = sample["path"].value_counts(sort=True).index[:4]
-        sample = sample[sample["path"].isin(top)].head(64)
+    if len(sample) and sample["path"].map(is_remote).any():  # remote: shapes from one file's metadata
+        top = sample["path"].value_counts(sort=True).index[:1]
+        sample = sample[sample["path"].isin(top)].head(8)
     shapes = segment_shape(sample, source.kind, keys, p.storage_options)
     if not shapes:
         raise ValueError(f"{source.url}: none of {len(stats.sample)} sampled rows is readable; check the paths "
@@ -253,10 +253,12 @@ def run_task(source, p: ConvertParams, prep: dict | None = None) -> dict:
              + (f"; rebuilding {len(rebuilt)}: " + ", ".join(f"{s}/{i} ({w})" for (s, i), w in list(rebuilt.items())[:5])
                 if rebuilt else ""))
     todo = [sh for sh in mine if sh not in done]
-    finished = out.exists(MANIFEST) and json.loads(out.read_text(MANIFEST)).get("plan_id") == record["plan_id"]
+    def finished() -> bool:
+        return out.exists(MANIFEST) and json.loads(out.read_text(MANIFEST)).get("plan_id") == record["plan_id"]
+
     rp = ReadParams(source.kind, _signal_keys(p), prep["channels"], prep["preprocess"].fit_length, p.on_bad,
                     p.storage_options)
-    if todo or (p.num_tasks > 1 and not finished):  # the other tasks' shards need this task's spill too
+    if todo or (p.num_tasks > 1 and not finished()):  # the other tasks' shards need this task's spill too
         _spill(source, prep, rp, p)
     if not todo:
         return done

@@ -22,18 +22,20 @@ midway is read again, and its chunks, named by wave and flush, are rewritten wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from data_prep.hdf5_sources import BadSamplePolicy, read_file
+from data_prep.hdf5_sources import BadSamplePolicy, fetch_h5, open_local_h5, read_file
 
 FLUSH_BYTES = int(os.environ.get("HIMAE_SPILL_FLUSH_MB", "256")) * 2**20  # segment bytes buffered per worker
 GROUP_BYTES = int(os.environ.get("HIMAE_SPILL_GROUP_MB", "512")) * 2**20  # spill a pass-2 worker loads at once
@@ -205,21 +207,58 @@ def spill_wave(task: int, wave: int, files: list[str], rows: pd.DataFrame, layou
     shutil.rmtree(downloads, ignore_errors=True)  # what a killed run of this task left
     os.makedirs(downloads, exist_ok=True)
     rows = rows.sort_values(["path", "key"], kind="stable")
-    for path, in_file in rows.groupby("path", sort=False):
-        parts = []
-        for (split, shard), grp in in_file.groupby(["split", "shard"], sort=True):
-            parts.append(((SPLITS[split], int(shard)), grp, BadSamplePolicy(rp.on_bad)))
-        got: dict = defaultdict(list)
-        for part, r, seg in read_file(path, parts, rp.kind, rp.fit_length, rp.signal_keys, rp.channels,
-                                      rp.storage_options, downloads):
-            got[part].append((r, seg))
-        for (split, shard), grp, policy in parts:
-            segs = got.get((split, shard), [])
-            spilled += len(segs)
-            chunks.add(layout.group_of(split, shard), shard, grp, segs, policy)
+    by_file = list(rows.groupby("path", sort=False))
+    # The next file downloads (one thread, one file ahead) while this one is read: the wave's time
+    # is its bytes, not its bytes plus one request latency per file.
+    with ThreadPoolExecutor(1) as fetcher:
+        ahead = {}
+
+        def fetch(i: int) -> None:
+            if i < len(by_file) and i not in ahead:
+                ahead[i] = fetcher.submit(fetch_h5, by_file[i][0], rp.storage_options, downloads)
+
+        try:
+            for i, (path, in_file) in enumerate(by_file):
+                fetch(i)
+                fetch(i + 1)
+                spilled += _spill_file(path, in_file, lambda i=i, path=path: _open_fetched(ahead.pop(i), path),
+                                       chunks, layout, rp)
+        finally:
+            for i, fut in ahead.items():  # an error or interrupt: drop the downloads made ahead
+                if not fut.cancel() and fut.exception() is None and fut.result() != by_file[i][0]:
+                    with contextlib.suppress(OSError):
+                        os.unlink(fut.result())
     chunks.flush()
     record = {"files": len(files), "rows": int(len(rows)), "spilled": spilled, "flushes": chunks.flushes}
     _save_atomic(layout.marker(task, wave), lambda fh: fh.write(json.dumps(record).encode()), task)
+    return spilled
+
+
+def _open_fetched(fut, path: str):
+    """Open the file `fut` fetched (FileNotFoundError from the download passes through)."""
+    local = fut.result()
+    try:
+        return open_local_h5(local, path)
+    finally:
+        if local != path:
+            os.unlink(local)  # the open handle keeps it readable until closed
+
+
+def _spill_file(path: str, in_file: pd.DataFrame, opened, chunks: "_Chunks", layout: SpillLayout,
+                rp: ReadParams) -> int:
+    """Read one input file's rows, by destination shard, into the chunk buffers; rows spilled."""
+    spilled = 0
+    parts = []
+    for (split, shard), grp in in_file.groupby(["split", "shard"], sort=True):
+        parts.append(((SPLITS[split], int(shard)), grp, BadSamplePolicy(rp.on_bad)))
+    got: dict = defaultdict(list)
+    for part, r, seg in read_file(path, parts, rp.kind, rp.fit_length, rp.signal_keys, rp.channels,
+                                  rp.storage_options, opened=opened):
+        got[part].append((r, seg))
+    for (split, shard), grp, policy in parts:
+        segs = got.get((split, shard), [])
+        spilled += len(segs)
+        chunks.add(layout.group_of(split, shard), shard, grp, segs, policy)
     return spilled
 
 

@@ -97,6 +97,36 @@ def download(url: str, local_path: str, storage_options: dict | None = None) -> 
     retrying(lambda: fs.get_file(p, local_path, **kw), "downloading", url)  # FileNotFoundError passes through
 
 
+def fetch_h5(path: str, storage_options: dict | None = None, tmp_dir: str | None = None) -> str:
+    """A local path to read `path` from: itself if local, else a download of it (the caller unlinks it)."""
+    from data_prep.storage import is_remote
+
+    if not is_remote(path):
+        return path
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=".h5-", suffix=".tmp", dir=tmp_dir)
+    os.close(fd)
+    try:
+        download(path, tmp, storage_options)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def open_local_h5(local: str, path: str):
+    """Open a local HDF5 file that stands for `path` (itself or its download); errors name `path`."""
+    import h5py
+
+    if not os.path.isfile(local):
+        raise FileNotFoundError(path)
+    try:
+        return h5py.File(local, "r")
+    except OSError as e:
+        raise UnreadableFile(f"{path}: not a readable HDF5 file ({e})") from e
+
+
 def open_h5(path: str, storage_options: dict | None = None, tmp_dir: str | None = None):
     """Open an HDF5 file, local or remote. FileNotFoundError if it is absent, UnreadableFile if it is broken.
 
@@ -107,43 +137,27 @@ def open_h5(path: str, storage_options: dict | None = None, tmp_dir: str | None 
     h5py object needs the same lock, a deadlock that hung CI (h5py#2019). It also read each
     file five times over through s3fs's readahead.
     """
-    import h5py
-
-    from data_prep.storage import is_remote
-
-    if is_remote(path):
-        import tempfile
-
-        fd, tmp = tempfile.mkstemp(prefix=".h5-", suffix=".tmp", dir=tmp_dir)
-        os.close(fd)
-        try:
-            download(path, tmp, storage_options)
-            try:
-                return h5py.File(tmp, "r")
-            except OSError as e:
-                raise UnreadableFile(f"{path}: not a readable HDF5 file ({e})") from e
-        finally:
-            os.unlink(tmp)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(path)
+    local = fetch_h5(path, storage_options, tmp_dir)
     try:
-        return h5py.File(path, "r")
-    except OSError as e:
-        raise UnreadableFile(f"{path}: not a readable HDF5 file ({e})") from e
+        return open_local_h5(local, path)
+    finally:
+        if local != path:
+            os.unlink(local)  # the open handle keeps a download readable until it is closed
 
 
 def read_file(
     path: str, parts: list, kind: str, fit_length, signal_keys: tuple[str, ...] = ("ppg",),
-    channels: int | None = None, storage_options: dict | None = None, tmp_dir: str | None = None,
+    channels: int | None = None, storage_options: dict | None = None, tmp_dir: str | None = None, opened=None,
 ) -> Iterator[tuple[object, int, np.ndarray]]:
     """Yield (part, row, segment [C, L] float32) for the usable rows of one file, opened once.
 
     parts: [(part, rows DataFrame (row, key) in key order, policy)], e.g. one per destination
     shard, so that a bad row is counted by the policy of the shard it was planned for.
-    `fit_length(seg) -> (seg | None, note)` applies the length policy.
+    `fit_length(seg) -> (seg | None, note)` applies the length policy. `opened`, if given, is a
+    callable that opens the file (e.g. from a download made ahead); else open_h5 does.
     """
     try:
-        f = open_h5(path, storage_options, tmp_dir)
+        f = opened() if opened is not None else open_h5(path, storage_options, tmp_dir)
     except FileNotFoundError:
         for _, grp, policy in parts:
             for r, k in zip(grp["row"], grp["key"]):
@@ -206,7 +220,7 @@ def _read_rows(f, path: str, grp, kind: str, policy: BadSamplePolicy, fit_length
 @contextlib.contextmanager
 def _metadata_reader(path: str, storage_options: dict | None = None) -> Iterator:
     """An open HDF5 file for reading shapes (None if absent or broken). A remote file is read in
-    64 KB ranges (its metadata, not its data) through an fsspec file object, with the cyclic GC
+    32 KB blocks, each fetched once (its metadata, not its data) through an fsspec file object, with the cyclic GC
     off meanwhile: see open_h5 for the deadlock that a GC on fsspec's IO thread causes."""
     import h5py
 
@@ -228,7 +242,8 @@ def _metadata_reader(path: str, storage_options: dict | None = None) -> Iterator
     try:
         fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
         try:
-            fh = retrying(lambda: fs.open(p, "rb", block_size=64 * 1024, cache_type="readahead"), "opening", path)
+            fh = retrying(lambda: fs.open(p, "rb", block_size=32 * 1024, cache_type="blockcache",
+                                                 cache_options={"maxblocks": 64}), "opening", path)
         except FileNotFoundError:
             yield None
             return
