@@ -131,6 +131,52 @@ class _Losses:
         self.in_a_row = 0  # failed reads since the last good one (recorded ones are not reads)
 
 
+class _ReadAhead:
+    """Shard reads fetched by threads ahead of their use, in the order they will be used.
+
+    `plan` yields (position k, shard index) in read order; at most `max_reads` fetches and
+    `max_bytes` of shards (by the manifest, at least one shard) are in flight or waiting. An error
+    of a fetch is raised by `take` for that read, so the stream handles it as it would inline.
+    The data and its order are the inline reads' exactly: only their timing changes.
+    """
+
+    def __init__(self, plan, fetch, size, max_bytes: int, max_reads: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.plan, self.fetch, self.size = plan, fetch, size
+        self.max_bytes, self.max_reads = max_bytes, max_reads
+        self.pool = ThreadPoolExecutor(max_reads, thread_name_prefix="himae-read-ahead")
+        self.queue: list = []  # [(shard index, bytes, future)], in read order
+        self.held = 0
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self.queue) < self.max_reads:
+            nxt = next(self.plan, None)
+            if nxt is None:
+                return
+            _, idx = nxt
+            n = self.size(idx)
+            self.queue.append((idx, n, self.pool.submit(self.fetch, idx)))
+            self.held += n
+            if self.held >= self.max_bytes:
+                return
+
+    def take(self):
+        """The next read's bytes (raises what its fetch raised); tops the reads ahead up again."""
+        idx, n, fut = self.queue.pop(0)
+        self.held -= n
+        try:
+            return fut.result()
+        finally:
+            self._fill()
+
+    def close(self) -> None:
+        for _, _, fut in self.queue:
+            fut.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless batches from this rank's readers.
 
@@ -143,7 +189,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shards: list[ShardInfo], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  shuffle_shards: int = 4, storage_options: dict | None = None, strict: bool = False,
-                 start_batches: int = 0, verify: bool = False, failed: dict | None = None, base: str | None = None):
+                 start_batches: int = 0, verify: bool = False, failed: dict | None = None, base: str | None = None,
+                 prefetch_mb: int = 256, prefetch_reads: int = 8):
         if not shards:
             raise ValueError("no shards to read: the manifest lists none for this split")
         self.shards, self.batch_size, self.seed = shards, batch_size, seed
@@ -152,13 +199,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.start_batches = start_batches
         self.failed = {int(r): frozenset(int(k) for k in ks) for r, ks in (failed or {}).items()}
         self.base = base  # the manifest's folder, named when everything fails
+        # remote shards: reads kept in flight per reader, within this many bytes (at least one shard)
+        self.prefetch_bytes, self.prefetch_reads = prefetch_mb * 2**20, max(1, prefetch_reads)
 
-    def _read(self, idx: int, losses: _Losses) -> list | None:
-        """The shard's blocks, or None when it cannot be read (warned; raised with `strict`)."""
+    def _fetch(self, idx: int):
+        """The shard's bytes: remotely one GET of the manifest's size, locally a read-only mapping."""
+        s = self.shards[idx]
+        if is_remote(s.url):
+            folder, name = s.url.rsplit("/", 1)
+            return Folder(folder, self.storage_options).read_bytes(name, s.bytes)
+        return _read_local(s.url)
+
+    def _read(self, idx: int, losses: _Losses, fetched=None) -> list | None:
+        """The shard's blocks, or None when it cannot be read (warned; raised with `strict`).
+        `fetched`: a callable giving the bytes fetched ahead (raising what the fetch raised)."""
         s = self.shards[idx]
         try:
-            folder, name = s.url.rsplit("/", 1)
-            data = Folder(folder, self.storage_options).read_bytes(name) if is_remote(s.url) else _read_local(s.url)
+            data = fetched() if fetched is not None else self._fetch(idx)
             if self.verify and hashlib.sha256(data).hexdigest() != s.sha256:
                 raise ShardFormatError(f"{s.url}: sha256 differs from the manifest's (the shard was altered)")
             blocks = list(read_shard_blocks(data, s.url))
@@ -178,7 +235,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         losses.in_a_row = 0
         return blocks
 
-    def _group_samples(self, group: list[int], reader: int, g: int, recorded: frozenset, losses: _Losses):
+    def _group_samples(self, group: list[int], reader: int, g: int, recorded: frozenset, losses: _Losses,
+                       ahead: "_ReadAhead | None" = None):
         """The group's segments, concatenated ([n, C, L] etc.), and a seeded permutation of them.
 
         A position in `recorded` failed in the run resumed from: it is not read again, so the
@@ -187,7 +245,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         sig, key, shard = [], [], []
         for j, idx in enumerate(group):
             k = g * self.shuffle_shards + j
-            blocks = None if k in recorded else self._read(idx, losses)
+            blocks = None if k in recorded else self._read(idx, losses, ahead.take if ahead is not None else None)
             if blocks is None:
                 losses.failed.append(k)
                 losses.lost += self.shards[idx].n_samples
@@ -224,8 +282,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             g, group = next(groups)
         carry = None  # (signal, key, shard) rows left over from the previous group, in stream order
         B = self.batch_size
+        ahead = None
+        if any(is_remote(s.url) for s in self.shards):  # object storage: keep reads in flight ahead of use
+            upcoming = ((g2 * S + j, i) for g2, grp in _groups(len(self.shards), reader, n_readers, self.seed, S)
+                        if g2 >= g for j, i in enumerate(grp))
+            ahead = _ReadAhead(((k, i) for k, i in upcoming if k not in recorded), self._fetch,
+                               lambda i: self.shards[i].bytes, self.prefetch_bytes, self.prefetch_reads)
+        try:
+            yield from self._batches(groups, g, group, reader, recorded, losses, ahead, carry, skip, B, S)
+        finally:
+            if ahead is not None:
+                ahead.close()
+
+    def _batches(self, groups, g, group, reader, recorded, losses, ahead, carry, skip, B, S):
+        """The batches from group g on (see __iter__)."""
         while True:
-            got = self._group_samples(group, reader, g, recorded, losses)
+            got = self._group_samples(group, reader, g, recorded, losses, ahead)
             # what every batch cut in this group carries (small: it goes through the worker pipe)
             info = {"reader": reader, "reads": (g + 1) * S, "failed": tuple(sorted(losses.failed)),
                     "lost_segments": losses.lost}
