@@ -46,7 +46,7 @@ from data_prep.storage import Folder, StorageError, file_fingerprints, is_remote
 @dataclass(frozen=True)
 class ConvertParams:
     out: str
-    samples_per_shard: int = 1000
+    samples_per_shard: int | None = None  # None: as many as fit in shard_mb
     block_size: int = 256
     dtype: str = "float16"
     length: int | None = None
@@ -66,6 +66,7 @@ class ConvertParams:
     storage_options: dict | None = None
     signal_key: str = "ppg"  # downstream only
     spill_dir: str | None = None  # pass-1 spill (external_shuffle); default <out>/.spill, or the temp folder
+    shard_mb: float = 32.0  # target shard size when samples_per_shard is not given
 
     def spill_base(self) -> str:
         """The folder that holds this conversion's spill and its copy of a remote index."""
@@ -83,8 +84,10 @@ class ConvertParams:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: expected {want}")
 
         for name in ("samples_per_shard", "block_size", "workers", "num_tasks", "max_rows"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
+        if not self.shard_mb > 0:
+            bad("shard_mb", "a size in MB > 0")
         if not 0 <= self.task_index < self.num_tasks:
             bad("task_index", f"an integer in [0, {self.num_tasks}) (--num-tasks={self.num_tasks})")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -94,14 +97,23 @@ class ConvertParams:
         if self.on_bad not in ("error", "skip"):
             bad("on_bad", "error or skip")
 
-    def byte_options(self, kind: str) -> dict:
-        """The options that decide the shards' bytes (not workers, tasks or memory)."""
-        keep = ("samples_per_shard", "block_size", "dtype", "length", "length_policy", "normalize", "source_rate",
+    def byte_options(self, kind: str, samples_per_shard: int) -> dict:
+        """The options that decide the shards' bytes (not workers, tasks or memory); samples_per_shard
+        is the one in effect (given, or made from --shard-mb)."""
+        keep = ("block_size", "dtype", "length", "length_policy", "normalize", "source_rate",
                 "target_rate", "constant", "val_fraction", "seed")  # not on_bad: a finished shard is the same either way
-        d = {k: getattr(self, k) for k in keep}
+        d = {"samples_per_shard": samples_per_shard, **{k: getattr(self, k) for k in keep}}
         if kind == "downstream":
             d["signal_key"] = self.signal_key
         return d
+
+
+def shard_samples(shard_mb: float, channels: int, length: int, dtype: str) -> int:
+    """Segments per shard for a target shard size: object storage wants tens of MB per GET, so the
+    ~30 ms to a first byte is small beside the transfer (a 2 MB shard spends half its time waiting)."""
+    import numpy as np
+
+    return max(1, int(shard_mb * 2**20) // (channels * length * np.dtype(dtype).itemsize))
 
 
 def _log(msg: str) -> None:
@@ -147,10 +159,11 @@ def prepare(source, p: ConvertParams) -> dict:
     channels, length_in, how = _infer_shape(source, stats, p)
     pre = Preprocess(p.normalize, p.source_rate, p.target_rate, length_in, p.length_policy, p.constant)
     pre.output_length()  # a clear error now if the rates do not divide the length
-    plan = make_plan(source, stats, p.samples_per_shard, p.val_fraction, p.seed, dups)
+    sps = p.samples_per_shard or shard_samples(p.shard_mb, channels, pre.output_length(), p.dtype)
+    plan = make_plan(source, stats, sps, p.val_fraction, p.seed, dups)
     fingerprint = {"index": source.fingerprint(), "files": file_fingerprints(stats.files, p.storage_options)}
     record = {
-        "format": FORMAT, "kind": source.kind, "options": p.byte_options(source.kind),
+        "format": FORMAT, "kind": source.kind, "options": p.byte_options(source.kind, sps),
         "source": {"url": source.url, "fingerprint": _sha(fingerprint), "n_files": len(stats.files)},
         "channels": channels, "length_inferred_from": how, "preprocess": pre.to_dict(),
         "n_rows": stats.n_rows, "split": plan.to_dict(),
@@ -158,7 +171,7 @@ def prepare(source, p: ConvertParams) -> dict:
         "skipped_at_plan": dict(dup_policy.skipped),
     }
     record["plan_id"] = _sha(record)
-    layout = make_layout(p.spill_base(), record["plan_id"], p.num_tasks, channels, length_in, p.samples_per_shard,
+    layout = make_layout(p.spill_base(), record["plan_id"], p.num_tasks, channels, length_in, sps,
                          p.max_rows, (plan.n_shards("train"), plan.n_shards("val")))
     return {"record": record, "plan": plan, "preprocess": pre, "channels": channels, "layout": layout,
             "file_rows": stats.file_rows}
@@ -187,9 +200,12 @@ def _check_against_existing(out: Folder, record: dict, overwrite: bool) -> None:
     if old.get("source") != record["source"]:
         what.append("the source changed (index or HDF5 files: size/mtime/ETag)")
     if not overwrite:
+        again = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(old.get("options", {}).items())
+                         if v is not None and v != record["options"].get(k))
         raise ValueError(
             f"{out.url} holds shards from another conversion ({'; '.join(what) or 'different plan'}); "
-            f"pass --overwrite to replace them, or choose another --out"
+            + (f"to go on with it, pass {again}; " if again else "")
+            + "pass --overwrite to replace them, or choose another --out"
         )
     _log(f"--overwrite: replacing the conversion in {out.url} ({'; '.join(what) or 'different plan'})")
     out.remove(MANIFEST)
@@ -425,7 +441,8 @@ def _write(layout: SpillLayout, todo: list[tuple[str, int]], wp: WriteParams, p:
     by_group: dict = {}
     for s, i in todo:
         by_group.setdefault(layout.group_of(s, i), []).append(i)
-    total = sum(min(p.samples_per_shard, plan.n_split[s] - i * p.samples_per_shard) for s, i in todo)
+    sps = plan.samples_per_shard
+    total = sum(min(sps, plan.n_split[s] - i * sps) for s, i in todo)
     jobs = [(s, g, shards, layout, wp) for (s, g), shards in sorted(by_group.items())]
     fn = _write_group
     with tqdm(total=total, unit="seg", unit_scale=True, desc="himae-prep write", disable=None, smoothing=0.1) as bar:
@@ -582,7 +599,11 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--downstream", help="labelled HDF5 with /ppg|/ecg, /labels, /patient_ids")
     ap.add_argument("--signal-key", default="ppg", help="downstream signal dataset: ppg, ecg or ppg+ecg")
     ap.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix)")
-    ap.add_argument("--samples-per-shard", type=int, default=1000)
+    ap.add_argument("--samples-per-shard", type=int, default=None,
+                    help="segments per shard (default: as many as fit in --shard-mb)")
+    ap.add_argument("--shard-mb", type=float, default=32.0,
+                    help="target shard size in MB when --samples-per-shard is not given: tens of MB suit object "
+                         "storage (one GET each); outputs of earlier versions used --samples-per-shard 1000")
     ap.add_argument("--block-size", type=int, default=256, help="segments per tar member (one .npy block)")
     ap.add_argument("--dtype", choices=DTYPES, default="float16", help="stored sample dtype")
     ap.add_argument("--length", type=int, default=None,
@@ -624,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     p = ConvertParams(
         a.out, a.samples_per_shard, a.block_size, a.dtype, a.length, a.length_policy, a.normalize, a.source_rate,
         a.target_rate, a.constant, a.val_fraction, a.seed, a.on_bad, a.workers, num_tasks, task_index, a.overwrite,
-        a.max_rows, a.storage_options, a.signal_key, a.spill_dir,
+        a.max_rows, a.storage_options, a.signal_key, a.spill_dir, a.shard_mb,
     )
     try:
         with _stop_on_signals():

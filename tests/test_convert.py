@@ -198,11 +198,27 @@ def test_damaged_shard_is_rebuilt_on_rerun(tmp_path, damage, capsys):
         assert "rebuilding 1: train/2" in capsys.readouterr().out
 
 
+def test_shards_are_sized_by_shard_mb_and_an_old_default_output_names_its_flag(tmp_path):
+    """Without --samples-per-shard, a shard holds what fits in --shard-mb (float16 [1, 250] = 500 B a
+    segment); an output made with the old default of 1000 is refused with the flag that resumes it."""
+    index = _random_index(tmp_path, n=400)
+    m = convert_pretrain(str(index), ConvertParams(str(tmp_path / "mb"), shard_mb=0.05, val_fraction=0))
+    assert m["options"]["samples_per_shard"] == int(0.05 * 2**20) // 500 == 104
+    assert [s["n_samples"] for s in m["splits"]["train"]["shards"]] == [104, 104, 104, 88]
+    out = str(tmp_path / "old")
+    prep_main(["--index", str(index), "--out", out, "--samples-per-shard", "1000"])
+    with pytest.raises(SystemExit, match=r"samples_per_shard 1000 -> 67108\); to go on with it, pass --samples-per-shard "
+                                         r"1000; pass --overwrite"):
+        prep_main(["--index", str(index), "--out", out])
+    prep_main(["--index", str(index), "--out", out, "--samples-per-shard", "1000"])  # verified, not rebuilt
+
+
 def test_changed_options_or_source_are_refused_unless_overwrite(tmp_path):
     index = _random_index(tmp_path, n=100)
     out = str(tmp_path / "o")
     prep_main(["--index", str(index), "--out", out, "--samples-per-shard", "40"])
-    with pytest.raises(SystemExit, match=r"holds shards from another conversion \(samples_per_shard 40 -> 30\); pass --overwrite"):
+    with pytest.raises(SystemExit, match=r"holds shards from another conversion \(samples_per_shard 40 -> 30\); "
+                                         r"to go on with it, pass --samples-per-shard 40; pass --overwrite"):
         prep_main(["--index", str(index), "--out", out, "--samples-per-shard", "30"])
     with h5py.File(tmp_path / "f1.h5", "a") as f:  # the source changes under the same name
         f["000040"]["normalized_waveform"][0] = 99.0
