@@ -10,7 +10,7 @@ the S3 run's wall time over the local one's (best of two local runs). The shards
 The last lines extrapolate to the users' corpus: 29 M segments in 5,800 files of 12 MB (70 GB),
 at 30 ms a request.
 
-    .venv/bin/python bench/bench_convert_s3.py [--n 2794] [--files 1 12 100]
+    .venv/bin/python bench/bench_convert_s3.py [--n 2794] [--files 1 12 100] [--scale 10]
 """
 
 from __future__ import annotations
@@ -62,33 +62,34 @@ def shard_hashes(manifest: dict) -> dict:
 
 
 def one_case(s3: S3Loopback, tmp: Path, n: int, n_files: int, length: int) -> dict:
-    src = tmp / f"in{n_files}"
+    tag = f"{n_files}-{n}"
+    src = tmp / f"in{tag}"
     src.mkdir()
     index = make_cohort(src, n, n_files, length)
     input_bytes = sum(p.stat().st_size for p in src.glob("*.h5"))
-    t_local = min(run_prep(str(index), str(tmp / f"local{n_files}-{i}"), None, tmp / "spill") for i in range(2))
-    local = json.loads((tmp / f"local{n_files}-0" / "manifest.json").read_text())
+    t_local = min(run_prep(str(index), str(tmp / f"local{tag}-{i}"), None, tmp / "spill") for i in range(2))
+    local = json.loads((tmp / f"local{tag}-0" / "manifest.json").read_text())
 
     fs = s3.fs()
-    prefix = f"{s3.bucket}/raw{n_files}"
+    prefix = f"{s3.bucket}/raw{tag}"
     for p in sorted(src.iterdir()):
         fs.put_file(str(p), f"{prefix}/{p.name}")
     s3.reset()
-    out = f"s3://{s3.bucket}/shards{n_files}"
+    out = f"s3://{s3.bucket}/shards{tag}"
     cpu0 = s3.cpu_s()
     t_s3 = run_prep(f"s3://{prefix}/index.csv", out, s3.opts, tmp / "spill")
     cpu = s3.cpu_s() - cpu0
     reqs = s3.requests()
-    remote = json.loads(fs.cat_file(f"{s3.bucket}/shards{n_files}/manifest.json"))
+    remote = json.loads(fs.cat_file(f"{s3.bucket}/shards{tag}/manifest.json"))
     assert shard_hashes(remote) == shard_hashes(local), "S3 and local shards differ"
 
-    sizes = {f"raw{n_files}/{p.name}": p.stat().st_size for p in src.glob("*.h5")}
+    sizes = {f"raw{tag}/{p.name}": p.stat().st_size for p in src.glob("*.h5")}
     kinds = Counter(k for k, key, _ in reqs)
     input_gets = [(key, b) for k, key, b in reqs if k == "GET" and key in sizes]
     whole = [b for key, b in input_gets if b >= sizes[key]]  # pass 1: a whole object
     ranged = [b for key, b in input_gets if b < sizes[key]]  # the plan's shape check: one file's metadata
     n_shards = sum(len(sp["shards"]) for sp in remote["splits"].values())
-    shard_puts = [key for k, key, _ in reqs if k == "PUT" and key.startswith(f"shards{n_files}/")
+    shard_puts = [key for k, key, _ in reqs if k == "PUT" and key.startswith(f"shards{tag}/")
                   and ("/train/" in key or "/val/" in key or "/_parts/" in key) and not key.endswith("plan.json")]
     fixed = len(reqs) - len(whole) - len(shard_puts)
     return {
@@ -105,6 +106,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2794)
     ap.add_argument("--length", type=int, default=250)
     ap.add_argument("--files", type=int, nargs="+", default=[1, 12, 100])
+    ap.add_argument("--scale", type=int, default=10,
+                    help="a last case of n x scale segments in the largest file count (0: none): the S3 run's fixed "
+                         "costs (imports, listings) are a second or two, which dominate the small cases' time")
     a = ap.parse_args()
     import deepspeed  # noqa: F401  (versions only)
     import h5py
@@ -114,22 +118,23 @@ def main() -> None:
           f" | python {platform.python_version()} | h5py {h5py.__version__} | s3fs {s3fs.__version__}")
     rows = []
     with tempfile.TemporaryDirectory() as d, S3Loopback() as s3:
-        for n_files in a.files:
-            rows.append(one_case(s3, Path(d), a.n, n_files, a.length))
-    print("\n| input files | input MB | shards | requests (by kind) | GETs / input file (ideal 1) | "
+        cases = [(a.n, f) for f in a.files] + ([(a.n * a.scale, max(a.files))] if a.scale else [])
+        for n, n_files in cases:
+            rows.append(one_case(s3, Path(d), n, n_files, a.length))
+    print("\n| input files | segments | input MB | shards | requests (by kind) | GETs / input file (ideal 1) | "
           "bytes down / input (ideal 1.0) | writes / shard (ideal 2) | fixed requests (of which shape-check GETs) | "
           "local s | S3 s | S3 / local | moto CPU s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
-        print(f"| {r['files']} | {r['input_mb']:.2f} | {r['shards']} | {r['requests']} ({kinds}) | "
+        print(f"| {r['files']} | {r['segments']} | {r['input_mb']:.2f} | {r['shards']} | {r['requests']} ({kinds}) | "
               f"{r['gets_per_file']:.2f} | {r['bytes_x']:.3f} | {r['writes_per_shard']:.2f} | {r['fixed']} ({r['metadata_gets']}) | "
               f"{r['t_local']:.2f} | {r['t_s3']:.2f} | {r['time_x']:.2f} | {r['server_cpu_s']:.2f} |")
     big = rows[-1]
     shards = CORPUS_SEGMENTS // 1000
     reqs = big["gets_per_file"] * CORPUS_FILES + big["writes_per_shard"] * shards + big["fixed"]
     print(f"\nat 29 M segments ({CORPUS_FILES} files, 70 GB, {shards} shards of 1000, from the "
-          f"{big['files']}-file case): {reqs:,.0f} requests "
+          f"{big['files']}-file case of {big['segments']} segments): {reqs:,.0f} requests "
           f"({big['gets_per_file'] * CORPUS_FILES:,.0f} GETs of inputs), {big['bytes_x'] * CORPUS_BYTES / 1e9:,.0f} GB "
           f"downloaded, {reqs * REQUEST_S / 3600:.1f} h of request latency at 30 ms (before any parallelism)")
     print(f"s3 conversion: {big['gets_per_file']:.2f} GETs per input file, {big['bytes_x']:.3f} x input bytes, "
