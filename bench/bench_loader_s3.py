@@ -4,8 +4,8 @@ moto's S3 server on loopback (tests/s3_loopback.py) answers every request 30 ms 
 first byte) and streams each response at 100 MB/s, roughly S3 seen from a GPU node. One loader
 process (`make_loader`, num_workers=0, micro-batch 256, shuffle_shards 4) reads L=1000 float16
 shards of two sizes; seg/s is measured over 2,000 batches after 200 warm-up batches, and the same shards are read from
-local disk. Rows: 1 read in flight (each shard fetched when the previous one is taken: the old
-loader), and the default read-ahead (8 reads / 256 MB in flight). moto shares this machine's
+local disk. Rows: each shard read when the stream needs it (the loader before read-ahead), and
+the default read-ahead (8 reads / 256 MB in flight). moto shares this machine's
 cores: its CPU seconds are printed beside.
 
     .venv/bin/python bench/bench_loader_s3.py [--n 40000] [--batches 2000]
@@ -47,8 +47,8 @@ def make_inputs(folder: Path, n: int, length: int) -> Path:
 
 def seg_per_s(data: str, opts: dict | None, batches: int, in_flight: int | None) -> float:
     loader, _ = make_loader(load_manifest(data, opts), batch_size=256, seed=0, storage_options=opts)
-    if in_flight == 1:
-        loader.dataset.prefetch_reads, loader.dataset.prefetch_bytes = 1, 0
+    if in_flight == 0:
+        loader.dataset.prefetch_reads = 0  # each shard read when the stream needs it: the loader before
     it = iter(loader)
     for _ in range(200):  # warm-up: the first groups, threads, connections, the reads ahead filled
         next(it)
@@ -84,10 +84,10 @@ def main() -> None:
                     fs.put_file(str(f), f"{s3.bucket}/shards{sps}/{f.relative_to(out)}")
             mb = load_manifest(str(out)).shards()[0].bytes / 2**20
             local = seg_per_s(str(out), None, a.batches, None)
-            for in_flight in (1, None):
+            for in_flight in (0, None):
                 cpu0 = s3.cpu_s()
                 got = seg_per_s(f"s3://{s3.bucket}/shards{sps}", s3.opts, a.batches, in_flight)
-                rows.append((sps, mb, "1 read in flight (before)" if in_flight == 1 else "read-ahead (8 reads, 256 MB)",
+                rows.append((sps, mb, "read when needed (before)" if in_flight == 0 else "read-ahead (8 reads, 256 MB)",
                              got, local, s3.cpu_s() - cpu0))
     print("\n| samples / shard | shard MB | S3 reads | S3 seg/s per process | local seg/s | S3 / local | "
           "workers per 150k seg/s | moto CPU s |")

@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -34,7 +35,7 @@ import numpy as np
 
 from data_prep.hdf5_sources import BadSamplePolicy, segment_shape
 from data_prep import external_shuffle as shuffle
-from data_prep.external_shuffle import ReadParams, SpillLayout, make_layout
+from data_prep.external_shuffle import SPLITS, ReadParams, SpillLayout, make_layout
 from data_prep.index_plan import DownstreamSource, IndexSource, find_duplicate_rows, make_plan, rows_for_files, scan
 from data_prep.parent_death import exit_with_parent
 from data_prep.preprocess import CONSTANT_POLICIES, LENGTH_POLICIES, NORMALIZE, Preprocess
@@ -78,6 +79,11 @@ class ConvertParams:
             raise ValueError(f"--out {self.out} is remote and --num-tasks={self.num_tasks}: pass --spill-dir, a "
                              f"folder on a filesystem every task can read (the tasks exchange rows through it)")
         return os.path.join(tempfile.gettempdir(), "himae-spill")
+
+    def spill_home(self) -> str:
+        """This output's own folder under the spill base (its layouts and its index copy): two
+        conversions sharing a base never read or remove each other's spill."""
+        return os.path.join(self.spill_base(), "out-" + hashlib.sha256(self.out.rstrip("/").encode()).hexdigest()[:12])
 
     def validate(self) -> None:
         def bad(name: str, want: str) -> None:
@@ -129,7 +135,7 @@ def open_source(index: str | None, downstream: str | None, p: ConvertParams):
         raise ValueError("give exactly one of --index (pretraining CSV) or --downstream (labelled HDF5)")
     chunk = min(p.max_rows, 1_000_000)
     if index:
-        return IndexSource(index, p.storage_options, chunk, cache_dir=p.spill_base())
+        return IndexSource(index, p.storage_options, chunk, cache_dir=p.spill_home())
     return DownstreamSource(downstream, p.signal_key, chunk)
 
 
@@ -137,12 +143,20 @@ def _infer_shape(source, stats, p: ConvertParams) -> tuple[int, int, str]:
     """(channels, input length, how) from a seeded sample of rows: the shape most rows have."""
     keys = tuple(k.strip() for k in p.signal_key.split("+"))
     sample = stats.sample
-    if len(sample) and sample["path"].map(is_remote).any():  # remote: shapes from one file's metadata
-        top = sample["path"].value_counts(sort=True).index[:1]
-        sample = sample[sample["path"].isin(top)].head(8)
-    shapes = segment_shape(sample, source.kind, keys, p.storage_options)
+    if len(sample) and sample["path"].map(is_remote).any():
+        # remote: 8 sampled rows of the file with most of them, read as metadata; the next file if
+        # that one is missing or broken (each file costs a few small GETs, not a download)
+        shapes, tried = Counter(), 0
+        for path in sample["path"].value_counts(sort=True).index[:8]:
+            rows = sample[sample["path"] == path].head(8)
+            tried += len(rows)
+            shapes = segment_shape(rows, source.kind, keys, p.storage_options)
+            if shapes:
+                break
+    else:
+        shapes, tried = segment_shape(sample, source.kind, keys, p.storage_options), len(sample)
     if not shapes:
-        raise ValueError(f"{source.url}: none of {len(stats.sample)} sampled rows is readable; check the paths "
+        raise ValueError(f"{source.url}: none of {tried} sampled rows is readable; check the paths "
                          f"(relative paths are resolved against the index's folder)")
     if p.length is not None:
         channels = Counter({c: n for (c, _), n in shapes.items()}).most_common(1)[0][0]
@@ -171,8 +185,9 @@ def prepare(source, p: ConvertParams) -> dict:
         "skipped_at_plan": dict(dup_policy.skipped),
     }
     record["plan_id"] = _sha(record)
-    layout = make_layout(p.spill_base(), record["plan_id"], p.num_tasks, channels, length_in, sps,
-                         p.max_rows, (plan.n_shards("train"), plan.n_shards("val")))
+    key_chars = int(stats.sample["key"].str.len().max()) if len(stats.sample) else 16
+    layout = make_layout(p.spill_home(), record["plan_id"], p.num_tasks, channels, length_in, sps, key_chars,
+                         p.max_rows, (plan.n_split["train"], plan.n_split["val"]))
     return {"record": record, "plan": plan, "preprocess": pre, "channels": channels, "layout": layout,
             "file_rows": stats.file_rows}
 
@@ -199,6 +214,8 @@ def _check_against_existing(out: Folder, record: dict, overwrite: bool) -> None:
             what.append(f"{k} {old.get('options', {}).get(k)!r} -> {record['options'].get(k)!r}")
     if old.get("source") != record["source"]:
         what.append("the source changed (index or HDF5 files: size/mtime/ETag)")
+    if old.get("length_inferred_from") != record["length_inferred_from"]:
+        what.append(f"segment length from {old.get('length_inferred_from')!r} -> {record['length_inferred_from']!r}")
     if not overwrite:
         again = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(old.get("options", {}).items())
                          if v is not None and v != record["options"].get(k))
@@ -341,6 +358,10 @@ def _write_group(split: str, group: int, shards: list[int], layout: SpillLayout,
         if delay > 0:
             time.sleep(delay)
         rows, segs, counts = loaded.get(i, (None, None, {"rows": 0, "skipped": {}, "noted": {}}))
+        want = min(layout.samples_per_shard, layout.n_split[SPLITS.index(split)] - i * layout.samples_per_shard)
+        if counts["rows"] != want:
+            raise ValueError(f"spill {layout.root}: shard {split}/{i} has {counts['rows']} of its {want} planned rows; "
+                             f"the spill is incomplete (removed by hand?): delete {layout.root} and run again")
         if rows is None:
             rows, segs = shuffle.empty_rows(), np.zeros((0, wp.channels, 1), np.float32)
         policy = BadSamplePolicy(wp.on_bad, Counter(counts["skipped"]), Counter(counts["noted"]))
@@ -417,7 +438,12 @@ def _spill(source, prep: dict, rp: ReadParams, p: ConvertParams) -> None:
     if not todo:
         return
     rows_todo = sum(prep["file_rows"][f] for w in todo for f in waves[w])
-    shuffle.check_disk(layout, rows_todo)
+    # every task spills to the same disk: check for what all of them still have to spill
+    need = 0
+    for t, ws in shuffle.missing_waves(prep["file_rows"], layout).items():
+        of_t = shuffle.task_waves(prep["file_rows"], layout, t)
+        need += sum(prep["file_rows"][f] for w in ws for f in of_t[w])
+    shuffle.check_disk(layout, need)
     _log(f"pass 1: reading {sum(len(waves[w]) for w in todo)} input file(s) once ({rows_todo} rows, "
          f"{len(todo)} wave(s)), spilling to {layout.root}")
 
@@ -516,10 +542,8 @@ def finalize(source, p: ConvertParams, prep: dict | None = None, known: dict | N
         "n_samples": n, "splits": splits, "skipped": dict(skipped), "noted": dict(noted),
     }
     out.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-    shuffle.remove(layout)  # the spill and the index copy are not needed once the manifest is written
-    if getattr(source, "local_copy", None):
-        with contextlib.suppress(OSError):
-            os.unlink(source.local_copy)
+    # the spill (of any layout: an earlier --max-rows too) and the index copy are done with
+    shutil.rmtree(p.spill_home(), ignore_errors=True)
     with contextlib.suppress(OSError):
         os.rmdir(p.spill_base())  # only if empty: a user's --spill-dir may hold other things
     _log(f"{n} samples ({splits['train']['n_samples']} train, {splits['val']['n_samples']} val) of "
@@ -628,7 +652,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--finalize", action="store_true", help="verify every task's shards and write manifest.json")
     ap.add_argument("--overwrite", action="store_true", help="replace shards made with other options or source")
     ap.add_argument("--max-rows", type=int, default=2_000_000,
-                    help="index rows of one wave of input files (each worker holds one wave at a time)")
+                    help="index rows of one wave of input files (each worker holds one wave at a time, and this "
+                         "process the rows of up to two waves per worker)")
     ap.add_argument("--spill-dir", default=None,
                     help="local folder for the rows between the read pass and the write pass, about rows x "
                          "(C x L x 4 + 64) bytes (default: <out>/.spill for a local --out, else the temp folder; "

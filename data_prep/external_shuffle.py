@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from data_prep.hdf5_sources import BadSamplePolicy, fetch_h5, open_local_h5, rea
 
 FLUSH_BYTES = int(os.environ.get("HIMAE_SPILL_FLUSH_MB", "256")) * 2**20  # segment bytes buffered per worker
 GROUP_BYTES = int(os.environ.get("HIMAE_SPILL_GROUP_MB", "512")) * 2**20  # spill a pass-2 worker loads at once
-ROW_OVERHEAD = 64  # bytes of a spilled row besides its samples: row, pos, patient, label, key
+ROW_OVERHEAD = 40  # bytes of a spilled row besides its samples and key: row, shard, pos, patient, label
 SPLITS = ("train", "val")
 _TMP = ".tmp-"
 
@@ -53,7 +54,12 @@ class SpillLayout:
     row_bytes: int  # spill bytes per row
     wave_rows: int  # index rows per pass-1 wave (whole files; a file larger than this is its own wave)
     group_shards: int  # shards per pass-2 group
-    n_shards: tuple[int, int]  # (train, val)
+    samples_per_shard: int
+    n_split: tuple[int, int]  # planned rows (train, val)
+
+    @property
+    def n_shards(self) -> tuple[int, int]:
+        return tuple(-(-n // self.samples_per_shard) for n in self.n_split)
 
     def groups(self) -> list[tuple[str, int]]:
         return [(s, g) for s, n in zip(SPLITS, self.n_shards) for g in range(-(-n // self.group_shards))]
@@ -76,13 +82,14 @@ class SpillLayout:
 
 
 def make_layout(spill_dir: str, plan_id: str, num_tasks: int, channels: int, length_in: int, samples_per_shard: int,
-                max_rows: int, n_shards: tuple[int, int]) -> SpillLayout:
-    row_bytes = channels * length_in * 4 + ROW_OVERHEAD
+                key_chars: int, max_rows: int, n_split: tuple[int, int]) -> SpillLayout:
+    row_bytes = channels * length_in * 4 + ROW_OVERHEAD + 4 * key_chars  # keys are stored as UTF-32
+    n_shards = tuple(-(-n // samples_per_shard) for n in n_split)
     # at most GROUP_BYTES of spill, and at least 8 groups a task, so a task's workers share its shards
     spread = -(-sum(n_shards) // (8 * num_tasks))
     group_shards = max(1, min(GROUP_BYTES // (samples_per_shard * row_bytes), spread))
     root = os.path.join(spill_dir, f"{plan_id[:16]}-n{num_tasks}-w{max_rows}-g{group_shards}")
-    return SpillLayout(root, num_tasks, row_bytes, max_rows, group_shards, n_shards)
+    return SpillLayout(root, num_tasks, row_bytes, max_rows, group_shards, samples_per_shard, n_split)
 
 
 def task_waves(file_rows: dict[str, int], layout: SpillLayout, task: int) -> list[list[str]]:
@@ -133,6 +140,8 @@ def _save_atomic(path: Path, write, task: int) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # a marker must never outlive its data in a crash
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -201,10 +210,12 @@ def spill_wave(task: int, wave: int, files: list[str], rows: pd.DataFrame, layou
     rows: the wave's planned rows (row, path, key, patient, label, split, pos, shard), split >= 0.
     Returns the number of rows spilled (usable ones).
     """
+    for old in Path(layout.root).glob(f"*-g*/t{task}-w{wave}-f*.npz"):  # a killed try of this wave: its
+        old.unlink(missing_ok=True)  # flushes are rewritten, and none of a different count may stay
     chunks = _Chunks(layout, task, wave)
     spilled = 0
-    downloads = os.path.join(layout.root, "downloads", f"t{task}")  # a remote file while it is read
-    shutil.rmtree(downloads, ignore_errors=True)  # what a killed run of this task left
+    downloads = os.path.join(layout.root, "downloads", f"t{task}-w{wave}")  # remote files while read
+    shutil.rmtree(downloads, ignore_errors=True)  # what a killed try of this wave left
     os.makedirs(downloads, exist_ok=True)
     rows = rows.sort_values(["path", "key"], kind="stable")
     by_file = list(rows.groupby("path", sort=False))
@@ -229,6 +240,7 @@ def spill_wave(task: int, wave: int, files: list[str], rows: pd.DataFrame, layou
                     with contextlib.suppress(OSError):
                         os.unlink(fut.result())
     chunks.flush()
+    shutil.rmtree(downloads, ignore_errors=True)
     record = {"files": len(files), "rows": int(len(rows)), "spilled": spilled, "flushes": chunks.flushes}
     _save_atomic(layout.marker(task, wave), lambda fh: fh.write(json.dumps(record).encode()), task)
     return spilled
@@ -246,19 +258,23 @@ def _open_fetched(fut, path: str):
 
 def _spill_file(path: str, in_file: pd.DataFrame, opened, chunks: "_Chunks", layout: SpillLayout,
                 rp: ReadParams) -> int:
-    """Read one input file's rows, by destination shard, into the chunk buffers; rows spilled."""
+    """Read one input file's rows, shard by shard, into the chunk buffers; rows spilled. Only one
+    shard's share of the file is held before it goes to the buffers (which flush by size)."""
     spilled = 0
     parts = []
     for (split, shard), grp in in_file.groupby(["split", "shard"], sort=True):
         parts.append(((SPLITS[split], int(shard)), grp, BadSamplePolicy(rp.on_bad)))
-    got: dict = defaultdict(list)
+    by_part = {part: (grp, policy) for part, grp, policy in parts}
+    segs: list = []
     for part, r, seg in read_file(path, parts, rp.kind, rp.fit_length, rp.signal_keys, rp.channels,
-                                  rp.storage_options, opened=opened):
-        got[part].append((r, seg))
-    for (split, shard), grp, policy in parts:
-        segs = got.get((split, shard), [])
+                                  rp.storage_options, opened=opened, part_ends=True):
+        if r is not None:
+            segs.append((r, seg))
+            continue
+        grp, policy = by_part[part]  # the end of this part's rows
         spilled += len(segs)
-        chunks.add(layout.group_of(split, shard), shard, grp, segs, policy)
+        chunks.add(layout.group_of(*part), part[1], grp, segs, policy)
+        segs = []
     return spilled
 
 
@@ -271,15 +287,21 @@ def load_group(layout: SpillLayout, split: str, group: int) -> dict[int, tuple[p
         task, wave = (int(x[1:]) for x in path.stem.split("-")[:2])
         if not layout.marker(task, wave).exists():
             continue  # a wave still being spilled (or killed): its chunks are not complete
-        with np.load(path, allow_pickle=False) as z:
-            for shard, c in json.loads(z["meta"].tobytes()).items():
-                acc = counts[int(shard)]
-                acc["rows"] += c["rows"]
-                acc["skipped"].update(c["skipped"])
-                acc["noted"].update(c["noted"])
-            if len(z["row"]):
-                rows.append(pd.DataFrame({k: z[k] for k in ("row", "shard", "pos", "key", "patient", "label")}))
-                segs.append(z["seg"])
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes())
+                if len(z["row"]):
+                    rows.append(pd.DataFrame({k: z[k] for k in ("row", "shard", "pos", "key", "patient", "label")}))
+                    segs.append(z["seg"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            layout.marker(task, wave).unlink(missing_ok=True)  # so the next run reads that wave again
+            raise ValueError(f"spill chunk {path} is unreadable ({type(e).__name__}: {e}); run again: task {task} "
+                             f"reads its wave {wave} again") from e
+        for shard, c in meta.items():
+            acc = counts[int(shard)]
+            acc["rows"] += c["rows"]
+            acc["skipped"].update(c["skipped"])
+            acc["noted"].update(c["noted"])
     all_rows = pd.concat(rows, ignore_index=True) if rows else empty_rows()
     all_segs = np.concatenate(segs) if segs else np.zeros((0, 1, 1), np.float32)
     shard = all_rows["shard"].to_numpy()

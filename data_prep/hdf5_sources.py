@@ -3,7 +3,8 @@
 Pretraining: a CSV index `local_path,global_idx`; `h5py.File(local_path)[global_idx]
 ['normalized_waveform']` is one 1-D segment. `global_idx` stays a string: the documented keys
 are zero-padded (`000123`) and int() would turn them into keys that do not exist. Relative
-`local_path`s are resolved against the CSV's folder; `s3://` paths are opened through s3fs.
+`local_path`s are resolved against the CSV's folder; an `s3://` file is downloaded whole (one GET)
+and opened natively.
 
 Downstream: one HDF5 with `/ppg` or `/ecg` [N, L], `/labels` [N], optionally `/patient_ids` [N].
 
@@ -110,7 +111,8 @@ def fetch_h5(path: str, storage_options: dict | None = None, tmp_dir: str | None
     try:
         download(path, tmp, storage_options)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     return tmp
 
@@ -148,30 +150,38 @@ def open_h5(path: str, storage_options: dict | None = None, tmp_dir: str | None 
 def read_file(
     path: str, parts: list, kind: str, fit_length, signal_keys: tuple[str, ...] = ("ppg",),
     channels: int | None = None, storage_options: dict | None = None, tmp_dir: str | None = None, opened=None,
-) -> Iterator[tuple[object, int, np.ndarray]]:
+    part_ends: bool = False,
+) -> Iterator[tuple[object, int | None, np.ndarray | None]]:
     """Yield (part, row, segment [C, L] float32) for the usable rows of one file, opened once.
 
     parts: [(part, rows DataFrame (row, key) in key order, policy)], e.g. one per destination
     shard, so that a bad row is counted by the policy of the shard it was planned for.
     `fit_length(seg) -> (seg | None, note)` applies the length policy. `opened`, if given, is a
-    callable that opens the file (e.g. from a download made ahead); else open_h5 does.
+    callable that opens the file (e.g. from a download made ahead); else open_h5 does. With
+    `part_ends`, (part, None, None) follows each part's rows, so a caller can hand them on.
     """
     try:
         f = opened() if opened is not None else open_h5(path, storage_options, tmp_dir)
     except FileNotFoundError:
-        for _, grp, policy in parts:
+        for part, grp, policy in parts:
             for r, k in zip(grp["row"], grp["key"]):
                 policy.reject("missing_file", f"{path} [{k!r}] (row {r + 1}): HDF5 file does not exist")
+            if part_ends:
+                yield part, None, None
         return
     except UnreadableFile as e:
-        for _, grp, policy in parts:
+        for part, grp, policy in parts:
             for r, k in zip(grp["row"], grp["key"]):
                 policy.reject("unreadable_file", f"{e} [{k!r}] (row {r + 1})")
+            if part_ends:
+                yield part, None, None
         return
     with f:
         for part, grp, policy in parts:
             for r, seg in _read_rows(f, path, grp, kind, policy, fit_length, signal_keys, channels):
                 yield part, r, seg
+            if part_ends:
+                yield part, None, None
 
 
 def _read_rows(f, path: str, grp, kind: str, policy: BadSamplePolicy, fit_length, signal_keys: tuple[str, ...],

@@ -102,21 +102,7 @@ class Folder:
         return self.read_bytes(name).decode()
 
     def exists(self, name: str) -> bool:
-        """Whether file `name` exists. Remotely one LIST of its folder: s3fs's exists() sends a HEAD
-        and, for a missing key, a LIST as well."""
-        if not self.remote:
-            return retrying(lambda: self.fs.exists(self.path(name)), "checking", self.child_url(name))
-        parent, _, base = self.path(name).rpartition("/")
-
-        def ls() -> bool:
-            try:
-                self.fs.invalidate_cache(parent)
-                return any(i["name"].rstrip("/").rsplit("/", 1)[-1] == base and i.get("type") == "file"
-                           for i in self.fs.ls(parent, detail=True))
-            except FileNotFoundError:
-                return False
-
-        return retrying(ls, "checking", self.child_url(name))
+        return retrying(lambda: self.fs.exists(self.path(name)), "checking", self.child_url(name))
 
     def remove(self, name: str) -> None:
         def rm() -> None:

@@ -199,8 +199,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.start_batches = start_batches
         self.failed = {int(r): frozenset(int(k) for k in ks) for r, ks in (failed or {}).items()}
         self.base = base  # the manifest's folder, named when everything fails
-        # remote shards: reads kept in flight per reader, within this many bytes (at least one shard)
-        self.prefetch_bytes, self.prefetch_reads = prefetch_mb * 2**20, max(1, prefetch_reads)
+        # remote shards: reads kept in flight per reader, within this many bytes (at least one shard);
+        # prefetch_reads=0 reads each shard when it is needed
+        self.prefetch_bytes, self.prefetch_reads = prefetch_mb * 2**20, max(0, prefetch_reads)
 
     def _fetch(self, idx: int):
         """The shard's bytes: remotely one GET of the manifest's size, locally a read-only mapping."""
@@ -283,7 +284,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         carry = None  # (signal, key, shard) rows left over from the previous group, in stream order
         B = self.batch_size
         ahead = None
-        if any(is_remote(s.url) for s in self.shards):  # object storage: keep reads in flight ahead of use
+        if self.prefetch_reads and any(is_remote(s.url) for s in self.shards):  # object storage: reads ahead
             upcoming = ((g2 * S + j, i) for g2, grp in _groups(len(self.shards), reader, n_readers, self.seed, S)
                         if g2 >= g for j, i in enumerate(grp))
             ahead = _ReadAhead(((k, i) for k, i in upcoming if k not in recorded), self._fetch,

@@ -10,8 +10,10 @@
 # The second array (afterok) builds each task's shards from everyone's spill; a task of the first
 # array that finds every spill already there builds its shards at once. The finalize job verifies
 # every shard, writes the manifest and removes the spill. The shards are identical to a
-# one-machine run with the same flags. A failed task k is re-run alone with the same arguments:
-#   sbatch --array=k --wrap "himae-prep <same flags> --num-tasks $TASKS", then the finalize job.
+# one-machine run with the same flags. A failed task k is re-run alone with the same arguments,
+#   sbatch --array=k --wrap "himae-prep <same flags> --num-tasks $TASKS",
+# and, if it failed in the first (read) array, the build array was never started: submit the
+# whole array once more, then the finalize job (tasks whose shards are done only verify them).
 set -euo pipefail
 : "${INDEX:?set INDEX to the pretraining index CSV (local or s3://)}"
 : "${OUT:?set OUT to the output folder or s3:// prefix}"
@@ -23,7 +25,7 @@ PREP=${PREP:-$PWD/.venv/bin/himae-prep}
 args=(--index "$INDEX" --out "$OUT" --workers "$CPUS" --num-tasks "$TASKS")
 if [ -n "${SPILL:-}" ]; then
   args+=(--spill-dir "$SPILL")
-elif [[ "$OUT" == *://* ]]; then
+elif [[ "$OUT" == *://* && " $* " != *" --spill-dir"* ]]; then
   echo "prep_slurm.sh: OUT=$OUT is remote: set SPILL to a folder on a filesystem every task can read" >&2
   exit 2
 fi

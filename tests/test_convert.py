@@ -213,6 +213,20 @@ def test_shards_are_sized_by_shard_mb_and_an_old_default_output_names_its_flag(t
     prep_main(["--index", str(index), "--out", out, "--samples-per-shard", "1000"])  # verified, not rebuilt
 
 
+def test_a_spill_disk_too_small_is_one_line_naming_spill_dir(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    import data_prep.external_shuffle as shuffle
+
+    index = _random_index(tmp_path, n=200)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shuffle.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 50_000, 50_000))
+    with pytest.raises(SystemExit, match=r"^himae-prep: error: --spill-dir \S+: 0.00 GB free, but this conversion spills "
+                                         r"about 0.00 GB \(200 rows x \d+ bytes"):
+        prep_main(["--index", str(index), "--out", str(tmp_path / "o"), "--spill-dir", str(tmp_path / "spill")])
+    assert not list((tmp_path / "o").glob("*/*.tar"))
+
+
 def test_changed_options_or_source_are_refused_unless_overwrite(tmp_path):
     index = _random_index(tmp_path, n=100)
     out = str(tmp_path / "o")
