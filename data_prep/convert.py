@@ -656,8 +656,8 @@ def main(argv: list[str] | None = None) -> None:
                          "process the rows of up to two waves per worker)")
     ap.add_argument("--spill-dir", default=None,
                     help="local folder for the rows between the read pass and the write pass, about rows x "
-                         "(C x L x 4 + 64) bytes (default: <out>/.spill for a local --out, else the temp folder; "
-                         "with --num-tasks > 1, a folder every task can read)")
+                         "(C x L x 4 + 40 + 4 x key length) bytes (default: <out>/.spill for a local --out, else "
+                         "the temp folder; with --num-tasks > 1, a folder every task can read)")
     ap.add_argument("--storage-options", type=json.loads, default=None,
                     help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
     a = ap.parse_args(argv)

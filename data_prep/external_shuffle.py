@@ -14,8 +14,9 @@ S3). Instead, with the plan unchanged:
   loaded from its chunks and each shard is written as before (shard_writer.write_shard): the
   same rows in the same planned order, so the same bytes for any --workers or --num-tasks.
 
-Spill costs about rows x (C x L_in x 4 + 64) bytes of disk (float32 at the input length, keys
-and ids); it is checked against the free space before pass 1 and removed with manifest.json.
+Spill costs about rows x (C x L_in x 4 + 40 + 4 x key length) bytes of disk (float32 at the
+input length, ids, UTF-32 keys); it is checked against the free space before pass 1 and
+removed with manifest.json.
 A re-run skips finished waves (markers) and finished shards (verified records); a wave killed
 midway is read again, and its chunks, named by wave and flush, are rewritten with the same bytes.
 """
