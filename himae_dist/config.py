@@ -175,6 +175,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "zero_optimization": {"stage": cfg.zero_stage},
         "steps_per_print": 10**9,  # the trainer logs itself
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device in forward() and step() (on a GPU, a
+        # cudaDeviceSynchronize twice per micro-step); the trainer measures throughput itself
+        "timers": {"throughput": {"enabled": False}},
     }
     if cfg.grad_clip > 0:
         ds["gradient_clipping"] = cfg.grad_clip

@@ -9,4 +9,4 @@ exec "${PYTHON:-python}" -m himae_dist.torchrun --nnodes="${NNODES:-1}" --node_r
   --nproc_per_node="${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}" \
   --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
   -m himae_dist.train --data "$data" --out "$out" --ds-config "$(dirname "$0")/ds_config.json" \
-  --zero-stage "${ZERO_STAGE:-1}" "$@"
+  --zero-stage "${ZERO_STAGE:-0}" "$@"
