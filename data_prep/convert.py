@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass
 from typing import Iterator
@@ -92,8 +93,10 @@ class ConvertParams:
         for name in ("samples_per_shard", "block_size", "workers", "num_tasks", "max_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
-        if not self.shard_mb > 0:
-            bad("shard_mb", "a size in MB > 0")
+        if not 0 < self.shard_mb <= 1e6:
+            bad("shard_mb", "a size in MB, > 0 and <= 1e6")
+        if self.samples_per_shard is not None and self.samples_per_shard > 2**31:
+            bad("samples_per_shard", "an integer <= 2**31")
         if not 0 <= self.task_index < self.num_tasks:
             bad("task_index", f"an integer in [0, {self.num_tasks}) (--num-tasks={self.num_tasks})")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -544,8 +547,9 @@ def finalize(source, p: ConvertParams, prep: dict | None = None, known: dict | N
     out.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     # the spill (of any layout: an earlier --max-rows too) and the index copy are done with
     shutil.rmtree(p.spill_home(), ignore_errors=True)
-    with contextlib.suppress(OSError):
-        os.rmdir(p.spill_base())  # only if empty: a user's --spill-dir may hold other things
+    if p.spill_dir is None:
+        with contextlib.suppress(OSError):
+            os.rmdir(p.spill_base())  # the default <out>/.spill, if empty; a user's --spill-dir stays
     _log(f"{n} samples ({splits['train']['n_samples']} train, {splits['val']['n_samples']} val) of "
          f"[{record['channels']}, {manifest['length']}] {p.dtype} in {len(splits['train']['shards'])} + "
          f"{len(splits['val']['shards'])} shards -> {out.url}/{MANIFEST}" + (f"; skipped {dict(skipped)}" if skipped else ""))
@@ -680,6 +684,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"himae-prep: interrupted by {name}; shards written so far are kept (each is written under a temp "
               f"name, then renamed); run the same command to resume", file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
+    except BrokenProcessPool as e:
+        sys.exit(f"himae-prep: error: a worker process died ({e}; killed, or out of memory?); what was finished is "
+                 f"kept: run the same command to resume (with fewer --workers if memory ran out)")
     except (ValueError, KeyError, OSError, StorageError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.exit(f"himae-prep: error: {msg}")

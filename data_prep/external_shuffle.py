@@ -115,15 +115,24 @@ def missing_waves(file_rows: dict[str, int], layout: SpillLayout) -> dict[int, l
     return out
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
 def check_disk(layout: SpillLayout, rows: int, flag: str = "--spill-dir") -> None:
-    """A clear error before pass 1 when the spill folder's disk cannot hold `rows` more rows."""
-    Path(layout.root).mkdir(parents=True, exist_ok=True)
+    """A clear error before pass 1 when the spill folder cannot be made or its disk cannot hold
+    `rows` more rows. Names the folder the user gave (the base above this output's own)."""
+    base = os.path.dirname(os.path.dirname(layout.root))
+    try:
+        Path(layout.root).mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(layout.root).free
+    except OSError as e:
+        raise OSError(f"{flag} {base}: cannot make the spill folder there ({e.strerror or e}); expected a "
+                      f"writable local folder") from e
     need = int(rows * layout.row_bytes * 1.05)
-    free = shutil.disk_usage(layout.root).free
     if need > free:
-        raise OSError(f"{flag} {os.path.dirname(layout.root)}: {free / 1e9:.2f} GB free, but this conversion "
-                      f"spills about {need / 1e9:.2f} GB ({rows} rows x {layout.row_bytes} bytes: float32 at the "
-                      f"input length); point {flag} at a disk with more room")
+        raise OSError(f"{flag} {base}: {_size(free)} free, but this conversion spills about {_size(need)} ({rows} rows "
+                      f"x {layout.row_bytes} bytes: float32 at the input length); point {flag} at a disk with more room")
 
 
 def clean_temp_files(layout: SpillLayout, task: int) -> int:

@@ -9,6 +9,7 @@ renamed (local) or uploaded with one PUT (remote), so a file that exists is comp
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ class StorageError(RuntimeError):
 def is_transient(e: BaseException) -> bool:
     if isinstance(e, _PERMANENT):
         return False
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        return False  # a full, read-only or forbidden local disk: retrying cannot help
     if isinstance(e, (ConnectionError, TimeoutError, OSError)):
         return True
     mod = type(e).__module__ or ""

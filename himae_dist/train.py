@@ -93,6 +93,7 @@ def _clear_stale_build_lock(max_age_s: float = 600.0) -> None:
 
 def build_engine(deepspeed, cfg: TrainConfig, model: HiMAE, device: torch.device, world: int):
     """(engine, optimizer, scheduler, ds_config): an fp32 DeepSpeed engine over the trainer's AdamW and schedule."""
+    model.to(device)  # before the optimizer: fused AdamW checks its parameters' device (torch < 2.4: CUDA only)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")  # no JIT build on GPU
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))

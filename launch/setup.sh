@@ -16,6 +16,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0"
 fi
 torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__)")
+floor=2.1  # as in pyproject.toml: the oldest torch whose APIs the code uses
+if ! .venv/bin/python -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 1))"; then
+  echo "[setup] error: the installed torch $torch_version is older than himae-dist's floor torch>=$floor; upgrade it (keep your CUDA build: pip install 'torch>=$floor' --index-url <your CUDA wheel index>) and run this again" >&2
+  exit 2
+fi
 echo "[setup] using torch $torch_version (kept as installed)"
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT

@@ -12,6 +12,7 @@ Features are standardised (fitted on training rows only) before the logistic reg
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -96,11 +97,16 @@ def fit_probe(x: np.ndarray, y: np.ndarray, inner: list[tuple[np.ndarray, np.nda
             c = c_grid[len(c_grid) // 2]
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=300))
             return clf.fit(x, y), float("nan"), c
+        # scikit-learn 1.8 added (and 1.10 makes default) the non-legacy attributes and l1_ratios for
+        # plain L2; pass them only where they exist, and read both attribute layouts below
+        new_api = "use_legacy_attributes" in inspect.signature(LogisticRegressionCV).parameters
         lr = LogisticRegressionCV(Cs=list(c_grid), cv=inner, scoring="roc_auc", max_iter=300, tol=1e-3,
-                                  l1_ratios=(0.0,), use_legacy_attributes=False)
+                                  **({"l1_ratios": (0.0,), "use_legacy_attributes": False} if new_api else {}))
         clf = make_pipeline(StandardScaler(), lr).fit(x, y)
-    mean_auc = np.asarray(lr.scores_).reshape(len(inner), len(c_grid)).mean(axis=0)  # scores_ [folds, 1, n_C]
-    return clf, float(np.nanmax(mean_auc)), float(lr.C_)
+    scores = lr.scores_  # [folds, 1, n_C] now; legacy: {class: [folds, n_C]}
+    scores = next(iter(scores.values())) if isinstance(scores, dict) else scores
+    mean_auc = np.asarray(scores).reshape(len(inner), len(c_grid)).mean(axis=0)
+    return clf, float(np.nanmax(mean_auc)), float(np.ravel(lr.C_)[0])
 
 
 def nested_probe(

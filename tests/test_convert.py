@@ -221,8 +221,8 @@ def test_a_spill_disk_too_small_is_one_line_naming_spill_dir(tmp_path, monkeypat
     index = _random_index(tmp_path, n=200)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shuffle.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 50_000, 50_000))
-    with pytest.raises(SystemExit, match=r"^himae-prep: error: --spill-dir \S+: 0.00 GB free, but this conversion spills "
-                                         r"about 0.00 GB \(200 rows x \d+ bytes"):
+    with pytest.raises(SystemExit, match=r"^himae-prep: error: --spill-dir \S+/spill: 0.05 MB free, but this conversion "
+                                         r"spills about 0.2\d MB \(200 rows x \d+ bytes"):
         prep_main(["--index", str(index), "--out", str(tmp_path / "o"), "--spill-dir", str(tmp_path / "spill")])
     assert not list((tmp_path / "o").glob("*/*.tar"))
 
