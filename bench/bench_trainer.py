@@ -7,8 +7,12 @@ the same masking and masked MSE over the same batches, preloaded in memory as fl
 
     .venv/bin/python bench/bench_trainer.py [--steps 100] [--micro-batch 64] [--length 1000]
 
-Ends with: `trainer N seg/s, plain loop M seg/s, overhead P %`. GPU end-to-end figures (L=1000
-bf16 from local tars vs memory) need a GPU; this script reports the CPU figures only.
+A third path is the authors' setup, a PyTorch Lightning loop over the same model, masking, loss and
+in-memory batches (`pip install lightning` for this bench only; it is no dependency of the project).
+
+Ends with: `trainer N seg/s, plain loop M seg/s, lightning K seg/s, overhead P %` (the trainer's
+against the plain loop). GPU end-to-end figures (L=1000 bf16 from local tars vs memory) need a
+GPU; this script reports the CPU figures only.
 """
 
 from __future__ import annotations
@@ -74,6 +78,39 @@ def main(argv: list[str] | None = None) -> None:
             opt.step()
         return (len(batches) - a.log_every) * a.micro_batch / (time.perf_counter() - t0)
 
+    def lightning_loop(batches: list[torch.Tensor]) -> float | None:
+        """The authors' setup: a PyTorch Lightning loop over the same model, masking, loss and batches."""
+        try:
+            import lightning as L
+        except ImportError:
+            return None
+
+        class MAE(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.model, self.gen = HiMAE(1), torch.Generator().manual_seed(0)
+
+            def training_step(self, x, i):
+                xm, mask = mask_input(x, 5, 0.8, self.gen)
+                return masked_mse(self.model(xm), x, mask)
+
+            def configure_optimizers(self):
+                return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=1e-3)
+
+        class Clock(L.Callback):
+            t0 = None
+
+            def on_train_batch_start(self, trainer, module, batch, i):
+                if i == a.log_every:  # the same warm-up as the others
+                    Clock.t0 = time.perf_counter()
+
+        trainer = L.Trainer(max_steps=len(batches), accelerator="cpu", devices=1, logger=False, callbacks=[Clock()],
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+        trainer.fit(MAE(), loader)
+        return (len(batches) - a.log_every) * a.micro_batch / (time.perf_counter() - Clock.t0)
+
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         data = _shards(tmp, a.length)
@@ -93,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
         dist.destroy_process_group()  # as the CLI does at exit; a live group slowed the loop after it by ~20 %
         after = plain_loop(batches)
+        lightning = lightning_loop(batches)
     plain = (before + after) / 2
     overhead = (plain / trainer - 1) * 100
     print(f"run: {time.strftime('%Y-%m-%d')} | {platform.machine()} | {os.cpu_count()} cpus | torch {torch.__version__} "
@@ -103,8 +141,13 @@ def main(argv: list[str] | None = None) -> None:
           f"| {wait:.1%} |")
     print(f"| plain loop (memory), before / after | {a.length} | {a.micro_batch} | {a.steps - a.log_every} "
           f"| {before:.0f} / {after:.0f} | - |")
-    print(json.dumps({"trainer_seg_s": round(trainer, 1), "plain_seg_s": round(plain, 1)}))
-    print(f"trainer {trainer:.0f} seg/s, plain loop {plain:.0f} seg/s, overhead {overhead:.1f} %")
+    print(f"| PyTorch Lightning loop (memory; the authors' setup) | {a.length} | {a.micro_batch} | "
+          f"{a.steps - a.log_every} | {lightning:.0f} | - |" if lightning else
+          "| PyTorch Lightning loop | - | - | - | not installed (pip install lightning, for this bench only) | - |")
+    print(json.dumps({"trainer_seg_s": round(trainer, 1), "plain_seg_s": round(plain, 1),
+                      "lightning_seg_s": round(lightning, 1) if lightning else None}))
+    print(f"trainer {trainer:.0f} seg/s, plain loop {plain:.0f} seg/s, "
+          f"lightning {f'{lightning:.0f}' if lightning else 'n/a'} seg/s, overhead {overhead:.1f} %")
 
 
 if __name__ == "__main__":
