@@ -1,10 +1,12 @@
 """The shard conversion job (`himae-prep`): HDF5 -> format-v2 WebDataset tar shards + manifest.json.
 
 Rows are split by patient into train/val, globally shuffled (index_plan), cut into shards of
-`--samples-per-shard`, read, checked, preprocessed once (preprocess.py) and written in blocks
-(shard_format.py). The work splits into independent tasks (`--num-tasks/--task-index`, or a SLURM
-array) that may run on different machines; `--finalize` then verifies every shard and writes
-`manifest.json`. A single-task run finalizes by itself.
+`--samples-per-shard` (or as many as fit in `--shard-mb`), read once file by file and spilled
+(external_shuffle), then preprocessed once (preprocess.py) and written in blocks (shard_format.py).
+The work splits into tasks (`--num-tasks/--task-index`, or a SLURM array) that may run on
+different machines: each reads its share of the input files, and builds its shards once every
+task's spill is there (so the tasks run twice); `--finalize` then verifies every shard and writes
+`manifest.json`. A single-task run does both passes and finalizes by itself.
 
 A re-run verifies finished shards (size from one listing, then sha256, or the S3 ETag's md5)
 and rebuilds only what is missing or wrong. A re-run with other options or a changed source is
