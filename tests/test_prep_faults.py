@@ -63,6 +63,14 @@ def _kill_tree(proc: subprocess.Popen, known: list[psutil.Process]) -> None:
         pass
 
 
+def _markers(out: Path) -> list[Path]:
+    """The finished waves' markers; the job removes folders (downloads, the spill) while this looks."""
+    try:
+        return list(out.glob(".spill/*/*/done/*.json"))
+    except FileNotFoundError:
+        return []
+
+
 def _start_mid_run(index: Path, out: Path, in_pass: str = "write") -> tuple[subprocess.Popen, list[psutil.Process]]:
     """Start himae-prep and return once both workers run and, in pass "write", some shards are
     written (not all), or in pass "read" (waves of 100 rows, one file each) some waves are spilled
@@ -77,7 +85,7 @@ def _start_mid_run(index: Path, out: Path, in_pass: str = "write") -> tuple[subp
         while time.monotonic() < deadline and proc.poll() is None:
             descendants = psutil.Process(proc.pid).children(recursive=True)
             finished_shards = [p for p in (out / "_parts").glob("*.json") if p.name != "plan.json"]
-            waves = list(out.glob(".spill/**/done/*.json"))
+            waves = _markers(out)
             if len(descendants) >= 2 and (len(finished_shards) >= 2 if in_pass == "write" else len(waves) >= 1):
                 break
             time.sleep(0.02)
@@ -143,7 +151,7 @@ def test_kill_9_in_either_pass_resumes_to_the_same_bytes(index, tmp_path, in_pas
         assert not _wait_gone(descendants, GONE_TIMEOUT_S)
     finally:
         _kill_tree(proc, descendants)
-    spilled = len(list(out.glob(".spill/**/done/*.json")))
+    spilled = len(_markers(out))
     assert spilled >= 1 and not (out / "manifest.json").exists()
     rerun = subprocess.run(_prep_command(index, out, *(("--max-rows", "100") if in_pass == "read" else ())),
                            capture_output=True, text=True, timeout=120)
