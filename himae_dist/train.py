@@ -376,7 +376,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
             win.val_sum, win.val_n = validator.run(engine.module, plot, done), len(validator.batches)
         save_now = False
         if log_step:
-            # host values ride along: skipped batches, and whether this rank was asked to stop or is due a save
+            # host values ride along: masked samples so far, and whether this rank was asked to stop or is due a save
             due = cfg.save_every_min > 0 and time.monotonic() - last_save >= 60 * cfg.save_every_min
             flags = torch.tensor([win.skipped + win.skipped_before, stop.requested, due, progress.failed(),
                                   progress.reads(), progress.lost_segments()], dtype=torch.float64)
