@@ -21,12 +21,6 @@ def mask_seed(base_seed: int, step: int, *stream: int) -> int:
     return int(np.random.SeedSequence([base_seed, step, *stream]).generate_state(1)[0] >> 1)
 
 
-def drop_rows(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The mask with the rows where keep [B] is False zeroed: those samples add no loss or gradient.
-    Works for both layouts (reference [B, 1, L] float, fused [B, P] int8)."""
-    return mask * keep.view(-1, *([1] * (mask.dim() - 1))).to(mask.dtype)
-
-
 class ReferenceObjective:
     impl = "reference"  # what --loss-impl resolved to (recorded in checkpoints)
     apply_tanh = True  # the model returns tanh(logits); the loss compares that to the input
@@ -44,8 +38,6 @@ class ReferenceObjective:
 
     def loss(self, recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return masked_mse(recon, x, mask)
-
-    drop_rows = staticmethod(drop_rows)
 
 
 class FusedObjective:
@@ -71,8 +63,6 @@ class FusedObjective:
 
     def loss(self, logits: torch.Tensor, x: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
         return self.k.fused_masked_mse(logits, x, pmask, self.patch_size, self.ratio, apply_tanh=True)
-
-    drop_rows = staticmethod(drop_rows)
 
 
 def make_objective(

@@ -33,7 +33,7 @@ from himae_dist.bn_sync import restore_batchnorm_stats, sync_batchnorm_stats
 from himae_dist.checkpoint import save_weights
 from himae_dist.config import (TrainConfig, deepspeed_config, lr_lambda, parse_config, resolved, resume_refusal,
                                schedule_params)
-from himae_dist.guards import NonFiniteError, NonFiniteRows, check_weights_finite
+from himae_dist.guards import NonFiniteError, bad_rows, check_weights_finite, describe
 from himae_dist.model import HiMAE
 from himae_dist.elastic_attempt import attempt_store
 from himae_dist.objective import make_objective
@@ -131,7 +131,7 @@ class _Window:
     loss_n: int = 0
     val_sum: torch.Tensor | None = None  # the latest validation, read at the next log step
     val_n: int = 0
-    skipped: int = 0  # non-finite samples this rank masked (settled at log steps)
+    skipped: int = 0  # non-finite batches skipped by this rank (the per-rank limit counts these)
     last_logged: int = 0
     skipped_before: int = 0  # all ranks' skips before a world-size change (rank 0 carries them, for the log)
 
@@ -321,7 +321,6 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
     progress = StreamProgress(lstate, [sh.n_samples for sh in manifest.shards("train")])  # what was actually read
     batches = iter(loader)
     win = _Window.new(device, start, res.window)
-    nonfinite = NonFiniteRows(device, shard_names, cfg.micro_batch, world)
     validator = Validator(manifest, cfg, rank, world, device, objective, bf16) if cfg.val_every else None
     grad_norm = torch.zeros((), device=device)
     log = TrainLog(cfg, rank, start, out, cfg.micro_batch * cfg.grad_accum * world, device)
@@ -349,16 +348,22 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
             log.waited(time.perf_counter() - t_wait)
             consumed += 1
             progress.update(batch)
-            x = batch["signal"].to(device, non_blocking=True)  # [B, C, L], stored fp16/fp32
-            # Non-finite samples are zeroed and masked out on the device (no loss, no gradient), counted,
-            # and named at the log step (guards.NonFiniteRows): no host read of the batch per micro-step.
-            x, ok = nonfinite.take(x, batch, done)  # x [B, C, L] fp32, ok [B] bool
+            while len(rows := bad_rows(batch["signal"])):  # host-side check, before the copy to the device
+                what = f"rank {rank}, step {done}: {describe(batch, rows, shard_names)}"
+                if cfg.on_nonfinite == "abort":
+                    raise NonFiniteError(f"{what}; fix the data or pass --on-nonfinite skip")
+                win.skipped += 1
+                print(f"[himae-train] warning: skipped batch {win.skipped} of this rank ({what})", file=sys.stderr, flush=True)
+                if win.skipped > max(100, step):
+                    raise NonFiniteError(f"{what}: {win.skipped} batches skipped on this rank; the data is broken")
+                batch = next(batches)  # the same micro-step count on every rank: no collective mismatch
+                consumed += 1
+                progress.update(batch)
+            x = batch["signal"].to(device, non_blocking=True).float()  # [B, C, L], stored fp16/fp32
             x_masked, mask = objective.mask(x, step, micro, torch.bfloat16 if bf16 else None)
-            any_ok = ok.any()
-            mask = objective.drop_rows(mask, ok | ~any_ok)  # all rows kept if none is ok: a denominator > 0
             with autocast(device, bf16):
                 recon = engine(x_masked, apply_tanh=objective.apply_tanh)  # [B, C, L], bf16 under autocast
-            loss = objective.loss(recon.float(), x, mask) * any_ok  # fp32 loss and gradients; 0 if no sample is ok
+            loss = objective.loss(recon.float(), x, mask)  # fp32 loss and gradients
             engine.backward(loss)  # all-reduces the gradients at the accumulation boundary
             boundary = micro == cfg.grad_accum - 1
             if boundary and log_step:
@@ -376,19 +381,14 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
             win.val_sum, win.val_n = validator.run(engine.module, plot, done), len(validator.batches)
         save_now = False
         if log_step:
-            # host values ride along: masked samples so far, and whether this rank was asked to stop or is due a save
+            # host values ride along: skipped batches, and whether this rank was asked to stop or is due a save
             due = cfg.save_every_min > 0 and time.monotonic() - last_save >= 60 * cfg.save_every_min
             flags = torch.tensor([win.skipped + win.skipped_before, stop.requested, due, progress.failed(),
                                   progress.reads(), progress.lost_segments()], dtype=torch.float64)
-            stats = torch.cat([torch.stack([win.loss_sum, win.val_sum, grad_norm, nonfinite.count]).double(),
-                               flags.to(device)])
+            stats = torch.cat([torch.stack([win.loss_sum, win.val_sum, grad_norm]).double(), flags.to(device)])
             dist.all_reduce(stats)  # collective: every rank reaches it at the same step
             host = stats.cpu()  # the one device->host copy (sync) per log step
-            loss_total, val_total, gn_total, masked, skipped, stops, dues, bad_reads, reads, lost = (
-                float(v) for v in host)
-            # non-finite samples: the same verdict on every rank (abort, or warn and go on)
-            win.skipped += nonfinite.settle(int(masked), cfg.on_nonfinite, rank, win.last_logged + 1, done)
-            skipped += masked
+            loss_total, val_total, gn_total, skipped, stops, dues, bad_reads, reads, lost = (float(v) for v in host)
             lost_data = {"failed_shard_reads": int(bad_reads), "shard_reads": int(reads), "lost_segments": int(lost)}
             if bad_reads > cfg.max_bad_data * reads:  # the same verdict on every rank: stop, naming the shards
                 _too_much_lost(lost_data, progress, shard_names, cfg.max_bad_data, done)
@@ -424,8 +424,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, deepspeed, device: torch.device,
     if rank == 0 and history:
         last = history[-1]
         print(f"[himae-train] done at step {last['step']}: {last['failed_shard_reads']} of {last['shard_reads']} shard "
-              f"reads failed ({last['lost_segments']} segments lost), {last['nonfinite_samples']} non-finite samples "
-              f"masked", flush=True)
+              f"reads failed ({last['lost_segments']} segments lost), {last['skipped_batches']} non-finite batches "
+              f"skipped", flush=True)
     if exporter:  # after the last collective: the other ranks may exit meanwhile
         exporter.finish()
     return {"history": history, "start_step": start}

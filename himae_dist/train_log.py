@@ -37,7 +37,7 @@ class TrainLog:
 
     def record(self, step: int, loss: float, lr: float, val_loss: float | None, grad_norm: float | None,
                skipped: int = 0, lost: dict | None = None) -> dict:
-        """One log step's record; `lr` is the last update's, `skipped` the non-finite samples masked so far and
+        """One log step's record; `lr` is the last update's, `skipped` the non-finite batches skipped so far and
         `lost` the failed shard reads, all reads and the segments lost so far (all ranks, cumulative)."""
         now = time.perf_counter()
         dt = max(now - self._t, 1e-9)
@@ -46,7 +46,7 @@ class TrainLog:
             rec["val_loss"] = val_loss
         if grad_norm is not None and math.isfinite(grad_norm):
             rec["grad_norm"] = grad_norm
-        rec["nonfinite_samples"] = skipped
+        rec["skipped_batches"] = skipped
         rec.update(lost or {})
         rec["segments_per_s"] = round(self._steps * self.segments_per_step / dt, 1)  # all ranks
         rec["data_wait_frac"] = round(self._wait / dt, 4)
