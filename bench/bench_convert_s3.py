@@ -110,7 +110,6 @@ def main() -> None:
                     help="a last case of n x scale segments in the largest file count (0: none): the S3 run's fixed "
                          "costs (imports, listings) are a second or two, which dominate the small cases' time")
     a = ap.parse_args()
-    import deepspeed  # noqa: F401  (versions only)
     import h5py
     import s3fs
 

@@ -122,8 +122,6 @@ class ConvertParams:
 def shard_samples(shard_mb: float, channels: int, length: int, dtype: str) -> int:
     """Segments per shard for a target shard size: object storage wants tens of MB per GET, so the
     ~30 ms to a first byte is small beside the transfer (a 2 MB shard spends half its time waiting)."""
-    import numpy as np
-
     return max(1, int(shard_mb * 2**20) // (channels * length * np.dtype(dtype).itemsize))
 
 
@@ -362,13 +360,12 @@ def _write_group(split: str, group: int, shards: list[int], layout: SpillLayout,
     for i in shards:
         if delay > 0:
             time.sleep(delay)
-        rows, segs, counts = loaded.get(i, (None, None, {"rows": 0, "skipped": {}, "noted": {}}))
         want = min(layout.samples_per_shard, layout.n_split[SPLITS.index(split)] - i * layout.samples_per_shard)
-        if counts["rows"] != want:
-            raise ValueError(f"spill {layout.root}: shard {split}/{i} has {counts['rows']} of its {want} planned rows; "
+        have = loaded[i][2]["rows"] if i in loaded else 0  # every planned shard has rows: none is an error
+        if have != want:
+            raise ValueError(f"spill {layout.root}: shard {split}/{i} has {have} of its {want} planned rows; "
                              f"the spill is incomplete (removed by hand?): delete {layout.root} and run again")
-        if rows is None:
-            rows, segs = shuffle.empty_rows(), np.zeros((0, wp.channels, 1), np.float32)
+        rows, segs, counts = loaded[i]
         policy = BadSamplePolicy(wp.on_bad, Counter(counts["skipped"]), Counter(counts["noted"]))
         records.append(write_shard(split, i, rows, segs, counts["rows"], policy, wp))
     return records

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.hdf5_sources import BadSamplePolicy, fetch_h5, open_local_h5, read_file
+from data_prep.hdf5_sources import BadSamplePolicy, fetch_h5, open_fetched, read_file
 
 FLUSH_BYTES = int(os.environ.get("HIMAE_SPILL_FLUSH_MB", "256")) * 2**20  # segment bytes buffered per worker
 GROUP_BYTES = int(os.environ.get("HIMAE_SPILL_GROUP_MB", "512")) * 2**20  # spill a pass-2 worker loads at once
@@ -184,8 +184,8 @@ class _Chunks:
         c["rows"] += len(rows)
         c["skipped"].update(policy.skipped)
         c["noted"].update(policy.noted)
-        got = rows.iloc[pd.Index(rows["row"]).get_indexer([r for r, _ in segs])]  # aligned with segs
         if segs:
+            got = rows.iloc[pd.Index(rows["row"]).get_indexer([r for r, _ in segs])]  # aligned with segs
             self.rows[group].append(got[["row", "shard", "pos", "key", "patient", "label"]])
             self.segs[group].extend(s for _, s in segs)
             self.bytes += sum(s.nbytes for _, s in segs)
@@ -242,7 +242,7 @@ def spill_wave(task: int, wave: int, files: list[str], rows: pd.DataFrame, layou
             for i, (path, in_file) in enumerate(by_file):
                 fetch(i)
                 fetch(i + 1)
-                spilled += _spill_file(path, in_file, lambda i=i, path=path: _open_fetched(ahead.pop(i), path),
+                spilled += _spill_file(path, in_file, lambda i=i, path=path: open_fetched(ahead.pop(i).result(), path),
                                        chunks, layout, rp)
         finally:
             for i, fut in ahead.items():  # an error or interrupt: drop the downloads made ahead
@@ -256,16 +256,6 @@ def spill_wave(task: int, wave: int, files: list[str], rows: pd.DataFrame, layou
     return spilled
 
 
-def _open_fetched(fut, path: str):
-    """Open the file `fut` fetched (FileNotFoundError from the download passes through)."""
-    local = fut.result()
-    try:
-        return open_local_h5(local, path)
-    finally:
-        if local != path:
-            os.unlink(local)  # the open handle keeps it readable until closed
-
-
 def _spill_file(path: str, in_file: pd.DataFrame, opened, chunks: "_Chunks", layout: SpillLayout,
                 rp: ReadParams) -> int:
     """Read one input file's rows, shard by shard, into the chunk buffers; rows spilled. Only one
@@ -276,8 +266,7 @@ def _spill_file(path: str, in_file: pd.DataFrame, opened, chunks: "_Chunks", lay
         parts.append(((SPLITS[split], int(shard)), grp, BadSamplePolicy(rp.on_bad)))
     by_part = {part: (grp, policy) for part, grp, policy in parts}
     segs: list = []
-    for part, r, seg in read_file(path, parts, rp.kind, rp.fit_length, rp.signal_keys, rp.channels,
-                                  rp.storage_options, opened=opened, part_ends=True):
+    for part, r, seg in read_file(path, parts, rp.kind, rp.fit_length, rp.signal_keys, rp.channels, opened):
         if r is not None:
             segs.append((r, seg))
             continue
@@ -325,7 +314,3 @@ def load_group(layout: SpillLayout, split: str, group: int) -> dict[int, tuple[p
 def empty_rows() -> pd.DataFrame:
     return pd.DataFrame({"row": np.zeros(0, np.int64), "shard": np.zeros(0, np.int64), "pos": np.zeros(0, np.int64),
                          "key": np.zeros(0, str), "patient": np.zeros(0, np.int64), "label": np.zeros(0, np.int8)})
-
-
-def remove(layout: SpillLayout) -> None:
-    shutil.rmtree(layout.root, ignore_errors=True)

@@ -117,71 +117,62 @@ def fetch_h5(path: str, storage_options: dict | None = None, tmp_dir: str | None
     return tmp
 
 
-def open_local_h5(local: str, path: str):
-    """Open a local HDF5 file that stands for `path` (itself or its download); errors name `path`."""
+def open_fetched(local: str, path: str):
+    """Open `local`, the file fetch_h5 gave for `path` (itself or its download); errors name `path`.
+    A download is unlinked at once: the open handle keeps it readable until it is closed."""
     import h5py
 
-    if not os.path.isfile(local):
-        raise FileNotFoundError(path)
     try:
-        return h5py.File(local, "r")
-    except OSError as e:
-        raise UnreadableFile(f"{path}: not a readable HDF5 file ({e})") from e
+        if not os.path.isfile(local):
+            raise FileNotFoundError(path)
+        try:
+            return h5py.File(local, "r")
+        except OSError as e:
+            raise UnreadableFile(f"{path}: not a readable HDF5 file ({e})") from e
+    finally:
+        if local != path:
+            os.unlink(local)
 
 
 def open_h5(path: str, storage_options: dict | None = None, tmp_dir: str | None = None):
     """Open an HDF5 file, local or remote. FileNotFoundError if it is absent, UnreadableFile if it is broken.
 
     A remote file is downloaded whole into `tmp_dir` (default: the system's temp folder), opened
-    natively and unlinked at once (the open handle keeps it readable until closed). Never hand
-    h5py an fsspec file object: h5py holds its global lock while it calls the object's read(),
-    which waits on fsspec's IO thread, and a garbage collection on that thread that frees any
-    h5py object needs the same lock, a deadlock that hung CI (h5py#2019). It also read each
-    file five times over through s3fs's readahead.
+    natively and unlinked at once. Never hand h5py an fsspec file object: h5py holds its global
+    lock while it calls the object's read(), which waits on fsspec's IO thread, and a garbage
+    collection on that thread that frees any h5py object needs the same lock, a deadlock that
+    hung CI (h5py#2019). It also read each file five times over through s3fs's readahead.
     """
-    local = fetch_h5(path, storage_options, tmp_dir)
-    try:
-        return open_local_h5(local, path)
-    finally:
-        if local != path:
-            os.unlink(local)  # the open handle keeps a download readable until it is closed
+    return open_fetched(fetch_h5(path, storage_options, tmp_dir), path)
 
 
 def read_file(
-    path: str, parts: list, kind: str, fit_length, signal_keys: tuple[str, ...] = ("ppg",),
-    channels: int | None = None, storage_options: dict | None = None, tmp_dir: str | None = None, opened=None,
-    part_ends: bool = False,
+    path: str, parts: list, kind: str, fit_length, signal_keys: tuple[str, ...], channels: int | None, opened,
 ) -> Iterator[tuple[object, int | None, np.ndarray | None]]:
-    """Yield (part, row, segment [C, L] float32) for the usable rows of one file, opened once.
+    """Yield (part, row, segment [C, L] float32) for the usable rows of one file, opened once by
+    `opened()`, and (part, None, None) after each part's rows, so a caller can hand them on.
 
     parts: [(part, rows DataFrame (row, key) in key order, policy)], e.g. one per destination
     shard, so that a bad row is counted by the policy of the shard it was planned for.
-    `fit_length(seg) -> (seg | None, note)` applies the length policy. `opened`, if given, is a
-    callable that opens the file (e.g. from a download made ahead); else open_h5 does. With
-    `part_ends`, (part, None, None) follows each part's rows, so a caller can hand them on.
+    `fit_length(seg) -> (seg | None, note)` applies the length policy.
     """
     try:
-        f = opened() if opened is not None else open_h5(path, storage_options, tmp_dir)
-    except FileNotFoundError:
+        f = opened()
+    except (FileNotFoundError, UnreadableFile) as e:
+        missing = isinstance(e, FileNotFoundError)
         for part, grp, policy in parts:
             for r, k in zip(grp["row"], grp["key"]):
-                policy.reject("missing_file", f"{path} [{k!r}] (row {r + 1}): HDF5 file does not exist")
-            if part_ends:
-                yield part, None, None
-        return
-    except UnreadableFile as e:
-        for part, grp, policy in parts:
-            for r, k in zip(grp["row"], grp["key"]):
-                policy.reject("unreadable_file", f"{e} [{k!r}] (row {r + 1})")
-            if part_ends:
-                yield part, None, None
+                if missing:
+                    policy.reject("missing_file", f"{path} [{k!r}] (row {r + 1}): HDF5 file does not exist")
+                else:
+                    policy.reject("unreadable_file", f"{e} [{k!r}] (row {r + 1})")
+            yield part, None, None
         return
     with f:
         for part, grp, policy in parts:
             for r, seg in _read_rows(f, path, grp, kind, policy, fit_length, signal_keys, channels):
                 yield part, r, seg
-            if part_ends:
-                yield part, None, None
+            yield part, None, None
 
 
 def _read_rows(f, path: str, grp, kind: str, policy: BadSamplePolicy, fit_length, signal_keys: tuple[str, ...],

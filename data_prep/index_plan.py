@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from data_prep.atomic_write import atomic_path
 from data_prep.hdf5_sources import BadSamplePolicy, check_labels, check_patient_ids, download
 from data_prep.storage import is_remote, retrying
 
@@ -107,15 +108,8 @@ class IndexSource:
             name = hashlib.sha256(json.dumps([self.url, self._fingerprint]).encode()).hexdigest()[:16]
             local = os.path.join(cache_dir or tempfile.gettempdir(), f"index-{name}.csv")
             if not os.path.exists(local) or os.path.getsize(local) != self._fingerprint[0]:
-                os.makedirs(os.path.dirname(local), exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-index-", dir=os.path.dirname(local))
-                os.close(fd)
-                try:
-                    download(self.url, tmp, self.storage_options)
-                    os.replace(tmp, local)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
+                with atomic_path(local) as tmp:
+                    download(self.url, str(tmp), self.storage_options)
             self.local_copy: str | None = local
             self._fs, self._path = fsspec.filesystem("file"), local
         else:
