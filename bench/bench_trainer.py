@@ -2,7 +2,8 @@
 
 One rank on this machine. The trainer reads shards (from the page cache) and does everything a
 run does (DeepSpeed engine, schedule, non-finite checks, metrics); its segments/s is the mean of
-the logged figures after the first log interval (warm-up). The plain loop is AdamW on HiMAE with
+the logged figures after the first log interval (warm-up), eager and under --compile (inductor:
+the compile falls in the untimed first interval). The plain loop is AdamW on HiMAE with
 the same masking and masked MSE over the same batches, preloaded in memory as float32.
 
     .venv/bin/python bench/bench_trainer.py [--steps 100] [--micro-batch 64] [--length 1000]
@@ -119,16 +120,21 @@ def main(argv: list[str] | None = None) -> None:
         batches = [next(it)["signal"].float() for _ in range(a.steps)]  # [B, 1, L] in memory
         del loader, it
         before = plain_loop(batches)  # the plain loop brackets the trainer: load drift shows as a spread
-        cfg = parse_config(["--data", str(data), "--out", str(tmp / "run"), "--steps", str(a.steps),
-                            "--micro-batch", str(a.micro_batch), "--log-every", str(a.log_every),
-                            "--num-workers", "0", "--shuffle-shards", "2", "--loss-impl", "reference",
-                            "--precision", "fp32"])
-        hist = train(cfg)["history"]
-        trainer = sum(h["segments_per_s"] for h in hist[1:]) / len(hist[1:])
-        wait = sum(h["data_wait_frac"] for h in hist[1:]) / len(hist[1:])
+        argv_of = lambda c: ["--data", str(data), "--steps", str(a.steps),  # noqa: E731
+                             "--micro-batch", str(a.micro_batch), "--log-every", str(a.log_every),
+                             "--num-workers", "0", "--shuffle-shards", "2", "--loss-impl", "reference",
+                             "--precision", "fp32"]
+        cfg = parse_config([*argv_of(None), "--out", str(tmp / "run")])
         import torch.distributed as dist
 
-        dist.destroy_process_group()  # as the CLI does at exit; a live group slowed the loop after it by ~20 %
+        def timed(cfg) -> tuple[float, float]:
+            hist = train(cfg)["history"]
+            dist.destroy_process_group()  # as the CLI does at exit; a live group slowed the loop after it by ~20 %
+            return (sum(h["segments_per_s"] for h in hist[1:]) / len(hist[1:]),
+                    sum(h["data_wait_frac"] for h in hist[1:]) / len(hist[1:]))
+
+        trainer, wait = timed(cfg)
+        compiled, cwait = timed(parse_config([*argv_of(cfg), "--out", str(tmp / "run_compiled"), "--compile", "true"]))
         after = plain_loop(batches)
         lightning = lightning_loop(batches)
     plain = (before + after) / 2
@@ -139,13 +145,17 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     print(f"| trainer (DeepSpeed, shards) | {a.length} | {a.micro_batch} | {a.steps - a.log_every} | {trainer:.0f} "
           f"| {wait:.1%} |")
+    print(f"| trainer --compile (inductor; first interval, with the compile, untimed) | {a.length} | {a.micro_batch} | "
+          f"{a.steps - a.log_every} | {compiled:.0f} | {cwait:.1%} |")
     print(f"| plain loop (memory), before / after | {a.length} | {a.micro_batch} | {a.steps - a.log_every} "
           f"| {before:.0f} / {after:.0f} | - |")
     print(f"| PyTorch Lightning loop (memory; the authors' setup) | {a.length} | {a.micro_batch} | "
           f"{a.steps - a.log_every} | {lightning:.0f} | - |" if lightning else
           "| PyTorch Lightning loop | - | - | - | not installed (pip install lightning, for this bench only) | - |")
-    print(json.dumps({"trainer_seg_s": round(trainer, 1), "plain_seg_s": round(plain, 1),
+    print(json.dumps({"trainer_seg_s": round(trainer, 1), "trainer_compiled_seg_s": round(compiled, 1),
+                      "plain_seg_s": round(plain, 1),
                       "lightning_seg_s": round(lightning, 1) if lightning else None}))
+    print(f"trainer --compile {compiled:.0f} seg/s ({compiled / trainer:.2f} x eager)")
     print(f"trainer {trainer:.0f} seg/s, plain loop {plain:.0f} seg/s, "
           f"lightning {f'{lightning:.0f}' if lightning else 'n/a'} seg/s, overhead {overhead:.1f} %")
 

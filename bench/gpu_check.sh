@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a session with a GPU: the kernel tests on CUDA with compiled kernels, the trainer
-# tests, bench/bench_masked_mse.py, the trainer's bf16 segments/s from local tars beside the same
-# model fed from memory, and a 2-process NCCL run. Needs no network. Every step runs even when an
+# tests, bench/bench_masked_mse.py, the trainer's bf16 segments/s from local tars (eager and
+# --compile) beside the same model fed from memory, syncs and kernel launches per step, a 2-process
+# NCCL run and a kill-and-resume under --deterministic. Needs no network. Every step runs even when an
 # earlier one fails; each step's status and numbers go to summary.md (a Markdown table for
 # bench/RESULTS.md) in one results folder, at most 8 files.
 #
@@ -82,6 +83,10 @@ would run, each step logged, failures recorded and the next step run:
                            (again with --precision fp32 if bf16 fails)
   6 model from memory:     torchrun --nproc_per_node=1 bench/gpu_model_from_memory.py --precision bf16 --length 1000 ${TRAIN_ARGS[*]}
   7 NCCL, 2 processes:     torchrun --nproc_per_node=2 -m himae_dist.train ... --steps 20   (needs 2 GPUs; $NGPU visible)
+  9 compiled from tars:    torchrun --nproc_per_node=1 -m himae_dist.train ... --precision bf16 --compile true
+ 10 per-step profile:      torchrun --nproc_per_node=1 bench/gpu_step_profile.py --data $SCRATCH/shards [--compile]
+                           (syncs per step under set_sync_debug_mode, device kernels per step from torch.profiler)
+  8 kill + resume:         --deterministic, final weights bitwise equal to an uninterrupted run
   -> $RES/summary.md (Markdown table for bench/RESULTS.md) and logs
 EOF
   [ "$fail" = 0 ] && echo "dry run: everything imports" || echo "dry run: FAILED imports above"
@@ -159,17 +164,32 @@ for prec in bf16 fp32; do
 done
 
 # 7: two processes over NCCL (one GPU each: NCCL refuses two ranks on one GPU)
-L7="$RES/nccl_2proc.log"
+L7="$RES/train_e2e.log"  # one log for every trainer run: the device tool returns at most 8 files
 if [ "$NGPU" -lt 2 ]; then
-  echo "skipped: $NGPU GPU(s) visible; NCCL needs one GPU per rank" >"$L7"
+  echo "skipped: $NGPU GPU(s) visible; NCCL needs one GPU per rank" >>"$L7"
   row "2-process NCCL run" skipped "$NGPU GPU visible, needs 2" "$L7"
 elif [ "$data_ok" = 1 ] && run_logged "$L7" trun 2 -m himae_dist.train --data "$SCRATCH/shards" \
        --out "$SCRATCH/run_nccl" --steps 20 "${TRAIN_ARGS[@]}"; then
   row "2-process NCCL run" pass "$(grep -o 'world=2 device=cuda' "$L7" | head -1); $(seg_per_s "$SCRATCH/run_nccl/metrics.jsonl" $((2 * MB))) segments/s" "$L7"
 else row "2-process NCCL run" FAIL "$(first_error "$L7")" "$L7"; fi
 
+# 9-10: --compile (inductor) from the same tars; syncs and kernel launches per steady-state step, eager and compiled
+L9="$RES/train_e2e.log"
+if [ "$data_ok" = 1 ]; then
+  rm -rf "$SCRATCH/run_compiled"
+  if run_logged "$L9" trun 1 -m himae_dist.train --data "$SCRATCH/shards" --out "$SCRATCH/run_compiled" \
+       --precision bf16 --steps "$STEPS" --compile true "${TRAIN_ARGS[@]}"; then
+    row "trainer bf16 --compile, 1 GPU, local tars" pass "$(seg_per_s "$SCRATCH/run_compiled/metrics.jsonl" "$MB") segments/s (eager: row 5)" "$L9"
+  else row "trainer bf16 --compile, 1 GPU, local tars" FAIL "$(first_error "$L9")" "$L9"; fi
+  for c in "" --compile; do
+    if run_logged "$L9" trun 1 bench/gpu_step_profile.py --data "$SCRATCH/shards" --micro-batch "$MB" --precision bf16 $c; then
+      row "per step, bf16 ${c:-eager}" pass "$(grep '^{"compile"' "$L9" | tail -1 | tr -d '{}"')" "$L9"
+    else row "per step, bf16 ${c:-eager}" FAIL "$(first_error "$L9")" "$L9"; fi
+  done
+fi
+
 # 8: kill-and-resume under --deterministic on the GPU: final weights bitwise equal to an uninterrupted run
-L8="$RES/deterministic_resume.log"
+L8="$RES/train_e2e.log"
 if [ "$data_ok" = 1 ]; then
   DARGS=(--data "$SCRATCH/shards" --steps 30 --save-every 10 --deterministic true "${TRAIN_ARGS[@]}")
   rm -rf "$SCRATCH/det_clean" "$SCRATCH/det_killed"

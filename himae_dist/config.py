@@ -57,9 +57,12 @@ class TrainConfig:
     ds_config: str | None = None  # JSON file merged over the generated DeepSpeed config
     keep_checkpoints: int = 3  # complete checkpoints kept in --out/checkpoints (older ones deleted)
     allow_schedule_change: bool = False  # resume even if --steps/lr/warmup/batch differ from the checkpoint's
-    on_nonfinite: str = "abort"  # a batch with NaN/inf: abort naming shard and keys, or skip it (counted, logged)
+    on_nonfinite: str = "abort"  # samples with NaN/inf (dropped on the device): abort naming shard and keys, or skip them (counted)
     collective_timeout_s: int = 300  # a collective waiting longer (stalled/dead rank) is an error
     deterministic: bool = False  # deterministic cuDNN/cuBLAS kernels: bitwise resume on GPUs too (CPU always)
+    compile: bool = False  # torch.compile the model (forward and backward; the fused loss stays a Triton kernel)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: graph capture without code generation)
+    tf32: bool = True  # TF32 for fp32 convolutions and matmuls on Ampere+ GPUs (bf16 runs do not use it)
 
     def validate(self) -> None:
         def bad(name: str, want: str) -> None:
@@ -82,6 +85,8 @@ class TrainConfig:
             bad("loss_impl", "one of auto, reference, fused")
         if self.on_nonfinite not in ("abort", "skip"):
             bad("on_nonfinite", "abort or skip")
+        if self.compile_backend not in ("inductor", "aot_eager", "eager", "cudagraphs"):
+            bad("compile_backend", "one of inductor, aot_eager, eager, cudagraphs")
         if self.keep_checkpoints < 1 or self.collective_timeout_s < 1:
             bad("keep_checkpoints" if self.keep_checkpoints < 1 else "collective_timeout_s", "an integer >= 1")
         if self.wandb not in ("off", "offline", "online"):
@@ -178,9 +183,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         # DeepSpeed's throughput timer synchronises the device in forward() and step() (on a GPU, a
         # cudaDeviceSynchronize twice per micro-step); the trainer measures throughput itself
         "timers": {"throughput": {"enabled": False}},
+        # always written: DeepSpeed's default is 1.0, which would clip (and add an all-reduce per step)
+        # where --grad-clip 0 means off, as in the seed's recipe
+        "gradient_clipping": cfg.grad_clip,
     }
-    if cfg.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.grad_clip
     if cfg.ds_config:
         try:
             with open(cfg.ds_config) as fh:
@@ -227,7 +233,7 @@ def lr_lambda(cfg: TrainConfig):
 
 def schedule_params(cfg: TrainConfig, world_size: int, precision: str | None = None,
                     loss_impl: str | None = None) -> dict:
-    """What a checkpoint records of the run; a resume with other values is no longer exact (`resume_refusal`).
+    """What a checkpoint records of the run; a resume with other values is no longer exact (`checkpointer.resume_refusal`).
 
     `precision` (bf16/fp32) and `loss_impl` (fused/reference) are what "auto" resolved to on this
     hardware, so the same flags on other hardware count as a change, and an explicit value equal
@@ -238,33 +244,6 @@ def schedule_params(cfg: TrainConfig, world_size: int, precision: str | None = N
             "seed": cfg.seed, "mask_ratio": cfg.mask_ratio, "patch_size": cfg.patch_size,
             "grad_clip": cfg.grad_clip, "precision": precision or cfg.precision, "loss_impl": loss_impl or cfg.loss_impl,
             "in_chans": cfg.in_chans, "channels": list(cfg.channels), "zero_stage": cfg.zero_stage}
-
-
-_FIXED = ("in_chans", "channels", "zero_stage")  # the checkpoint's files cannot be loaded otherwise
-
-
-def resume_refusal(saved: dict, now: dict, allow_change: bool) -> tuple[dict, str | None]:
-    """(changed values {key: (saved, now)}, why the resume is refused or None).
-
-    Keys a checkpoint does not record (an older run state) are not compared. The model shape and
-    ZeRO stage never change on resume, nor the world size under ZeRO (its optimizer partitions
-    are per rank); everything else may with --allow-schedule-change.
-    """
-    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and _plain(saved[k]) != _plain(v)}
-    fixed = {k: changed[k] for k in _FIXED if k in changed}
-    if now["zero_stage"] > 0 and "world_size" in changed:
-        fixed["world_size"] = changed["world_size"]
-    if fixed:
-        return changed, (f"cannot resume with {fixed} (saved, now): the model shape and ZeRO stage are fixed for a run, "
-                         f"and so is the world size under ZeRO (optimizer partitions per rank); start a fresh --out")
-    if changed and not allow_change:
-        return changed, (f"trained with a different schedule (saved, now): {changed}; resume with the same flags, "
-                         f"or pass --allow-schedule-change")
-    return changed, None
-
-
-def _plain(v):
-    return list(v) if isinstance(v, tuple) else v
 
 
 def _merge(base: dict, over: dict) -> None:

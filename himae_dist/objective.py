@@ -36,8 +36,10 @@ class ReferenceObjective:
         x_masked, mask = mask_input(x, self.patch_size, self.ratio, gen)  # mask [B, 1, L]
         return x_masked.to(out_dtype or x.dtype), mask
 
-    def loss(self, recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_mse(recon, x, mask)
+    def loss(self, recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+             keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked MSE over the kept samples (keep [B] bool; all when None); 0 when none is kept."""
+        return masked_mse(recon, x, mask if keep is None else mask * keep[:, None, None])
 
 
 class FusedObjective:
@@ -61,8 +63,14 @@ class FusedObjective:
         seed = mask_seed(self.base_seed, step)
         return self.k.fused_patch_mask(x, self.patch_size, self.ratio, seed, offset, out_dtype=out_dtype)
 
-    def loss(self, logits: torch.Tensor, x: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
-        return self.k.fused_masked_mse(logits, x, pmask, self.patch_size, self.ratio, apply_tanh=True)
+    def loss(self, logits: torch.Tensor, x: torch.Tensor, pmask: torch.Tensor,
+             keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked MSE over the kept samples (keep [B] bool; all when None); 0 when none is kept."""
+        if keep is None:
+            return self.k.fused_masked_mse(logits, x, pmask, self.patch_size, self.ratio, apply_tanh=True)
+        # the kernel divides by all B rows' masked samples: rescale to the kept rows' (device-side, exact 1.0 if all)
+        loss = self.k.fused_masked_mse(logits, x, pmask * keep[:, None], self.patch_size, self.ratio, apply_tanh=True)
+        return loss * (len(keep) / keep.sum().clamp_min(1))
 
 
 def make_objective(

@@ -7,6 +7,7 @@ and the PNGs; every rank returns the same records.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
@@ -14,6 +15,51 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class LogWindow:
+    """What accumulates between log steps, per rank, on the device; kept in checkpoints so a resumed log is exact."""
+
+    loss_sum: torch.Tensor  # device scalar: no host sync per micro-step
+    val_sum: torch.Tensor  # the latest validation, read at the next log step
+    grad_norm: torch.Tensor  # the log step's update's (device scalar)
+    loss_n: int = 0
+    val_n: int = 0
+    last_logged: int = 0
+    lr: float = 0.0  # the log step's update's (host)
+
+    @classmethod
+    def new(cls, device: torch.device, start: int, saved: dict | None = None) -> "LogWindow":
+        saved = saved or {}
+        t = lambda v: torch.tensor(float(v), dtype=torch.float32, device=device)  # noqa: E731
+        return cls(t(saved.get("loss_sum", 0.0)), t(saved.get("val_sum", 0.0)), torch.zeros((), device=device),
+                   saved.get("loss_n", 0), saved.get("val_n", 0), saved.get("last_logged", start))
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.loss_n += 1
+
+    def reset(self, step: int) -> None:
+        self.loss_sum.zero_()
+        self.loss_n, self.val_n, self.last_logged = 0, 0, step
+
+    def to_dict(self) -> dict:  # host copies: only at saves, which sync anyway
+        return {"loss_sum": float(self.loss_sum), "loss_n": self.loss_n, "val_sum": float(self.val_sum),
+                "val_n": self.val_n, "last_logged": self.last_logged}
+
+
+def read_log_step(win: LogWindow, nonfinite: torch.Tensor, flags: list[float]) -> tuple[list[float], float]:
+    """Collective: sums over ranks of (loss, val loss, grad norm, non-finite samples, *flags), and this
+    rank's non-finite count: one all-reduce and one device-to-host copy, the log step's only sync."""
+    device = win.loss_sum.device
+    stats = torch.cat([torch.stack([win.loss_sum, win.val_sum, win.grad_norm, nonfinite]).double(),
+                       torch.tensor(flags, dtype=torch.float64).to(device)])
+    dist.all_reduce(stats)
+    host = torch.cat([stats, nonfinite.double().reshape(1)]).cpu()  # the one device->host copy
+    values = host.tolist()
+    return values[:-1], values[-1]
 
 
 class TrainLog:
@@ -26,6 +72,7 @@ class TrainLog:
                         desc="himae-train", dynamic_ncols=True)
         self.wandb = _wandb(cfg) if rank == 0 else None
         self._t, self._wait, self._steps = time.perf_counter(), 0.0, 0
+        self._t0 = self._t
 
     def waited(self, seconds: float) -> None:
         """Time spent blocked on the data loader (host clock)."""
@@ -36,8 +83,8 @@ class TrainLog:
         self.bar.update(1)
 
     def record(self, step: int, loss: float, lr: float, val_loss: float | None, grad_norm: float | None,
-               skipped: int = 0, lost: dict | None = None) -> dict:
-        """One log step's record; `lr` is the last update's, `skipped` the non-finite batches skipped so far and
+               nonfinite: int = 0, lost: dict | None = None) -> dict:
+        """One log step's record; `lr` is the last update's, `nonfinite` the non-finite samples dropped so far and
         `lost` the failed shard reads, all reads and the segments lost so far (all ranks, cumulative)."""
         now = time.perf_counter()
         dt = max(now - self._t, 1e-9)
@@ -46,9 +93,10 @@ class TrainLog:
             rec["val_loss"] = val_loss
         if grad_norm is not None and math.isfinite(grad_norm):
             rec["grad_norm"] = grad_norm
-        rec["skipped_batches"] = skipped
+        rec["nonfinite_samples"] = nonfinite
         rec.update(lost or {})
         rec["segments_per_s"] = round(self._steps * self.segments_per_step / dt, 1)  # all ranks
+        rec["elapsed_s"] = round(now - self._t0, 3)  # since this attempt's first step was set up
         rec["data_wait_frac"] = round(self._wait / dt, 4)
         rec["peak_mem_mb"] = round(_peak_mem_mb(self.device), 1)
         self._t, self._wait, self._steps = now, 0.0, 0

@@ -1,6 +1,6 @@
 """Masked MSE on the manifest's held-out patient split: the same batches and masks at every validation.
 
-Each rank caches `--val-batches` batches of its share of the val stream once (host memory), so
+Each rank caches `--val-batches` batches of its share of the val stream once (device memory), so
 every rank runs the same number of forward passes and the values are comparable over the run.
 The model is evaluated in eval mode after BatchNorm statistics are pooled across ranks, i.e. as
 the exported weights would be. The result stays on the device; the trainer reads it with the
@@ -44,7 +44,7 @@ class Validator:
                     raise NonFiniteError(f"{what}: 100 val batches in a row had NaN/inf; the val split is broken")
                 print(f"[himae-train] warning: skipped a val batch ({what})", file=sys.stderr, flush=True)
                 b = next(it)
-            self.batches.append(b["signal"])  # [B, C, L] host, stored dtype
+            self.batches.append(b["signal"].to(device))  # [B, C, L] stored dtype, kept on the device
 
     @property
     def enabled(self) -> bool:
@@ -57,11 +57,11 @@ class Validator:
         model.eval()
         total = torch.zeros((), device=self.device)
         for i, sig in enumerate(self.batches):
-            x = sig.to(self.device, non_blocking=True).float()
-            x_masked, mask = self.objective.mask(x, _VAL_STEP, i, torch.bfloat16 if self.bf16 else None)
-            with autocast(self.device, self.bf16):
-                recon = model(x_masked, apply_tanh=self.objective.apply_tanh)
-            total += self.objective.loss(recon.float(), x, mask)
+            x = sig  # [B, C, L], stored dtype, on the device
+            x_masked, mask = self.objective.mask(x, _VAL_STEP, i, torch.bfloat16 if self.bf16 else torch.float32)
+            with autocast(self.device, self.bf16):  # eager forward: under --compile, eval mode would add a graph
+                recon = model.forward(x_masked, apply_tanh=self.objective.apply_tanh)
+            total += self.objective.loss(recon, x, mask)
             if plot is not None and i == 0:  # a host copy: only at plot steps, rank 0
                 from himae_dist.train_log import plot_reconstructions
 

@@ -2,7 +2,7 @@
 
 Every sample gets exactly `int(ratio * n_patches)` masked patches, chosen uniformly at random;
 masked samples are zeroed in the input; the loss is the squared error over masked samples
-only, sum((x_hat - x)^2 * m) / sum(m), with m broadcast over channels. A fused kernel must
+only, sum((x_hat - x)^2 * m) / max(sum(m), 1), with m broadcast over channels. A fused kernel must
 match these functions; they stay here as the ground truth its tests compare against.
 """
 
@@ -72,5 +72,6 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     m = mask.expand_as(pred).to(torch.float32)
     sq = (pred.to(torch.float32) - target.to(torch.float32)).pow(2)
-    # No host sync here: an all-zero mask cannot occur (check_masking_args guarantees k >= 1).
-    return (sq * m).sum() / m.sum()
+    # No host sync here. check_masking_args guarantees k >= 1 per sample; an all-zero mask (every
+    # sample dropped by the trainer's non-finite guard) gives 0, not NaN.
+    return (sq * m).sum() / m.sum().clamp_min(1.0)

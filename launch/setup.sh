@@ -16,7 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0"
 fi
 torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__)")
-floor=2.1  # as in pyproject.toml: the oldest torch whose APIs the code uses
+floor=2.4  # as in pyproject.toml: the oldest torch whose APIs the code uses
 if ! .venv/bin/python -c "import sys, torch; v = lambda s: tuple(int(x) for x in s.split('+')[0].split('.')[:2]); sys.exit(v(torch.__version__) < v('$floor'))"; then
   echo "[setup] error: the installed torch $torch_version is older than himae-dist's floor torch>=$floor; upgrade it (keep your CUDA build: pip install 'torch>=$floor' --index-url <your CUDA wheel index>) and run this again" >&2
   exit 2

@@ -19,6 +19,16 @@ def test_seed_recipe_becomes_the_deepspeed_config():
     assert ds["train_batch_size"] == 32 * 2 * 4
     assert "bf16" not in ds and "fp16" not in ds  # fp32 engine: bf16 is the trainer's autocast
     assert "optimizer" not in ds and "scheduler" not in ds  # the trainer builds AdamW and the schedule
+    assert ds["gradient_clipping"] == 0.0  # the seed does not clip; DeepSpeed's own default (1.0) would
+
+
+def test_the_engine_does_not_clip_unless_asked(tmp_path):
+    """DeepSpeed's default gradient_clipping is 1.0: the engine as built must say 0 (off) unless --grad-clip."""
+    from deepspeed.runtime.config import get_gradient_clipping
+
+    for argv, want in (([], 0.0), (["--grad-clip", "0.5"], 0.5)):
+        ds = deepspeed_config(parse_config(["--data", "d", *argv]), world_size=1)
+        assert get_gradient_clipping(ds) == want  # what the engine reads
 
 
 def test_schedule_warms_up_decays_and_never_gives_lr_zero():
@@ -88,7 +98,8 @@ def test_unknown_config_key_is_named(tmp_path):
 
 
 def test_resume_refusals_name_what_changed():
-    from himae_dist.config import resume_refusal, schedule_params
+    from himae_dist.checkpointer import resume_refusal
+    from himae_dist.config import schedule_params
 
     def sched(*argv, world=2):
         return schedule_params(parse_config(["--data", "d", *argv]), world)
@@ -110,6 +121,8 @@ def test_resume_refusals_name_what_changed():
                              (("--zero-stage", "1", "--channels", "8,16"), 2, "channels")):
         changed, why = resume_refusal(saved, sched(*argv, world=world), True)  # refused even when allowed
         assert f"'{key}'" in why and "start a fresh --out" in why, (key, why)
+        # a run from before ZeRO 0 became the default names the way to resume it
+        assert ("--zero-stage 1" in why and "ZERO_STAGE=1" in why) == (key == "zero_stage"), why
     stage0 = sched()  # ZeRO 0 keeps no per-rank optimizer partitions: another world size is allowed
     assert resume_refusal(stage0, sched(world=3), True)[1] is None
     old = {k: v for k, v in stage0.items() if k not in ("precision", "channels")}  # an older run state

@@ -63,67 +63,95 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from himae_dist.config import parse_config
 from himae_dist.train import train
 
-class Rec(TorchDispatchMode):
-    def __init__(self):
-        super().__init__(); self.sites = []
+def where():
+    '''Where a host read happens: None for the loader's host tensors (before the copy to the device),
+    "save" inside a save (which syncs anyway), else (in the step loop) "log" inside the log step's read, or the frames.'''
+    stack = traceback.extract_stack()[:-2]
+    if any("/torch/utils/data/" in f.filename or "/streaming.py" in f.filename or f.name == "next_batch"
+           for f in stack):
+        return None
+    names = {f.name for f in stack}
+    if "train" not in names or names & {"_session", "_start"}:  # the start (engine, resume, loader): once
+        return None
+    if names & {"save", "finish"}:
+        return "save"
+    if "read_log_step" in names:
+        return "log"
+    return " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.name}" for f in reversed(stack[-6:]))
+
+reads = []
+class Rec(TorchDispatchMode):  # .item(), float(t), int(t), bool(t), `if t:` of any tensor
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket.__name__ in ("_local_scalar_dense", "is_nonzero", "item"):
-            site = None
-            for f in reversed(traceback.extract_stack()[:-1]):  # innermost first
-                if "/deepspeed/" in f.filename:
-                    break  # DeepSpeed's own step: not the trainer's code
-                if "/himae_dist/" in f.filename or "/kernels/" in f.filename:
-                    site = f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.line}"
-                    break
-            if site:
-                self.sites.append(site)
+            w = where()
+            if w:
+                reads.append((str(func.overloadpacket.__name__), w))
         return func(*args, **(kwargs or {}))
 
+def counted(name, real, only=None):  # Python-level copies to the host: .cpu(), .tolist(), .numpy(), .to("cpu")
+    def wrapper(self, *a, **k):
+        if only is None or only(a, k):
+            w = where()
+            if w:
+                reads.append((name, w))
+        return real(self, *a, **k)
+    return wrapper
+
+def to_cpu(a, k):  # .to(X) where the code names the host (on CPU, every device is named "cpu")
+    line = traceback.extract_stack()[-3].line or ""
+    return "cpu" in line and "device_name" not in line and any(str(v) == "cpu" for v in (*a, *k.values()))
+for name, only in (("cpu", None), ("tolist", None), ("numpy", None), ("to", to_cpu)):
+    setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name), only))
+
 # Every device synchronize DeepSpeed or the trainer asks for (a cudaDeviceSynchronize on a GPU; a no-op
-# counted here on CPU), DeepSpeed's own frames included; those under a save (which syncs anyway) aside.
+# counted here on CPU), DeepSpeed's own frames included.
 from deepspeed.accelerator import get_accelerator
 acc, syncs = get_accelerator(), []
 real_sync = acc.synchronize
 def counted_sync(*a, **k):
-    stack = traceback.extract_stack()[:-1]
-    if not any(f.name in ("save", "_save") and f.filename.endswith("train.py") for f in stack):
-        syncs.append(" <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in reversed(stack[-4:])))
+    w = where()
+    if w and w != "save":
+        syncs.append(w)
     return real_sync(*a, **k)
 acc.synchronize = counted_sync
 
 cfg = parse_config(sys.argv[1:])
-with Rec() as rec:
+with Rec():
     train(cfg)
-print("SITES " + json.dumps(rec.sites))
+print("READS " + json.dumps(reads))
 print("SYNCS " + json.dumps(syncs))
 """
 
 
-def test_trainer_reads_the_loss_once_per_log_step(tiny_shards, tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_trainer_reads_the_device_once_per_log_step(tiny_shards, tmp_path, zero_stage):
+    """Host reads of tensors (item/float/bool, .cpu/.tolist/.numpy/.to("cpu")) and device synchronizes over
+    real engine steps, DeepSpeed's and torch's own frames included."""
     port = free_port()
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # 4 steps x 3 micro-steps, logged and validated at steps 2 and 4
+    # 4 steps x 3 micro-steps, logged and validated at steps 2 and 4, saved at step 3 (off the log step) and 4
     args = ["--data", str(tiny_shards), "--out", str(tmp_path / "run"), "--num-workers", "0", "--steps", "4",
             "--grad-accum", "3", "--micro-batch", "8", "--log-every", "2", "--shuffle-shards", "2",
-            "--loss-impl", "reference", "--val-every", "2", "--val-batches", "1"]
+            "--loss-impl", "reference", "--val-every", "2", "--val-batches", "1", "--save-every", "3",
+            "--zero-stage", str(zero_stage)]
     proc = subprocess.run([sys.executable, "-c", _TRAIN_UNDER_RECORDER, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("SITES ")]
-    sites = json.loads(line[len("SITES "):])
-    # the loader's set-up and fetch work on host tensors before the copy to the device: not a GPU sync
-    in_loop = [s for s in sites if any(f in s for f in ("train.py", "kernels/", "objective.py", "validation.py",
-                                                        "train_log.py"))
-               and "next(batches)" not in s and "iter(loader)" not in s
-               and '{"loss_sum": float(self.loss_sum)' not in s]  # the log window kept in a checkpoint: at saves
-    # per log step: loss, val loss, grad norm, skipped batches, stop and save-due flags, failed and all shard
-    # reads, lost segments: nine host reads of the one copy `host = stats.cpu()`; none per micro-step
-    assert len(in_loop) == 2 * 9, in_loop
-    assert all("(float(v) for v in host)" in s for s in in_loop), in_loop
-    # DeepSpeed asks for no device sync outside saves at ZeRO 0: its throughput timer (two per
-    # micro-step by default) is off in the config the trainer builds
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("READS ")]
+    reads = json.loads(line[len("READS "):])
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("SYNCS ")]
-    assert json.loads(line[len("SYNCS "):]) == []
+    syncs = json.loads(line[len("SYNCS "):])
+    # the log step: one copy of the all-reduced values to the host, then a list of that host copy
+    log = [r[0] for r in reads if r[1] == "log"]
+    assert log == ["cpu", "tolist"] * 2, [r for r in reads if r[1] != "save"]
+    elsewhere = [r for r in reads if r[1] not in ("log", "save")]
+    if zero_stage == 0:
+        assert elsewhere == [], elsewhere  # nothing per micro-step or per step, in any frame
+        # DeepSpeed's throughput timer (two synchronizes per micro-step by default) is off in the config
+        assert syncs == [], syncs
+    else:  # ZeRO's price, documented in the README: DeepSpeed checks the gradient norm on the host every step
+        kinds = sorted({(r[0], r[1].split(" <- ")[0]) for r in elsewhere})
+        assert len(elsewhere) == 4 and all("stage_1_and_2.py" in r[1] for r in elsewhere), kinds
     hist = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [2, 4] and all(h["loss"] > 0 and h["val_loss"] > 0 for h in hist)

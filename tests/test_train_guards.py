@@ -1,4 +1,4 @@
-"""Guard rails on real 2-rank runs: a NaN in the data aborts naming shard and key, or is skipped."""
+"""Guard rails on real 2-rank runs: a NaN in the data aborts naming shard and key, or is dropped (counted)."""
 
 import json
 import shutil
@@ -29,32 +29,37 @@ def nan_shards(tiny_shards, tmp_path_factory):
 
 
 def test_nan_batch_aborts_naming_shard_and_key(nan_shards, tmp_path):
-    proc = _run_trainer(nan_shards, tmp_path / "abort", ARGS)
+    # a save at step 2, between log steps: the samples dropped since the last read are settled first
+    proc = _run_trainer(nan_shards, tmp_path / "abort", (*ARGS, "--save-every", "2"))
     assert proc.returncode != 0
-    assert "sample(s) with NaN/inf, shard(s) ['train/shard-" in proc.stderr, proc.stderr[-3000:]
+    assert "steps 1..2: rank " in proc.stderr and "sample(s) with NaN/inf, shard(s) ['train/shard-" in proc.stderr, \
+        proc.stderr[-3000:]
     assert "key(s) ['" in proc.stderr and "--on-nonfinite skip" in proc.stderr
-    assert not (tmp_path / "abort" / "himae_final.pt").exists()
+    assert not (tmp_path / "abort" / "himae_final.pt").exists() and not (tmp_path / "abort" / "weights").exists()
+    assert not list((tmp_path / "abort").glob("checkpoints/step*/himae_run_state.pt"))
     proc = _run_trainer(nan_shards, tmp_path / "abort_val", (*ARGS, "--val-every", "3", "--val-batches", "2"))
     assert proc.returncode != 0  # the val batches are read at start, before the first step
     assert "validation: " in proc.stderr and "sample(s) with NaN/inf, shard(s) ['val/shard-" in proc.stderr, \
         proc.stderr[-3000:]
 
 
-def test_nan_batch_is_skipped_with_a_warning_and_training_stays_finite(nan_shards, tmp_path):
+def test_nan_samples_are_dropped_with_a_warning_and_training_stays_finite(nan_shards, tmp_path):
     proc = _run_trainer(nan_shards, tmp_path / "skip", (*ARGS, "--on-nonfinite", "skip", "--val-every", "3",
                                                         "--val-batches", "2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "warning: skipped batch 1 of this rank" in proc.stderr and "warning: skipped a val batch" in proc.stderr
+    assert "warning: dropped " in proc.stderr and "non-finite sample(s) (steps 1..3: rank " in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "warning: skipped a val batch" in proc.stderr
     assert "wrote" in proc.stdout  # final weights were checked finite before writing
     hist = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
-    counts = [h["skipped_batches"] for h in hist]  # all ranks, since step 0
+    counts = [h["nonfinite_samples"] for h in hist]  # all ranks, since step 0
     assert counts[0] >= 2 and counts == sorted(counts), counts  # every rank met a NaN block in its first shard
     assert [h["step"] for h in hist if "val_loss" in h] == [3, 6] and all(0 < h["val_loss"] < 1 for h in hist[:2])
-    # resumed on 1 rank: the count goes on from all ranks' total, and the per-rank skip limit stays per rank
+    # resumed on 1 rank: the count goes on from all ranks' total
     proc = _run_trainer(nan_shards, tmp_path / "skip", (*ARGS, "--on-nonfinite", "skip", "--steps", "9",
                                                         "--allow-schedule-change", "true"), nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    more = [json.loads(line)["skipped_batches"] for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    more = [json.loads(line)["nonfinite_samples"] for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert len(more) == 3 and more[:2] == counts and more[2] > counts[-1], (counts, more)
 
 

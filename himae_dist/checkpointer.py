@@ -1,0 +1,197 @@
+"""Checkpointing as one component: which checkpoint to resume, the resume rules, saves, exported
+weights, pruning (as torchtitan's CheckpointManager: the training loop only calls `resume`,
+`save` and `finish`).
+
+Files under --out: `checkpoints/stepNNNNNNN/` (DeepSpeed's files + `himae_run_state.pt`, every
+rank's loader, RNG and log state; `run_state` says why), `weights/step_NNNNNNN.pt` and
+`himae_final.pt` (plain fp32 weights, pooled BatchNorm statistics), `config.json` and
+`ds_config.json` (as used), optionally mirrored to --export-url.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from data_prep.atomic_write import atomic_path
+from data_prep.storage import StorageError
+from himae_dist import run_state, weights_export
+from himae_dist.bn_sync import digest as bn_digest
+from himae_dist.bn_sync import restore_batchnorm_stats, sync_batchnorm_stats
+from himae_dist.checkpoint import save_weights
+from himae_dist.config import TrainConfig, lr_lambda, resolved
+from himae_dist.guards import check_weights_finite
+
+_FIXED = ("in_chans", "channels", "zero_stage")  # the checkpoint's files cannot be loaded otherwise
+
+
+def resume_refusal(saved: dict, now: dict, allow_change: bool) -> tuple[dict, str | None]:
+    """(changed values {key: (saved, now)}, why the resume is refused or None).
+
+    Keys a checkpoint does not record (an older run state) are not compared. The model shape and
+    ZeRO stage never change on resume, nor the world size under ZeRO (its optimizer partitions
+    are per rank); everything else may with --allow-schedule-change.
+    """
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and _plain(saved[k]) != _plain(v)}
+    fixed = {k: changed[k] for k in _FIXED if k in changed}
+    if now["zero_stage"] > 0 and "world_size" in changed:
+        fixed["world_size"] = changed["world_size"]
+    if fixed:
+        hint = ""
+        if "zero_stage" in fixed:
+            hint = f" (or resume it with --zero-stage {fixed['zero_stage'][0]}; in the launch scripts, ZERO_STAGE=" \
+                   f"{fixed['zero_stage'][0]})"
+        return changed, (f"cannot resume with {fixed} (saved, now): the model shape and ZeRO stage are fixed for a run, "
+                         f"and so is the world size under ZeRO (optimizer partitions per rank); start a fresh --out"
+                         f"{hint}")
+    if changed and not allow_change:
+        return changed, (f"trained with a different schedule (saved, now): {changed}; resume with the same flags, "
+                         f"or pass --allow-schedule-change")
+    return changed, None
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+@dataclasses.dataclass
+class Resumed:
+    """Where this rank goes on from: the step, and its saved stream, log window and guard counts."""
+
+    start: int = 0
+    loader: dict | None = None  # this rank's LoaderState, or None for a new stream
+    stream_seed: int = 0
+    window: dict | None = None
+    nonfinite: float = 0.0  # this rank's dropped non-finite samples so far
+    nonfinite_all: float = 0.0  # every rank's, summed
+
+
+class Checkpointer:
+    """Resume and save a run; every method is collective unless it says otherwise."""
+
+    def __init__(self, engine, optimizer, scheduler, cfg: TrainConfig, out: Path, rank: int, world: int,
+                 schedule: dict, extra: dict, ds_config: dict):
+        self.ds_config = ds_config  # as used
+        self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
+        self.cfg, self.out, self.rank, self.world = cfg, out, rank, world
+        self.schedule, self.extra = schedule, extra  # what a checkpoint records; what exported weights carry
+        self.dir = out / "checkpoints"
+        self.exporter = (weights_export.Exporter(out, cfg.export_url, cfg.storage_options)
+                         if cfg.export_url and rank == 0 else None)
+
+    def check_export(self) -> str | None:
+        """Rank 0, at start: why --export-url cannot be written, or None (bounded well below a collective's timeout)."""
+        if self.exporter is None:
+            return None
+        try:
+            self.exporter.check(timeout_s=self.cfg.collective_timeout_s / 3)
+        except Exception as e:  # noqa: BLE001 (named, on every rank)
+            return f"--export-url={self.cfg.export_url}: cannot write there: {type(e).__name__}: {e}"
+        return None
+
+    def resume(self) -> Resumed:
+        """Load rank 0's newest complete checkpoint (if any) and this rank's run state; then write
+        config.json and ds_config.json (only now that the resume checks passed)."""
+        res = self._resume()
+        if self.rank == 0:
+            with atomic_path(self.out / "config.json") as tmp:
+                tmp.write_text(resolved(self.cfg) + "\n")
+            with atomic_path(self.out / "ds_config.json") as tmp:
+                tmp.write_text(json.dumps(self.ds_config, indent=2, sort_keys=True) + "\n")
+        return res
+
+    def _resume(self) -> Resumed:
+        cfg, rank, world = self.cfg, self.rank, self.world
+        tag, saved = run_state.choose_resume(self.dir, rank)
+        if tag is None:
+            if rank == 0:  # a fresh start (or a restart before the first checkpoint): no stale records
+                run_state.truncate_metrics(self.out / "metrics.jsonl", 0)
+            return Resumed(stream_seed=cfg.seed)
+        changed, refusal = resume_refusal(saved["schedule"], self.schedule, cfg.allow_schedule_change)
+        if refusal:
+            raise ValueError(f"{self.dir / tag}: {refusal}")
+        self.engine.load_checkpoint(str(self.dir), tag=tag)
+        start = self.engine.global_steps
+        if start != saved["step"]:
+            raise ValueError(f"{self.dir / tag}: DeepSpeed step {start} != run state step {saved['step']}")
+        if changed:  # the optimizer state restored the old lr and weight decay: the new schedule from here on
+            f = lr_lambda(cfg)
+            self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+            self.scheduler.lr_lambdas = [f] * len(self.optimizer.param_groups)
+            for g in self.optimizer.param_groups:
+                g.update(lr=cfg.lr * f(start), initial_lr=cfg.lr, weight_decay=cfg.weight_decay)
+        counts = [r.get("nonfinite", 0.0) for r in saved["ranks"]]
+        res = Resumed(start=start, stream_seed=cfg.seed + start, nonfinite_all=sum(counts))  # a new stream unless...
+        if len(saved["ranks"]) == world:  # same world size: this rank's stream, RNG, log window and counts continue
+            mine = saved["ranks"][rank]
+            res.loader, res.window, res.nonfinite = mine["loader"], mine.get("window"), counts[rank]
+            res.stream_seed = mine["loader"]["seed"]
+            run_state.set_rng_state(mine["rng"])
+            restore_batchnorm_stats(self.engine.module, mine.get("bn_before_sync", {}))  # its own, as if never saved
+        else:
+            res.window, res.nonfinite = {"last_logged": start}, sum(counts) if rank == 0 else 0.0  # rank 0 carries them
+            if rank == 0:
+                print(f"[himae-train] world size {len(saved['ranks'])} -> {world}: a new data stream starts "
+                      f"(seed {res.stream_seed})", flush=True)
+        if rank == 0:
+            run_state.truncate_metrics(self.out / "metrics.jsonl", start)
+            print(f"[himae-train] resumed from {self.dir / tag} at step {start}", flush=True)
+        return res
+
+    def save(self, step: int, state: dict, final: bool = False, checkpoint: bool = True) -> None:
+        """BatchNorm sync, DeepSpeed's files, every rank's run state (`state`: loader, window, counts),
+        `latest`, exported weights, pruning; then the upload to --export-url is kicked off."""
+        engine = self.engine
+        bn_before = sync_batchnorm_stats(engine.module)  # every rank saves/exports the pooled statistics
+        if checkpoint:
+            check_weights_finite(engine.module, step)  # the same verdict on every rank: never save NaN weights
+            engine.save_checkpoint(str(self.dir), tag=run_state.tag_for(step), save_latest=False)
+            state = {**state, "bn_before_sync": bn_before, "bn_digest": bn_digest(engine.module)}  # drift, per rank
+            run_state.write_run_state(self.dir, step, state["loader"], self.schedule, self.rank,
+                                      {k: v for k, v in state.items() if k != "loader"})
+        if self.rank == 0:
+            save_weights(engine.module, self.out / "weights" / f"step_{step:07d}.pt", step, self.extra)
+            if final:
+                save_weights(engine.module, self.out / weights_export.FINAL_NAME, step, self.extra)
+                print(f"[himae-train] wrote {self.out / weights_export.FINAL_NAME} (step {step})", flush=True)
+            run_state.prune(self.dir, self.cfg.keep_checkpoints)
+        restore_batchnorm_stats(engine.module, bn_before)  # training goes on with this rank's own estimates
+        dist.barrier()  # nobody runs ahead of (or exits before) rank 0's writes
+        if self.exporter:
+            self.exporter.kick()  # uploads in the background: no rank waits on the store in a collective
+
+    def finish(self, start: int, state: Callable[[], dict]) -> None:
+        """After the last step: the final save unless this attempt trained nothing and the final
+        weights are already this step's (decided by rank 0)."""
+        need = run_state.broadcast(self._needs_final(start) if self.rank == 0 else None)
+        if need:  # nothing trained in this attempt: the checkpoint it resumed from is the final one, kept as it is
+            self.save(max(start, self.cfg.steps), state(), final=True, checkpoint=start < self.cfg.steps)
+
+    def close(self, failing_ok: bool = False) -> None:
+        """Not collective (after the last one; other ranks may exit meanwhile): the export's last upload.
+        `failing_ok`: a failure is a warning (a preempted run; a re-run syncs)."""
+        if not self.exporter:
+            return
+        try:
+            self.exporter.finish()
+        except StorageError as e:
+            if not failing_ok:
+                raise
+            print(f"[himae-train] warning: {e}", file=sys.stderr, flush=True)
+
+    def _needs_final(self, start: int) -> bool:
+        """Rank 0: steps left, or the final weights missing or from another step (a resume to more steps
+        killed before its last write). The export needs no check here: `Exporter.finish` uploads the final."""
+        final = self.out / weights_export.FINAL_NAME
+        if start < self.cfg.steps or not final.exists():
+            return True
+        try:
+            return torch.load(final, map_location="cpu", weights_only=True).get("step") != start
+        except Exception:  # noqa: BLE001 (unreadable: write it again)
+            return True

@@ -1,0 +1,42 @@
+"""Test hook, outside the step loop: HIMAE_FAULT=WHAT:RANK:STEP[,...] acts before that step of the
+first attempt (as all nodes count it; `elastic_attempt`), on that global rank.
+
+kill: SIGKILL this rank; stall: sleep until a stop is requested (the others' next collective
+waits); term: SIGTERM the torchrun agent (a preemption). Unset, the steps pass through untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Iterable
+
+from himae_dist.preemption import StopRequest
+
+
+def steps(steps: range, rank: int, attempt: int, stop: StopRequest) -> Iterable[int]:
+    spec = os.environ.get("HIMAE_FAULT")
+    if not spec or attempt != 0:
+        return steps
+    faults = {}
+    for item in spec.split(","):
+        what, r, s = item.split(":")
+        if what not in ("kill", "stall", "term"):
+            raise ValueError(f"HIMAE_FAULT={spec}: {what!r} is not kill, stall or term")
+        faults[(int(r), int(s))] = what
+    return _with_faults(steps, faults, rank, stop)
+
+
+def _with_faults(steps: range, faults: dict, rank: int, stop: StopRequest) -> Iterable[int]:
+    for step in steps:
+        what = faults.get((rank, step))
+        if what == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif what == "term":
+            os.kill(os.getppid(), signal.SIGTERM)
+        elif what == "stall":
+            deadline = time.monotonic() + 3600
+            while not stop.requested and time.monotonic() < deadline:
+                time.sleep(0.05)
+        yield step
