@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from himae_dist.train import _init_distributed, build_engine
 
     cfg = parse_config(["--data", "unused", "--out", "unused", *rest])
-    deepspeed, device = _init_distributed()
+    deepspeed, device, _ = _init_distributed()
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             x_masked, mask = objective.mask(x, s, micro, torch.bfloat16 if bf16 else None)
             with autocast(device, bf16):
                 recon = engine(x_masked, apply_tanh=objective.apply_tanh)
-            loss = objective.loss(recon.float(), x, mask)
+            loss = objective.loss(recon, x, mask)
             engine.backward(loss)
             engine.step()
         return loss

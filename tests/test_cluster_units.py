@@ -113,9 +113,12 @@ def test_deterministic_switches_the_kernels():
         set_determinism(True)
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
         assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        set_determinism(False, tf32=False)  # the default: fastest cuDNN kernels for the fixed shapes
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     finally:
         set_determinism(False)
-    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.allow_tf32
 
 
 def test_stop_request_takes_the_first_signal_and_keeps_running():
