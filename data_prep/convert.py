@@ -8,7 +8,8 @@ different machines: each reads its share of the input files, and builds its shar
 task's spill is there (so the tasks run twice); `--finalize` then verifies every shard and writes
 `manifest.json`. A single-task run does both passes and finalizes by itself.
 
-A re-run verifies finished shards (size from one listing, then sha256, or the S3 ETag's md5)
+A re-run verifies finished shards (size from one listing, then the S3 ETag its upload returned, else
+the sha256 of its bytes)
 and rebuilds only what is missing or wrong. A re-run with other options or a changed source is
 refused unless `--overwrite`: the shards on disk would silently describe other data.
 """
@@ -21,7 +22,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import sys
@@ -240,10 +240,22 @@ def _verify(out: Folder, rec: dict, listed: dict[str, dict], plan_id: str) -> st
         return "missing"
     if int(info.get("size") or 0) != rec["bytes"]:
         return f"size {info.get('size')} bytes, expected {rec['bytes']}"
-    etag = str(info.get("ETag") or "").strip('"')
-    if out.remote and re.fullmatch(r"[0-9a-f]{32}", etag):  # single-part upload: ETag is the md5
-        return None if etag == rec["md5"] else "md5 (ETag) mismatch"
-    return None if hashlib.sha256(out.read_bytes(rec["url"])).hexdigest() == rec["sha256"] else "sha256 mismatch"
+    if out.remote and shard_etag_matches(rec, info.get("ETag")):
+        return None
+    return None if hashlib.sha256(out.read_bytes(rec["url"], rec["bytes"])).hexdigest() == rec["sha256"] \
+        else "sha256 mismatch"
+
+
+def shard_etag_matches(rec: dict, listed_etag: object) -> bool:
+    """Whether the store's ETag proves the object is the one `rec` describes, without reading it.
+
+    True when it equals the ETag the shard's own PUT returned (recorded as `etag`), or, for records
+    without one, the md5 of its bytes. Any other ETag proves nothing: on SSE-KMS/SSE-C buckets a
+    single-part ETag is 32 hex digits but not the md5, and a multipart one is not an md5 at all;
+    then the caller reads the object and compares its sha256.
+    """
+    etag = str(listed_etag or "").strip('"')
+    return bool(etag) and etag in (rec.get("etag"), rec.get("md5"))
 
 
 def _verified_records(out: Folder, shards: list[tuple[str, int]], plan_id: str) -> tuple[dict, dict]:

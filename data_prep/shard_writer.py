@@ -3,7 +3,7 @@
 A shard's bytes depend only on its rows (chosen by index_plan) and the options, never on which
 worker, task or machine builds it. The tar is written to a temp file, given mode 0644 and
 renamed into place (or PUT once to S3), then a record under `_parts/` (sample count, bytes,
-sha256, md5, skips) marks it finished: a shard without a record is not trusted.
+sha256, md5, the ETag the PUT returned, skips) marks it finished: a shard without a record is not trusted.
 """
 
 from __future__ import annotations
@@ -72,13 +72,14 @@ def write_shard(split: str, index: int, rows: pd.DataFrame, segs: np.ndarray, n_
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        out.place(tmp, shard_name(split, index))
+        etag = out.place(tmp, shard_name(split, index))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     record = {
         "split": split, "index": index, "url": shard_name(split, index), "n_samples": int(len(y)),
         "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest(),
+        "etag": etag,  # what the store's listing will report for these bytes (not always their md5)
         "n_rows": int(n_rows), "skipped": dict(policy.skipped), "noted": dict(policy.noted), "plan_id": p.plan_id,
     }
     out.write_text(part_name(split, index), json.dumps(record, sort_keys=True), p.tmp_prefix)  # last: marks it done

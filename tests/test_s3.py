@@ -364,3 +364,44 @@ def test_s3_stream_reads_ahead_one_get_per_shard_and_equals_the_local_stream(tmp
     assert not [r for r in reqs if r[0] == "HEAD" and r[1].endswith(".tar")]  # the size is the manifest's
     assert len(shard_gets) >= remote[-1]["reads"]  # every read made, some ahead of use
     assert len(shard_gets) <= remote[-1]["reads"] + 8  # ... at most prefetch_reads ahead
+
+
+@pytest.fixture
+def sse_etags(monkeypatch):
+    """The module's moto server answers like an SSE-KMS bucket: each new object's ETag is 32 random hex
+    digits (not its md5), the same in the PUT response, HEAD and listings, as AWS does."""
+    import secrets
+
+    from moto.s3.models import FakeKey
+
+    def etag(self) -> str:
+        if self._etag is None:
+            self._etag = secrets.token_hex(16)
+        return f'"{self._etag}"'
+
+    monkeypatch.setattr(FakeKey, "etag", property(etag))
+
+
+def test_sse_etags_that_are_not_md5_verify_without_rebuilding(tiny_cohort, s3, sse_etags):
+    """A re-run on an SSE bucket keeps every intact shard (the ETag its PUT returned matches), and a
+    shard replaced by other bytes of the same size is still found (new ETag -> sha256) and rebuilt."""
+    fs, opts = s3
+    index = str(tiny_cohort / "pretrain_index.csv")
+    p = ConvertParams("s3://himae-test/sse", samples_per_shard=200, storage_options=opts)
+    manifest = convert_pretrain(index, p)
+    first = manifest["splits"]["train"]["shards"][0]
+    assert fs.info(f"himae-test/sse/{first['url']}")["ETag"].strip('"') != __import__("hashlib").md5(
+        fs.cat_file(f"himae-test/sse/{first['url']}")).hexdigest()  # the store really is SSE-like
+    def etags() -> dict:  # every upload gets a new random ETag
+        fs.invalidate_cache()
+        return {x: i["ETag"] for x, i in fs.find("himae-test/sse/train", detail=True).items()}
+
+    before = etags()
+    assert convert_pretrain(index, p) == manifest
+    assert etags() == before  # none re-uploaded
+
+    victim = f"himae-test/sse/{first['url']}"
+    good = fs.cat_file(victim)
+    fs.pipe_file(victim, good[:-1] + bytes([good[-1] ^ 1]))  # same size, one bit flipped
+    assert convert_pretrain(index, p) == manifest
+    assert fs.cat_file(victim) == good
