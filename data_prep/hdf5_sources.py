@@ -72,7 +72,9 @@ def check_segment(
         policy.reject("bad_dtype", f"{w()}: segment dtype {arr.dtype} is not numeric")
         return None
     arr = arr.astype(np.float32, copy=False)
-    if not np.isfinite(arr.sum()) and not np.isfinite(arr).all():  # the sum is the cheap test; overflow falls through
+    with np.errstate(over="ignore", invalid="ignore"):  # the sum is the cheap test; overflow falls through
+        suspect = not np.isfinite(arr.sum())
+    if suspect and not np.isfinite(arr).all():
         n = int((~np.isfinite(arr)).sum())
         policy.reject("non_finite", f"{w()}: segment has {n} NaN/inf value(s)")
         return None

@@ -38,6 +38,20 @@ class WriteParams:
     tmp_prefix: str  # per task, so a task cleans only its own orphans
 
 
+def _drop_non_finite(y: np.ndarray, rows: pd.DataFrame, policy: BadSamplePolicy, where: str,
+                     pre: Preprocess) -> tuple[np.ndarray, pd.DataFrame]:
+    """Rows whose preprocessed values are NaN/inf, though their input was finite (checked when read):
+    resampling can overshoot the float32 range. Bad rows (`non_finite_output`), never written."""
+    bad = ~np.isfinite(y).all(axis=(1, 2))
+    if not bad.any():
+        return y, rows
+    for key in rows["key"].to_numpy()[bad]:
+        policy.reject("non_finite_output", f"{where}: key {key!r}: its finite input values give NaN/inf after "
+                                           f"preprocessing ({pre.describe()}); values near the float32 limit "
+                                           f"(3.4e38) overflow: scale the input down, or skip it with --on-bad skip")
+    return y[~bad], rows[~bad]
+
+
 def write_shard(split: str, index: int, rows: pd.DataFrame, segs: np.ndarray, n_rows: int, policy: BadSamplePolicy,
                 p: WriteParams) -> dict:
     """Preprocess and write one shard; returns its record.
@@ -53,6 +67,7 @@ def write_shard(split: str, index: int, rows: pd.DataFrame, segs: np.ndarray, n_
         ordered = ordered[kept]
         if (~kept).any():
             policy.skipped["constant"] += int((~kept).sum())
+        y, ordered = _drop_non_finite(y, ordered, policy, f"shard {split}/{index}", p.preprocess)
     else:
         y = np.zeros((0, p.channels, p.preprocess.output_length()), np.float32)
     if p.dtype == "float16" and len(y) and np.abs(y).max() > np.finfo(np.float16).max:
