@@ -36,7 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
-from data_prep.hdf5_sources import BadSamplePolicy, segment_shape
+from data_prep.hdf5_sources import BadSamplePolicy, segment_shape, why_unreadable
 from data_prep import external_shuffle as shuffle
 from data_prep.external_shuffle import SPLITS, ReadParams, SpillLayout, make_layout
 from data_prep.index_plan import DownstreamSource, IndexSource, find_duplicate_rows, make_plan, rows_for_files, scan
@@ -159,8 +159,9 @@ def _infer_shape(source, stats, p: ConvertParams) -> tuple[int, int, str]:
     else:
         shapes, tried = segment_shape(sample, source.kind, keys, p.storage_options), len(sample)
     if not shapes:
-        raise ValueError(f"{source.url}: none of {tried} sampled rows is readable; check the paths "
-                         f"(relative paths are resolved against the index's folder)")
+        first = sample[sample["path"] == sample["path"].value_counts(sort=True).index[0]].head(8)
+        raise ValueError(f"{source.url}: none of {tried} sampled rows is readable: "
+                         f"{why_unreadable(first, source.kind, keys, p.storage_options)}")
     if p.length is not None:
         channels = Counter({c: n for (c, _), n in shapes.items()}).most_common(1)[0][0]
         return channels, p.length, "--length"
