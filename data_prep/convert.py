@@ -16,15 +16,34 @@ refused unless `--overwrite`: the shards on disk would silently describe other d
 
 from __future__ import annotations
 
-import argparse
+import os
+import signal
+import sys
+
+
+def interrupted_line(signum: int) -> str:
+    """The one line himae-prep ends with on SIGINT/SIGTERM, whenever it comes."""
+    return (f"himae-prep: interrupted by {signal.Signals(signum).name}; shards written so far are kept (each is "
+            f"written under a temp name, then renamed); run the same command to resume")
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    """Before main() takes over (imports of numpy, pandas, h5py... take a second or more) and after it
+    hands back: nothing is being written, so end at once with the line, not a KeyboardInterrupt traceback."""
+    os.write(2, (interrupted_line(signum) + "\n").encode())
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "himae-prep":  # the CLI, not an import
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _exit_on_signal)
+
+import argparse  # noqa: E402 (the handler above comes first: these imports are the slow part of starting)
 import contextlib
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
-import signal
-import sys
 import tempfile
 import threading
 import time
@@ -692,9 +711,7 @@ def main(argv: list[str] | None = None) -> None:
         with _stop_on_signals():
             convert(a.index, a.downstream, p, finalize_only=a.finalize)
     except Interrupted as e:
-        name = signal.Signals(e.signum).name
-        print(f"himae-prep: interrupted by {name}; shards written so far are kept (each is written under a temp "
-              f"name, then renamed); run the same command to resume", file=sys.stderr, flush=True)
+        print(interrupted_line(e.signum), file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
     except BrokenProcessPool as e:
         sys.exit(f"himae-prep: error: a worker process died ({e}; killed, or out of memory?); what was finished is "
