@@ -101,8 +101,8 @@ def verify_main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     try:
         problems, summary = verify_folder(a.out, a.storage_options, a.threads)
-    except (StorageError, OSError) as e:
-        problems, summary = [str(e)], ""
+    except (StorageError, OSError, ValueError) as e:  # unreachable store, unknown protocol...: one line naming it
+        problems, summary = [f"{a.out}: {e}" if a.out not in str(e) else str(e)], ""
     for line in problems:
         print(f"himae-prep verify: {line}", file=sys.stderr)
     if summary:

@@ -405,3 +405,36 @@ def test_sse_etags_that_are_not_md5_verify_without_rebuilding(tiny_cohort, s3, s
     fs.pipe_file(victim, good[:-1] + bytes([good[-1] ^ 1]))  # same size, one bit flipped
     assert convert_pretrain(index, p) == manifest
     assert fs.cat_file(victim) == good
+
+    # `himae-prep verify` reads them back: intact, then one line naming the shard changed on S3
+    import json
+
+    with pytest.raises(SystemExit) as e:
+        prep_main(["verify", "s3://himae-test/sse", "--storage-options", json.dumps(opts)])
+    assert e.value.code == 0
+    fs.pipe_file(victim, good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(SystemExit) as e:
+        prep_main(["verify", "s3://himae-test/sse", "--storage-options", json.dumps(opts)])
+    assert e.value.code == 1
+
+
+def test_dry_run_writes_nothing_to_s3_nor_beside_a_local_out(tiny_cohort, s3, tmp_path, capsys):
+    """The plan, the timed sample and the look at --out only read: no object appears under an s3://
+    --out, and an index read from S3 is copied to a temp folder, not into a local --out's spill."""
+    import json
+
+    fs, opts = s3
+    with open(tiny_cohort / "pretrain_index.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(tmp_path / "index.csv", "w", newline="") as fh:  # absolute local paths: the HDF5 files stay here
+        w = csv.writer(fh)
+        w.writerow(["local_path", "global_idx"])
+        w.writerows((str(tiny_cohort / r["local_path"]), r["global_idx"]) for r in rows)
+    fs.put_file(str(tmp_path / "index.csv"), "himae-test/dryin/index.csv")
+    for out in ("s3://himae-test/dry", str(tmp_path / "out")):
+        prep_main(["--index", "s3://himae-test/dryin/index.csv", "--out", out, "--storage-options", json.dumps(opts),
+                   "--samples-per-shard", "100", "--dry-run"])
+        text = capsys.readouterr().out
+        assert f"input:    s3://himae-test/dryin/index.csv: {len(rows)} rows" in text
+        assert "--out:    empty: every shard would be built" in text
+    assert fs.find("himae-test/dry") == [] and not (tmp_path / "out").exists()
