@@ -71,7 +71,7 @@ class _FirstBad(BadSamplePolicy):
 
 
 def _tar(y: np.ndarray, keys: np.ndarray, block_size: int, dtype: str) -> bytes:
-    """The shard tar of rows y [n, C, L] with their keys, as the job writes it (hashed as it is)."""
+    """The shard tar of rows y [n, C, L] with their keys, as the job writes it."""
     n = len(y)
     blocks = [Block(y[s:s + block_size], keys[s:s + block_size], np.zeros(min(block_size, n - s), np.int64),
                     np.zeros(min(block_size, n - s), np.int8)) for s in range(0, n, block_size)]
@@ -158,9 +158,12 @@ def _existing(p, record: dict, n_shards: int) -> str:
     if p.overwrite:
         import json
 
-        old = json.loads(out.read_text(PLAN if out.exists(PLAN) else MANIFEST))
+        try:
+            old = json.loads(out.read_text(PLAN if out.exists(PLAN) else MANIFEST))
+        except (ValueError, UnicodeDecodeError):
+            old = {}
         if old.get("plan_id") != record["plan_id"]:
-            return "holds another conversion: --overwrite would replace it"
+            return "holds another (or an unreadable) conversion: --overwrite would replace it"
     else:
         try:
             _check_against_existing(out, record, overwrite=False)
