@@ -9,8 +9,7 @@ task's spill is there (so the tasks run twice); `--finalize` then verifies every
 `manifest.json`. A single-task run does both passes and finalizes by itself.
 
 A re-run verifies finished shards (size from one listing, then the S3 ETag its upload returned, else
-the sha256 of its bytes)
-and rebuilds only what is missing or wrong. A re-run with other options or a changed source is
+the sha256 of its bytes) and rebuilds only what is missing or wrong. A re-run with other options or a changed source is
 refused unless `--overwrite`: the shards on disk would silently describe other data.
 """
 

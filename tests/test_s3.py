@@ -1,6 +1,8 @@
 """Conversion to and streaming from S3 through s3fs, against moto's S3 server on loopback."""
 
 import csv
+import hashlib
+import json
 from collections import Counter
 
 import h5py
@@ -382,7 +384,7 @@ def sse_etags(monkeypatch):
     monkeypatch.setattr(FakeKey, "etag", property(etag))
 
 
-def test_sse_etags_that_are_not_md5_verify_without_rebuilding(tiny_cohort, s3, sse_etags):
+def test_sse_etags_that_are_not_md5_verify_without_rebuilding(tiny_cohort, s3, sse_etags, capsys):
     """A re-run on an SSE bucket keeps every intact shard (the ETag its PUT returned matches), and a
     shard replaced by other bytes of the same size is still found (new ETag -> sha256) and rebuilt."""
     fs, opts = s3
@@ -390,8 +392,9 @@ def test_sse_etags_that_are_not_md5_verify_without_rebuilding(tiny_cohort, s3, s
     p = ConvertParams("s3://himae-test/sse", samples_per_shard=200, storage_options=opts)
     manifest = convert_pretrain(index, p)
     first = manifest["splits"]["train"]["shards"][0]
-    assert fs.info(f"himae-test/sse/{first['url']}")["ETag"].strip('"') != __import__("hashlib").md5(
-        fs.cat_file(f"himae-test/sse/{first['url']}")).hexdigest()  # the store really is SSE-like
+    victim = f"himae-test/sse/{first['url']}"
+    good = fs.cat_file(victim)
+    assert fs.info(victim)["ETag"].strip('"') != hashlib.md5(good).hexdigest()  # the store really is SSE-like
     def etags() -> dict:  # every upload gets a new random ETag
         fs.invalidate_cache()
         return {x: i["ETag"] for x, i in fs.find("himae-test/sse/train", detail=True).items()}
@@ -400,15 +403,11 @@ def test_sse_etags_that_are_not_md5_verify_without_rebuilding(tiny_cohort, s3, s
     assert convert_pretrain(index, p) == manifest
     assert etags() == before  # none re-uploaded
 
-    victim = f"himae-test/sse/{first['url']}"
-    good = fs.cat_file(victim)
     fs.pipe_file(victim, good[:-1] + bytes([good[-1] ^ 1]))  # same size, one bit flipped
     assert convert_pretrain(index, p) == manifest
     assert fs.cat_file(victim) == good
 
     # `himae-prep verify` reads them back: intact, then one line naming the shard changed on S3
-    import json
-
     with pytest.raises(SystemExit) as e:
         prep_main(["verify", "s3://himae-test/sse", "--storage-options", json.dumps(opts)])
     assert e.value.code == 0
@@ -416,13 +415,14 @@ def test_sse_etags_that_are_not_md5_verify_without_rebuilding(tiny_cohort, s3, s
     with pytest.raises(SystemExit) as e:
         prep_main(["verify", "s3://himae-test/sse", "--storage-options", json.dumps(opts)])
     assert e.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"himae-prep verify: s3://himae-test/sse/{first['url']}: sha256 {hashlib.sha256(fs.cat_file(victim)).hexdigest()[:16]}"
+        f"..., the manifest says {first['sha256'][:16]}... (the bytes changed)"]
 
 
 def test_dry_run_writes_nothing_to_s3_nor_beside_a_local_out(tiny_cohort, s3, tmp_path, capsys):
     """The plan, the timed sample and the look at --out only read: no object appears under an s3://
     --out, and an index read from S3 is copied to a temp folder, not into a local --out's spill."""
-    import json
-
     fs, opts = s3
     with open(tiny_cohort / "pretrain_index.csv") as fh:
         rows = list(csv.DictReader(fh))
