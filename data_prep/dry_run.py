@@ -183,8 +183,10 @@ def dry_run(index: str | None, downstream: str | None, p) -> dict:
     p.spill_base()  # the error a real run gives for a remote --out with several tasks and no --spill-dir
     with tempfile.TemporaryDirectory(prefix="himae-prep-dry-") as tmp:
         q = dataclasses.replace(p, spill_dir=tmp)  # the plan's spill layout and a remote index's copy: here
+        started = time.perf_counter()
         source = open_source(index, downstream, q)
         prep = prepare(source, q)
+        plan_s = time.perf_counter() - started  # every task plans once, as here
         record, plan, pre = prep["record"], prep["plan"], prep["preprocess"]
         sample = time_sample(source, prep, q, tmp)
         existing = _existing(p, record, len(plan.all_shards()))
@@ -205,7 +207,7 @@ def dry_run(index: str | None, downstream: str | None, p) -> dict:
     n_files = len(prep["file_rows"])
     per_row_s = (sample.read_s + sample.spill_s + sample.write_s) / max(1, sample.rows)
     work_s = n_files * sample.fetch_s + record["n_rows"] * per_row_s
-    wall_s = work_s / (p.workers * p.num_tasks)
+    wall_s = plan_s + work_s / (p.workers * p.num_tasks)
     spill_bytes = record["n_rows"] * prep["layout"].row_bytes
     sizing = f"--samples-per-shard {sps}" if p.samples_per_shard else f"{sps} a shard from --shard-mb {p.shard_mb:g}"
     _log(f"dry run: nothing is written to {p.out}")
@@ -219,8 +221,8 @@ def dry_run(index: str | None, downstream: str | None, p) -> dict:
     print(f"  bytes:    ~{_human_bytes(total_bytes)} of shards (~{_human_bytes(full_shard)} a full shard); "
           f"~{_human_bytes(spill_bytes)} of spill between the passes")
     print(f"  time:     ~{_human_time(wall_s)} with {p.workers} worker(s) x {p.num_tasks} task(s) "
-          f"(~{_human_time(work_s)} of work), from {sample.rows} timed row(s) of {sample.file}: "
-          f"fetch+open {sample.fetch_s:.2f} s, read {sample.read_s:.2f} s, spill {sample.spill_s:.2f} s, "
+          f"(planning {plan_s:.1f} s, then ~{_human_time(work_s)} of work), from {sample.rows} timed row(s) of "
+          f"{sample.file}: fetch+open {sample.fetch_s:.2f} s, read {sample.read_s:.2f} s, spill {sample.spill_s:.2f} s, "
           f"write {sample.write_s:.2f} s" + ("; the upload to storage is not included" if is_remote(p.out) else ""))
     bad = sum(sample.skipped.values())
     print(f"  sample:   {bad} of {sample.rows} row(s) bad" + (f" ({sample.skipped})" if bad else "")
@@ -228,5 +230,5 @@ def dry_run(index: str | None, downstream: str | None, p) -> dict:
              if bad and p.on_bad == "error" and sample.first_bad else ""))
     print(f"  --out:    {existing}")
     timing = {k: v for k, v in dataclasses.asdict(sample).items() if k not in ("segments", "keys")}
-    return {"n_rows": record["n_rows"], "shards": shards, "bytes": total_bytes, "seconds": wall_s,
+    return {"n_rows": record["n_rows"], "shards": shards, "bytes": total_bytes, "seconds": wall_s, "plan_seconds": plan_s,
             "work_seconds": work_s, "sample": timing, "samples_per_shard": sps}

@@ -70,7 +70,7 @@ def test_dry_run_prints_rows_shards_bytes_and_time_and_writes_nothing(converted,
             f"in {len(val['shards'])} shard(s) (--samples-per-shard 32; split by patient)") in text
     shown = float(re.search(r"bytes:    ~([\d.]+) kB of shards", text).group(1)) * 1000
     assert abs(shown - real_bytes) <= 0.01 * real_bytes + 100  # the shards are built in memory: exact
-    assert re.search(r"time:     ~[\d.]+ s with 1 worker\(s\) x 1 task\(s\) .* from 80 timed row\(s\) of \S+\.h5: "
+    assert re.search(r"time:     ~[\d.]+ s with 1 worker\(s\) x 1 task\(s\) \(planning [\d.]+ s, then .* from 80 timed row\(s\) of \S+\.h5: "
                      r"fetch\+open [\d.]+ s, read [\d.]+ s, spill [\d.]+ s, write [\d.]+ s", text), text
     assert "--out:    empty: every shard would be built" in text
     before = {p: p.stat().st_mtime_ns for p in done.rglob("*")}
