@@ -8,23 +8,41 @@ different machines: each reads its share of the input files, and builds its shar
 task's spill is there (so the tasks run twice); `--finalize` then verifies every shard and writes
 `manifest.json`. A single-task run does both passes and finalizes by itself.
 
-A re-run verifies finished shards (size from one listing, then sha256, or the S3 ETag's md5)
-and rebuilds only what is missing or wrong. A re-run with other options or a changed source is
+A re-run verifies finished shards (size from one listing, then the S3 ETag its upload returned, else
+the sha256 of its bytes) and rebuilds only what is missing or wrong. A re-run with other options or a changed source is
 refused unless `--overwrite`: the shards on disk would silently describe other data.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
+import signal
+import sys
+
+
+def interrupted_line(signum: int) -> str:
+    """The one line himae-prep ends with on SIGINT/SIGTERM, whenever it comes."""
+    return (f"himae-prep: interrupted by {signal.Signals(signum).name}; shards written so far are kept (each is "
+            f"written under a temp name, then renamed); run the same command to resume")
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    """Before main() takes over (imports of numpy, pandas, h5py... take a second or more) and after it
+    hands back: nothing is being written, so end at once with the line, not a KeyboardInterrupt traceback."""
+    os.write(2, (interrupted_line(signum) + "\n").encode())
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "himae-prep":  # the CLI, not an import
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _exit_on_signal)
+
+import argparse  # noqa: E402 (the handler above comes first: these imports are the slow part of starting)
 import contextlib
 import hashlib
 import json
 import multiprocessing
-import os
-import re
 import shutil
-import signal
-import sys
 import tempfile
 import threading
 import time
@@ -36,7 +54,7 @@ from typing import Iterator
 
 import numpy as np
 
-from data_prep.hdf5_sources import BadSamplePolicy, segment_shape
+from data_prep.hdf5_sources import BadSamplePolicy, segment_shape, why_unreadable
 from data_prep import external_shuffle as shuffle
 from data_prep.external_shuffle import SPLITS, ReadParams, SpillLayout, make_layout
 from data_prep.index_plan import DownstreamSource, IndexSource, find_duplicate_rows, make_plan, rows_for_files, scan
@@ -159,8 +177,9 @@ def _infer_shape(source, stats, p: ConvertParams) -> tuple[int, int, str]:
     else:
         shapes, tried = segment_shape(sample, source.kind, keys, p.storage_options), len(sample)
     if not shapes:
-        raise ValueError(f"{source.url}: none of {tried} sampled rows is readable; check the paths "
-                         f"(relative paths are resolved against the index's folder)")
+        first = sample[sample["path"] == sample["path"].value_counts(sort=True).index[0]].head(8)
+        raise ValueError(f"{source.url}: none of {tried} sampled rows is readable: "
+                         f"{why_unreadable(first, source.kind, keys, p.storage_options)}")
     if p.length is not None:
         channels = Counter({c: n for (c, _), n in shapes.items()}).most_common(1)[0][0]
         return channels, p.length, "--length"
@@ -240,10 +259,22 @@ def _verify(out: Folder, rec: dict, listed: dict[str, dict], plan_id: str) -> st
         return "missing"
     if int(info.get("size") or 0) != rec["bytes"]:
         return f"size {info.get('size')} bytes, expected {rec['bytes']}"
-    etag = str(info.get("ETag") or "").strip('"')
-    if out.remote and re.fullmatch(r"[0-9a-f]{32}", etag):  # single-part upload: ETag is the md5
-        return None if etag == rec["md5"] else "md5 (ETag) mismatch"
-    return None if hashlib.sha256(out.read_bytes(rec["url"])).hexdigest() == rec["sha256"] else "sha256 mismatch"
+    if out.remote and shard_etag_matches(rec, info.get("ETag")):
+        return None
+    return None if hashlib.sha256(out.read_bytes(rec["url"], rec["bytes"])).hexdigest() == rec["sha256"] \
+        else "sha256 mismatch"
+
+
+def shard_etag_matches(rec: dict, listed_etag: object) -> bool:
+    """Whether the store's ETag proves the object is the one `rec` describes, without reading it.
+
+    True when it equals the ETag the shard's own PUT returned (recorded as `etag`), or, for records
+    without one, the md5 of its bytes. Any other ETag proves nothing: on SSE-KMS/SSE-C buckets a
+    single-part ETag is 32 hex digits but not the md5, and a multipart one is not an md5 at all;
+    then the caller reads the object and compares its sha256.
+    """
+    etag = str(listed_etag or "").strip('"')
+    return bool(etag) and etag in (rec.get("etag"), rec.get("md5"))
 
 
 def _verified_records(out: Folder, shards: list[tuple[str, int]], plan_id: str) -> tuple[dict, dict]:
@@ -619,50 +650,125 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="himae-prep", description=__doc__.split("\n\n")[0])
+def json_object(text: str) -> dict:
+    """argparse type of --storage-options: a JSON object, or a message saying what is wrong with it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): expected an object such as "
+                                         f"'{{\"client_kwargs\": {{\"endpoint_url\": \"http://...\"}}}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got a {type(value).__name__}")
+    return value
+
+
+EPILOG = """\
+other command:
+  himae-prep verify OUT [--storage-options JSON]
+                        check a finished folder (local or s3://) against its manifest.json:
+                        one line per missing, resized or changed shard; exit 1 if any
+
+examples:
+  himae-prep --index cohort/index.csv --out shards/ --dry-run
+  himae-prep --index cohort/index.csv --out shards/ --workers 8
+  himae-prep --downstream pvc.h5 --signal-key ppg+ecg --out pvc_shards/
+  himae-prep verify shards/
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """himae-prep's options: every one says what it does, its choices and its default."""
+    ap = argparse.ArgumentParser(prog="himae-prep", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--index", help="pretraining CSV index (local_path,global_idx[,patient_id]), local or s3://")
-    src.add_argument("--downstream", help="labelled HDF5 with /ppg|/ecg, /labels, /patient_ids")
-    ap.add_argument("--signal-key", default="ppg", help="downstream signal dataset: ppg, ecg or ppg+ecg")
-    ap.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix)")
-    ap.add_argument("--samples-per-shard", type=int, default=None,
-                    help="segments per shard (default: as many as fit in --shard-mb)")
-    ap.add_argument("--shard-mb", type=float, default=32.0,
+    src.add_argument("--index", metavar="CSV",
+                     help="pretraining index: a CSV with columns local_path,global_idx[,patient_id] (one row a "
+                          "segment: its HDF5 file, relative to the CSV's folder or absolute or s3://, and its "
+                          "group name, verbatim), local or s3://; give this or --downstream")
+    src.add_argument("--downstream", metavar="H5",
+                     help="labelled HDF5 with /ppg and/or /ecg [N, L], /labels [N] of 0/1 and optional "
+                          "/patient_ids [N]; give this or --index")
+    ap.add_argument("--signal-key", default="ppg", metavar="KEYS",
+                    help="with --downstream: the signal dataset(s), ppg, ecg, or ppg+ecg for two channels "
+                         "(default: ppg)")
+    ap.add_argument("--out", required=True, metavar="DIR_OR_URL",
+                    help="output folder or URL (s3://bucket/prefix); a re-run with the same options resumes it")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="plan, convert a small timed sample in a temp folder, print rows, shards, bytes and the "
+                         "estimated time, and stop: nothing is written to --out (default: off)")
+    ap.add_argument("--samples-per-shard", type=int, default=None, metavar="N",
+                    help="segments per shard, an integer >= 1 (default: as many as fit in --shard-mb)")
+    ap.add_argument("--shard-mb", type=float, default=32.0, metavar="MB",
                     help="target shard size in MB when --samples-per-shard is not given: tens of MB suit object "
-                         "storage (one GET each); outputs of earlier versions used --samples-per-shard 1000")
-    ap.add_argument("--block-size", type=int, default=256, help="segments per tar member (one .npy block)")
-    ap.add_argument("--dtype", choices=DTYPES, default="float16", help="stored sample dtype")
-    ap.add_argument("--length", type=int, default=None,
+                         "storage (one GET each); outputs of earlier versions used --samples-per-shard 1000 "
+                         "(default: 32)")
+    ap.add_argument("--block-size", type=int, default=256, metavar="N",
+                    help="segments per tar member (one .npy block; the loader's unit of reading) (default: 256)")
+    ap.add_argument("--dtype", choices=DTYPES, default="float16",
+                    help="stored sample dtype: float16 (half the bytes; fits min-max scaled data) or float32 "
+                         "(exact; for --normalize none with values beyond 65504) (default: float16)")
+    ap.add_argument("--length", type=int, default=None, metavar="SAMPLES",
                     help="expected input segment length (default: the length most of a seeded sample of rows have)")
     ap.add_argument("--length-policy", choices=LENGTH_POLICIES, default="strict",
-                    help="other lengths: strict = bad row; crop = keep the first --length samples; crop-pad = also "
-                         "pad short ones by repeating the last sample")
-    ap.add_argument("--normalize", choices=NORMALIZE, default="minmax", help="per-segment min-max to [-1, 1] (seed) or none")
-    ap.add_argument("--source-rate", type=float, default=None, help="input sampling rate (Hz)")
-    ap.add_argument("--target-rate", type=float, default=None, help="resample to this rate (Hz; polyphase)")
+                    help="segments of other lengths: strict = a bad row; crop = keep the first --length samples "
+                         "of longer ones; crop-pad = also pad short ones by repeating the last sample "
+                         "(default: strict)")
+    ap.add_argument("--normalize", choices=NORMALIZE, default="minmax",
+                    help="minmax = each segment's channels scaled to [-1, 1] (as the seed does); none = values as "
+                         "they are (default: minmax)")
+    ap.add_argument("--source-rate", type=float, default=None, metavar="HZ",
+                    help="input sampling rate in Hz (default: unknown; needed with --target-rate)")
+    ap.add_argument("--target-rate", type=float, default=None, metavar="HZ",
+                    help="resample to this rate in Hz (polyphase) (default: no resampling)")
     ap.add_argument("--constant", choices=CONSTANT_POLICIES, default="drop",
-                    help="flat-line segments (a constant channel): drop and count them, or keep them")
-    ap.add_argument("--val-fraction", type=float, default=0.05, help="rows held out for validation (whole patients)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the split and the global shuffle")
+                    help="flat-line segments (a constant channel): drop = drop and count them; keep = keep them "
+                         "(a constant channel becomes 0 under minmax) (default: drop)")
+    ap.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
+                    help="fraction of rows held out for validation, in [0, 1): whole patients when the source "
+                         "has patient ids, else a seeded hash of the key (default: 0.05)")
+    ap.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the split and the global shuffle (default: 0)")
     ap.add_argument("--on-bad", choices=["error", "skip"], default="error",
-                    help="bad segment (missing/unreadable file or key, wrong length, NaN, duplicate key): stop with "
-                         "an error, or skip and count it")
-    ap.add_argument("--workers", type=int, default=1, help="processes building shards in parallel")
-    ap.add_argument("--num-tasks", type=int, default=None,
-                    help="independent tasks (default: the SLURM array's task count when it is a whole 0..N-1 array, else 1)")
-    ap.add_argument("--task-index", type=int, default=None, help="this task (default: SLURM_ARRAY_TASK_ID, else 0)")
-    ap.add_argument("--finalize", action="store_true", help="verify every task's shards and write manifest.json")
-    ap.add_argument("--overwrite", action="store_true", help="replace shards made with other options or source")
-    ap.add_argument("--max-rows", type=int, default=2_000_000,
+                    help="a bad row (missing/unreadable file or key, wrong length, NaN/inf, duplicate key): "
+                         "error = stop with a line naming it; skip = skip it and count it in the manifest's "
+                         "'skipped' (default: error)")
+    ap.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="processes reading files and building shards in parallel (default: 1)")
+    ap.add_argument("--num-tasks", type=int, default=None, metavar="N",
+                    help="independent tasks sharing the conversion, e.g. a SLURM array (default: the SLURM "
+                         "array's task count when it is a whole 0..N-1 array, else 1)")
+    ap.add_argument("--task-index", type=int, default=None, metavar="I",
+                    help="this task, in [0, --num-tasks) (default: SLURM_ARRAY_TASK_ID, else 0)")
+    ap.add_argument("--finalize", action="store_true",
+                    help="after a multi-task conversion: verify every task's shards and write manifest.json "
+                         "(default: off; a single task finalizes by itself)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace shards made with other options or from another source (default: off: refused)")
+    ap.add_argument("--max-rows", type=int, default=2_000_000, metavar="N",
                     help="index rows of one wave of input files (each worker holds one wave at a time, and this "
-                         "process the rows of up to two waves per worker)")
-    ap.add_argument("--spill-dir", default=None,
+                         "process the rows of up to two waves per worker) (default: 2000000)")
+    ap.add_argument("--spill-dir", default=None, metavar="DIR",
                     help="local folder for the rows between the read pass and the write pass, about rows x "
                          "(C x L x 4 + 40 + 4 x key length) bytes (default: <out>/.spill for a local --out, else "
                          "the temp folder; with --num-tasks > 1, a folder every task can read)")
-    ap.add_argument("--storage-options", type=json.loads, default=None,
-                    help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
+    ap.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
+                    help='fsspec options as a JSON object, e.g. \'{"client_kwargs": {"endpoint_url": '
+                         '"http://127.0.0.1:9000"}}\' (default: none: the environment\'s credentials)')
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["verify"]:  # a subcommand; every other first word keeps its old meaning (flags)
+        from data_prep.verify import verify_main
+
+        with _stop_on_signals():
+            try:
+                status = verify_main(argv[1:])
+            except Interrupted as e:
+                print(interrupted_line(e.signum).split(";")[0], file=sys.stderr, flush=True)
+                status = 128 + e.signum
+        sys.exit(status)
+    ap = build_parser()
     a = ap.parse_args(argv)
     try:
         s_idx, s_cnt = _slurm_task(a.num_tasks) if a.task_index is None else (None, None)
@@ -677,11 +783,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         with _stop_on_signals():
-            convert(a.index, a.downstream, p, finalize_only=a.finalize)
+            if a.dry_run:
+                from data_prep.dry_run import dry_run
+
+                dry_run(a.index, a.downstream, p)
+            else:
+                convert(a.index, a.downstream, p, finalize_only=a.finalize)
     except Interrupted as e:
-        name = signal.Signals(e.signum).name
-        print(f"himae-prep: interrupted by {name}; shards written so far are kept (each is written under a temp "
-              f"name, then renamed); run the same command to resume", file=sys.stderr, flush=True)
+        print(interrupted_line(e.signum), file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
     except BrokenProcessPool as e:
         sys.exit(f"himae-prep: error: a worker process died ({e}; killed, or out of memory?); what was finished is "

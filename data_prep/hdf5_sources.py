@@ -18,6 +18,7 @@ import collections
 import contextlib
 import functools
 import gc
+import itertools
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -72,7 +73,9 @@ def check_segment(
         policy.reject("bad_dtype", f"{w()}: segment dtype {arr.dtype} is not numeric")
         return None
     arr = arr.astype(np.float32, copy=False)
-    if not np.isfinite(arr.sum()) and not np.isfinite(arr).all():  # the sum is the cheap test; overflow falls through
+    with np.errstate(over="ignore", invalid="ignore"):  # the sum is the cheap test; overflow falls through
+        suspect = not np.isfinite(arr.sum())
+    if suspect and not np.isfinite(arr).all():
         n = int((~np.isfinite(arr)).sum())
         policy.reject("non_finite", f"{w()}: segment has {n} NaN/inf value(s)")
         return None
@@ -196,7 +199,7 @@ def _read_rows(f, path: str, grp, kind: str, policy: BadSamplePolicy, fit_length
             try:
                 arr = f[f"{k}/{WAVEFORM_KEY}"][()]  # one path lookup: the common case costs what the floor does
             except KeyError:  # say what is missing
-                missing = (f"HDF5 file has no group {k!r}" if k not in f
+                missing = (f"HDF5 file has no group {k!r}{_padding_hint(f, k)}" if k not in f
                            else f"group has no dataset {WAVEFORM_KEY!r}")
                 policy.reject("missing_key", f"{where()}: {missing}")
                 continue
@@ -280,6 +283,46 @@ def segment_shape(rows, kind: str, signal_keys: tuple[str, ...], storage_options
             except OSError:
                 continue
     return shapes
+
+
+def _padding_hint(f, key: str) -> str:
+    """A note when `key` is a group name of f without its zero padding ('12' for '000012')."""
+    first = next(iter(f), "")
+    if key.isdigit() and len(key) < len(first) and first.isdigit() and key.zfill(len(first)) in f:
+        return f" (it has {key.zfill(len(first))!r}: keys must be the group names exactly, zero-padded)"
+    return ""
+
+
+def why_unreadable(rows, kind: str, signal_keys: tuple[str, ...], storage_options: dict | None = None) -> str:
+    """What is wrong with rows (path, key) that segment_shape found none readable, from the first
+    file that says: missing, not HDF5, or keys that are not the file's group names (e.g. not zero-padded)."""
+    for path, grp in rows.sort_values(["path", "key"]).groupby("path", sort=False):
+        with _metadata_reader(path, storage_options) as f:
+            if f is None:
+                from data_prep.storage import is_remote
+
+                if is_remote(path) or os.path.exists(path):
+                    return f"{path} is not a readable HDF5 file"
+                return f"{path} does not exist (relative paths are resolved against the index's folder)"
+            if kind == "downstream":
+                continue
+            keys = list(grp["key"])
+            k = next((k for k in keys if k in f), None)
+            if k is not None:
+                if not hasattr(f[k], "keys") or WAVEFORM_KEY not in f[k]:
+                    return f"{path} [{k!r}]: the group has no dataset {WAVEFORM_KEY!r}"
+                return f"{path} [{k!r}]: {WAVEFORM_KEY!r} has shape {f[k][WAVEFORM_KEY].shape}, expected [L] or [C, L]"
+            names = list(itertools.islice(iter(f), 3))
+            hint = ""
+            padded = next((k for k in keys if _padding_hint(f, k)), None)
+            if padded is not None:
+                width = len(names[0])
+                hint = (f"; the index's keys are not zero-padded like the file's group names: key {padded!r} is "
+                        f"group {padded.zfill(width)!r}. global_idx must be the group name exactly: write the "
+                        f"keys zero-padded to {width} digits (and keep the column as text)")
+            return (f"{path} has no group named like the index's keys (e.g. {keys[0]!r}; the file's groups are "
+                    f"{', '.join(map(repr, names)) or 'none'}{', ...' if len(names) == 3 else ''}){hint}")
+    return "the sampled rows' files could not be read"
 
 
 def check_labels(labels: np.ndarray, where: str) -> np.ndarray:

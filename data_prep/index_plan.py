@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -119,6 +120,36 @@ class IndexSource:
         return self._fingerprint
 
     def chunks(self) -> Iterator[pd.DataFrame]:
+        try:
+            yield from self._chunks()
+        except pd.errors.ParserError as e:
+            raise ValueError(self._parse_error(e)) from e
+        except UnicodeDecodeError as e:
+            raise ValueError(self._not_utf8()) from e
+
+    def _parse_error(self, e: pd.errors.ParserError) -> str:
+        """pandas' tokenizer message, with the file named and the fields said in words."""
+        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
+        if not m:
+            return f"{self.url}: not a readable CSV ({str(e).strip()})"
+        want, line, have = m.groups()
+        with self._fs.open(self._path, "rb") as fh:
+            header = fh.readline().decode(errors="replace").strip()
+        return (f"{self.url}: line {line} has {have} fields, but the header ({header}) has {want}; "
+                f"a path or key holding a comma must be quoted (\"...\")")
+
+    def _not_utf8(self) -> str:
+        """Which line is not UTF-8: pandas only gives a byte offset inside its buffer."""
+        with self._fs.open(self._path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return (f"{self.url}: line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                            f"{e.start + 1}: {raw.rstrip()!r}); keys and paths must be UTF-8: re-encode the index")
+        return f"{self.url}: not UTF-8 text; keys and paths must be UTF-8: re-encode the index"
+
+    def _chunks(self) -> Iterator[pd.DataFrame]:
         start = 0
         with retrying(lambda: self._fs.open(self._path, "rb"), "opening", self.url) as fh:
             try:

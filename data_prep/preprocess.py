@@ -85,6 +85,12 @@ class Preprocess:
             )
         return length * up // down
 
+    def describe(self) -> str:
+        """The options that change values, for messages: e.g. `normalize=none, 100 -> 50 Hz`."""
+        up, down = self.resample_ratio
+        rate = f", {self.source_rate:g} -> {self.target_rate:g} Hz" if (up, down) != (1, 1) else ""
+        return f"normalize={self.normalize}{rate}"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.length is not None:
@@ -127,7 +133,30 @@ class Preprocess:
             self.output_length(x.shape[-1])  # clear error if the ratio does not divide the length
             x = resample_poly(x, up, down, axis=-1).astype(np.float32)  # [N', C, L * up / down]
         if self.normalize == "minmax":
-            lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
-            span = hi - lo
-            x = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1) * 2 - 1, 0).astype(np.float32)
+            x = _minmax(x)
         return np.ascontiguousarray(x), kept
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    """Each channel of x [N, C, L] float32 scaled to [-1, 1] (a constant one to 0).
+
+    The span hi - lo of finite values near +-3.4e38 overflows float32 (inf, then NaN after the
+    division), so segments whose span overflows are scaled in float64; the rest keep the float32
+    arithmetic, and so the bytes, of earlier versions.
+    """
+    lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)  # [N, C, 1]
+    with np.errstate(over="ignore", invalid="ignore"):
+        span = hi - lo
+        wide = np.isinf(span).any(axis=(1, 2))  # [N]
+        if not wide.any():
+            return _scale(x, lo, span)
+        y = np.empty_like(x)
+        y[~wide] = _scale(x[~wide], lo[~wide], span[~wide])
+        lo64 = lo[wide].astype(np.float64)
+        y[wide] = _scale(x[wide].astype(np.float64), lo64, hi[wide].astype(np.float64) - lo64)
+    return y
+
+
+def _scale(x: np.ndarray, lo: np.ndarray, span: np.ndarray) -> np.ndarray:
+    """(x - lo) / span * 2 - 1 as float32, 0 where span is 0."""
+    return np.where(span > 0, (x - lo) / np.where(span > 0, span, 1) * 2 - 1, 0).astype(np.float32)

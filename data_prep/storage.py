@@ -55,6 +55,19 @@ def retrying(fn: Callable[[], T], what: str, url: str, retries: int | None = Non
     raise AssertionError("unreachable")
 
 
+# s3fs itself switches to a multipart upload at 2 x its 50 MB chunk; one put_object may hold up to 5 GiB
+SINGLE_PUT_MAX_BYTES = 100 * 2**20
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
+def _etag(value: object) -> str | None:
+    """An ETag as listings and PUT responses give it, without its quotes (None if there is none)."""
+    return str(value).strip('"') if value else None
+
+
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
@@ -120,23 +133,45 @@ class Folder:
         """A temp file on the same filesystem as the folder (local: so the rename is atomic)."""
         return tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=None if self.remote else self.root)
 
-    def place(self, local_tmp: str, name: str) -> None:
-        """Move a finished temp file to `name` with mode 0644: rename locally, one PUT remotely."""
+    def place(self, local_tmp: str, name: str) -> str | None:
+        """Move a finished temp file to `name` with mode 0644: rename locally, one PUT remotely.
+
+        Returns the ETag the store gave the new object (None locally, or where the store has none):
+        on SSE-KMS/SSE-C buckets it is not the MD5 of the bytes, so a later check can only compare
+        it with itself."""
         os.chmod(local_tmp, 0o644)  # mkstemp makes 0600; shards are data other users read
         if not self.remote:
             Path(self.path(name)).parent.mkdir(parents=True, exist_ok=True)
             os.replace(local_tmp, self.path(name))
-            return
+            return None
         try:
-            retrying(lambda: self.fs.put_file(local_tmp, self.path(name)), "uploading", self.child_url(name))
+            return retrying(lambda: self._put(local_tmp, name), "uploading", self.child_url(name))
         finally:
             os.unlink(local_tmp)
+
+    def _put(self, local_path: str, name: str) -> str | None:
+        """One upload of `local_path` to `name`; the ETag of the object it made.
+
+        On S3 a file under the multipart threshold is one put_object, whose response carries the
+        ETag (no extra request); otherwise s3fs's put_file, then one HEAD for the ETag."""
+        bucket_key = self.path(name)
+        if "s3" in _protocols(self.fs) and os.path.getsize(local_path) < SINGLE_PUT_MAX_BYTES:
+            bucket, key, _ = self.fs.split_path(bucket_key)
+            with open(local_path, "rb") as fh:
+                resp = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=fh.read())
+            self.fs.invalidate_cache(bucket_key)
+            return _etag(resp.get("ETag"))
+        self.fs.put_file(local_path, bucket_key)
+        try:
+            return _etag(self.fs.info(bucket_key).get("ETag"))
+        except FileNotFoundError:
+            return None
 
     def upload(self, local_path: str | os.PathLike, name: str, tmp_prefix: str = ".tmp-") -> None:
         """Copy an existing local file to `name` (mode 0644) and keep the original: one PUT
         remotely, a temp copy placed locally, so `name` is never half-written."""
         if self.remote:
-            retrying(lambda: self.fs.put_file(os.fspath(local_path), self.path(name)), "uploading", self.child_url(name))
+            retrying(lambda: self._put(os.fspath(local_path), name), "uploading", self.child_url(name))
             return
         fd, tmp = self.temp_file(tmp_prefix)
         try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from data_prep.convert import TEST_SHARD_DELAY_ENV, ConvertParams, convert_pretrain
+from data_prep.convert import TEST_SHARD_DELAY_ENV, ConvertParams, convert_pretrain, interrupted_line
 from tests.h5_inputs import random_index
 
 SHARD_DELAY_S = 0.25  # per shard and worker: 40 shards take ~5 s, far longer than it takes to signal
@@ -119,7 +119,7 @@ def _signal_and_check(index: Path, out: Path, sig: signal.Signals) -> None:
         stderr = err.decode()
         assert proc.returncode == 128 + sig, stderr
         assert "Traceback" not in stderr, stderr
-        assert stderr.strip().splitlines() == [EXPECTED_LINE.format(sig=sig.name)], stderr
+        assert stderr.strip().splitlines() == [EXPECTED_LINE.format(sig=sig.name)] == [interrupted_line(sig)], stderr
         assert not _wait_gone(descendants, GONE_TIMEOUT_S), "pool workers outlived the interrupted job"
     finally:
         _kill_tree(proc, descendants)
@@ -180,3 +180,29 @@ def test_sigterm_stops_cleanly_and_a_rerun_gives_the_uninterrupted_shards(index,
 def test_sigint_stops_cleanly(index, tmp_path):
     """Ctrl-C must end the job with one line and 130, not a KeyboardInterrupt traceback."""
     _signal_and_check(index, tmp_path / "out", signal.SIGINT)
+
+
+def _has_loaded(pid: int, library: str) -> bool:
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the imports under way")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_starting_is_the_same_one_line(index, tmp_path, sig):
+    """Ctrl-C in the second or more himae-prep spends importing numpy, pandas, h5py (before main()
+    handles signals) ends with the one line and 128+signum too, not a KeyboardInterrupt traceback."""
+    proc = subprocess.Popen(_prep_command(index, tmp_path / "out"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _has_loaded(proc.pid, "_multiarray_umath") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert proc.poll() is None, "himae-prep ended before numpy was loaded"
+        proc.send_signal(sig)  # numpy is being imported: pandas, h5py, scipy... are still to come
+        _, err = proc.communicate(timeout=GONE_TIMEOUT_S)
+    finally:
+        _kill_tree(proc, [])
+    assert proc.returncode == 128 + sig and err.decode().splitlines() == [interrupted_line(sig)], err.decode()
+    assert not (tmp_path / "out").exists()

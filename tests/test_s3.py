@@ -1,6 +1,8 @@
 """Conversion to and streaming from S3 through s3fs, against moto's S3 server on loopback."""
 
 import csv
+import hashlib
+import json
 from collections import Counter
 
 import h5py
@@ -364,3 +366,75 @@ def test_s3_stream_reads_ahead_one_get_per_shard_and_equals_the_local_stream(tmp
     assert not [r for r in reqs if r[0] == "HEAD" and r[1].endswith(".tar")]  # the size is the manifest's
     assert len(shard_gets) >= remote[-1]["reads"]  # every read made, some ahead of use
     assert len(shard_gets) <= remote[-1]["reads"] + 8  # ... at most prefetch_reads ahead
+
+
+@pytest.fixture
+def sse_etags(monkeypatch):
+    """The module's moto server answers like an SSE-KMS bucket: each new object's ETag is 32 random hex
+    digits (not its md5), the same in the PUT response, HEAD and listings, as AWS does."""
+    import secrets
+
+    from moto.s3.models import FakeKey
+
+    def etag(self) -> str:
+        if self._etag is None:
+            self._etag = secrets.token_hex(16)
+        return f'"{self._etag}"'
+
+    monkeypatch.setattr(FakeKey, "etag", property(etag))
+
+
+def test_sse_etags_that_are_not_md5_verify_without_rebuilding(tiny_cohort, s3, sse_etags, capsys):
+    """A re-run on an SSE bucket keeps every intact shard (the ETag its PUT returned matches), and a
+    shard replaced by other bytes of the same size is still found (new ETag -> sha256) and rebuilt."""
+    fs, opts = s3
+    index = str(tiny_cohort / "pretrain_index.csv")
+    p = ConvertParams("s3://himae-test/sse", samples_per_shard=200, storage_options=opts)
+    manifest = convert_pretrain(index, p)
+    first = manifest["splits"]["train"]["shards"][0]
+    victim = f"himae-test/sse/{first['url']}"
+    good = fs.cat_file(victim)
+    assert fs.info(victim)["ETag"].strip('"') != hashlib.md5(good).hexdigest()  # the store really is SSE-like
+    def etags() -> dict:  # every upload gets a new random ETag
+        fs.invalidate_cache()
+        return {x: i["ETag"] for x, i in fs.find("himae-test/sse/train", detail=True).items()}
+
+    before = etags()
+    assert convert_pretrain(index, p) == manifest
+    assert etags() == before  # none re-uploaded
+
+    fs.pipe_file(victim, good[:-1] + bytes([good[-1] ^ 1]))  # same size, one bit flipped
+    assert convert_pretrain(index, p) == manifest
+    assert fs.cat_file(victim) == good
+
+    # `himae-prep verify` reads them back: intact, then one line naming the shard changed on S3
+    with pytest.raises(SystemExit) as e:
+        prep_main(["verify", "s3://himae-test/sse", "--storage-options", json.dumps(opts)])
+    assert e.value.code == 0
+    fs.pipe_file(victim, good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(SystemExit) as e:
+        prep_main(["verify", "s3://himae-test/sse", "--storage-options", json.dumps(opts)])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"himae-prep verify: s3://himae-test/sse/{first['url']}: sha256 {hashlib.sha256(fs.cat_file(victim)).hexdigest()[:16]}"
+        f"..., the manifest says {first['sha256'][:16]}... (the bytes changed)"]
+
+
+def test_dry_run_writes_nothing_to_s3_nor_beside_a_local_out(tiny_cohort, s3, tmp_path, capsys):
+    """The plan, the timed sample and the look at --out only read: no object appears under an s3://
+    --out, and an index read from S3 is copied to a temp folder, not into a local --out's spill."""
+    fs, opts = s3
+    with open(tiny_cohort / "pretrain_index.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(tmp_path / "index.csv", "w", newline="") as fh:  # absolute local paths: the HDF5 files stay here
+        w = csv.writer(fh)
+        w.writerow(["local_path", "global_idx"])
+        w.writerows((str(tiny_cohort / r["local_path"]), r["global_idx"]) for r in rows)
+    fs.put_file(str(tmp_path / "index.csv"), "himae-test/dryin/index.csv")
+    for out in ("s3://himae-test/dry", str(tmp_path / "out")):
+        prep_main(["--index", "s3://himae-test/dryin/index.csv", "--out", out, "--storage-options", json.dumps(opts),
+                   "--samples-per-shard", "100", "--dry-run"])
+        text = capsys.readouterr().out
+        assert f"input:    s3://himae-test/dryin/index.csv: {len(rows)} rows" in text
+        assert "--out:    empty: every shard would be built" in text
+    assert fs.find("himae-test/dry") == [] and not (tmp_path / "out").exists()

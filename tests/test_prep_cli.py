@@ -1,0 +1,123 @@
+"""himae-prep's command line (issue 17): --help documents every flag, --dry-run plans and times a
+sample without writing, and `himae-prep verify OUT` names what differs from the manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data_prep.convert import ConvertParams, build_parser, convert_pretrain, main as prep_main
+from tests.h5_inputs import random_index
+
+
+def test_help_gives_every_flag_a_description_its_choices_and_its_default():
+    ap = build_parser()
+    for action in ap._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = action.option_strings[0]
+        if flag in ("--index", "--downstream"):  # one of the two is required
+            continue
+        text = " ".join((action.help or "").split())
+        assert len(text) > 20, f"{flag} has no description"
+        for choice in action.choices or ():
+            assert f"{choice} =" in text or f"{choice} (" in text or f"{choice}," in text, f"{flag}: {choice} unexplained"
+        if action.required:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            assert "(default: off" in text, f"{flag}: default not given"
+        elif action.default is not None:
+            shown = f"{action.default:g}" if isinstance(action.default, float) else str(action.default)
+            assert f"(default: {shown})" in text, f"{flag}: default {shown} not given in {text!r}"
+        else:
+            assert "(default: " in text, f"{flag}: what happens by default is not said"
+    out = " ".join(ap.format_help().split())
+    assert "himae-prep verify OUT" in out and "--dry-run" in out
+
+
+def test_storage_options_that_are_not_a_json_object_are_named(capsys):
+    for bad, says in (("{bad", "not valid JSON"), ("[1]", "expected a JSON object")):
+        with pytest.raises(SystemExit):
+            prep_main(["--index", "i.csv", "--out", "o", "--storage-options", bad])
+        assert f"argument --storage-options: {says}" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """A finished conversion of 240 rows (5 + 3 shards of 32) and its index."""
+    folder = tmp_path_factory.mktemp("cli")
+    index = random_index(folder, n=240, length=64, n_files=3)
+    m = convert_pretrain(str(index), ConvertParams(str(folder / "out"), samples_per_shard=32, val_fraction=0.2))
+    return index, folder / "out", m
+
+
+def test_dry_run_prints_rows_shards_bytes_and_time_and_writes_nothing(converted, tmp_path, capsys):
+    index, done, m = converted
+    out = tmp_path / "new"
+    prep_main(["--index", str(index), "--out", str(out), "--samples-per-shard", "32", "--val-fraction", "0.2",
+               "--dry-run"])
+    text = capsys.readouterr().out
+    assert not out.exists()  # nothing written, not even the folder
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    real_bytes = sum(s["bytes"] for sp in (train, val) for s in sp["shards"])
+    assert f"input:    {index}: 240 rows in 3 file(s)" in text
+    assert (f"shards:   train {train['n_samples']} rows in {len(train['shards'])} shard(s), val {val['n_samples']} rows "
+            f"in {len(val['shards'])} shard(s) (--samples-per-shard 32; split by patient)") in text
+    shown = float(re.search(r"bytes:    ~([\d.]+) kB of shards", text).group(1)) * 1000
+    assert abs(shown - real_bytes) <= 0.01 * real_bytes + 100  # the shards are built in memory: exact
+    assert re.search(r"time:     ~[\d.]+ s with 1 worker\(s\) x 1 task\(s\) \(planning [\d.]+ s, then .* from 80 timed row\(s\) of \S+\.h5: "
+                     r"fetch\+open [\d.]+ s, read [\d.]+ s, spill [\d.]+ s, write [\d.]+ s", text), text
+    assert "--out:    empty: every shard would be built" in text
+    before = {p: p.stat().st_mtime_ns for p in done.rglob("*")}
+    prep_main(["--index", str(index), "--out", str(done), "--samples-per-shard", "40", "--val-fraction", "0.2", "--dry-run"])
+    again = capsys.readouterr().out
+    assert f"--out:    a real run would stop: {done} holds shards from another conversion (samples_per_shard 32 -> 40)" \
+        in again, again
+    assert {p: p.stat().st_mtime_ns for p in done.rglob("*")} == before
+
+
+def _verify(out, capsys) -> tuple[int, list[str], str]:
+    with pytest.raises(SystemExit) as e:
+        prep_main(["verify", str(out)])
+    cap = capsys.readouterr()
+    return e.value.code, cap.err.splitlines(), cap.out
+
+
+def test_verify_passes_an_intact_folder_and_names_each_damaged_shard(converted, tmp_path, capsys):
+    _, done, m = converted
+    code, err, out = _verify(done, capsys)
+    assert code == 0 and err == [] and out.strip().endswith("8 shard(s), 240 samples: all match manifest.json")
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    train = [s["url"] for s in m["splits"]["train"]["shards"]]
+    (out / train[0]).unlink()
+    data = (out / train[1]).read_bytes()
+    (out / train[1]).write_bytes(data[:-512])
+    (out / train[2]).write_bytes(data[:20] + bytes([data[20] ^ 1]) + data[21:])  # a bit of the first member's name
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][3]["n_samples"] += 1
+    manifest["splits"]["train"]["n_samples"] += 1
+    manifest["n_samples"] += 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, err, summary = _verify(out, capsys)
+    assert code == 1 and all(line.startswith("himae-prep verify: ") for line in err), err
+    said = sorted(tuple(line.split(": ", 2)[1:]) for line in err)
+    n0 = m["splits"]["train"]["shards"][0]["n_samples"]
+    assert said[0] == (str(out / train[0]), f"missing (the manifest lists it with {n0} samples)")
+    assert said[1] == (str(out / train[1]), f"{len(data) - 512} bytes, the manifest says {len(data)}")
+    assert said[2] == (str(out / train[2]), "bad tar header checksum at byte 0 (not a readable format-v2 shard)")
+    assert said[3][0] == str(out / train[2]) and re.fullmatch(r"sha256 \w{16}\.\.\., the manifest says \w{16}\.\.\. "
+                                                               r"\(the bytes changed\)", said[3][1])
+    assert said[4] == (str(out / train[3]), "32 samples, the manifest says 33") and len(said) == 5
+    assert summary.strip().endswith("4 shard(s) wrong")
+    (out / "manifest.json").write_text("{")
+    code, err, _ = _verify(out, capsys)
+    assert code == 1 and err == [f"himae-prep verify: {out}/manifest.json: not valid JSON (Expecting property name "
+                                 f"enclosed in double quotes: line 1 column 2 (char 1))"]
+    code, err, _ = _verify(tmp_path / "nothing", capsys)
+    assert code == 1 and len(err) == 1 and "manifest.json: does not exist" in err[0]
