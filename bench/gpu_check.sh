@@ -95,14 +95,19 @@ fi
 
 mkdir -p "$RES" "$SCRATCH"
 RES="$(cd "$RES" && pwd)"
+LAST="$SCRATCH/last_command.log"
 ROWS=()
 row() { ROWS+=("| $1 | $2 | $3 | \`$(basename "$4")\` |"); echo "[gpu_check] $1: $2 $3"; }
-run_logged() {  # LOG CMD...: run, append output to LOG, return the command's status
+run_logged() {  # LOG CMD...: run, append output to LOG (and to $LAST, this command's alone), return its status
   local log="$1"; shift
   echo "\$ $*" >>"$log"
-  "$@" >>"$log" 2>&1
+  "$@" >"$LAST" 2>&1
+  local rc=$?
+  cat "$LAST" >>"$log"
+  return "$rc"
 }
-first_error() { grep -E 'himae-train: error|gpu_model_from_memory: error|^[A-Za-z_.]*(Error|Exception): ' "$1" | grep -v ChildFailedError | tail -1 | cut -c1-200; }
+# the failing command's own error (several rows share a log): from $LAST, the last command run
+first_error() { grep -E 'himae-train: error|gpu_model_from_memory: error|^[A-Za-z_.]*(Error|Exception): ' "$LAST" | grep -v ChildFailedError | tail -1 | cut -c1-200; }
 pytest_counts() { grep -Eo '[0-9]+ (passed|failed|skipped|error|errors)' "$1" | tail -4 | paste -sd, - ; }
 
 { date -u; nvidia-smi 2>&1 | head -15; "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "gpus", torch.cuda.device_count(), torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
@@ -201,7 +206,7 @@ diff = [k for k in a if not torch.equal(a[k], b[k])]
 print("bitwise equal" if not diff else f"differ: {diff[:5]}")
 sys.exit(1 if diff else 0)' "$SCRATCH/det_clean/himae_final.pt" "$SCRATCH/det_killed/himae_final.pt"
   then row "kill at 15 + resume, --deterministic" pass "final weights bitwise equal to the uninterrupted run" "$L8"
-  else row "kill at 15 + resume, --deterministic" FAIL "$(tail -1 "$L8")" "$L8"; fi
+  else row "kill at 15 + resume, --deterministic" FAIL "$(tail -1 "$LAST")" "$L8"; fi
 fi
 
 {

@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     counted = {"syncs": 0, "kernels": 0, "steps": 0}
     real_steps = fault_injection.steps
 
-    def measured_steps(steps, rank, attempt, stop):
+    def measured_steps(steps, rank, attempt, stop, beat):
         prof = None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for step in real_steps(steps, rank, attempt, stop):
+            for step in real_steps(steps, rank, attempt, stop, beat):
                 if step == a.warmup:
                     if cuda:
                         torch.cuda.synchronize()

@@ -243,7 +243,8 @@ def schedule_params(cfg: TrainConfig, world_size: int, precision: str | None = N
             "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "world_size": world_size,
             "seed": cfg.seed, "mask_ratio": cfg.mask_ratio, "patch_size": cfg.patch_size,
             "grad_clip": cfg.grad_clip, "precision": precision or cfg.precision, "loss_impl": loss_impl or cfg.loss_impl,
-            "in_chans": cfg.in_chans, "channels": list(cfg.channels), "zero_stage": cfg.zero_stage}
+            "in_chans": cfg.in_chans, "channels": list(cfg.channels), "zero_stage": cfg.zero_stage,
+            "compile": cfg.compile, "compile_backend": cfg.compile_backend if cfg.compile else None, "tf32": cfg.tf32}
 
 
 def _merge(base: dict, over: dict) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from himae_dist.preemption import StopRequest
 
 
-def steps(steps: range, rank: int, attempt: int, stop: StopRequest) -> Iterable[int]:
+def steps(steps: range, rank: int, attempt: int, stop: StopRequest, beat: Callable[[str], None]) -> Iterable[int]:
+    """`steps`, acting on the faults set for this rank before each step's start (after `beat`, the
+    watchdog's, so a stalled rank is reported at the step it stalled in)."""
     spec = os.environ.get("HIMAE_FAULT")
     if not spec or attempt != 0:
         return steps
@@ -25,11 +27,12 @@ def steps(steps: range, rank: int, attempt: int, stop: StopRequest) -> Iterable[
         if what not in ("kill", "stall", "term"):
             raise ValueError(f"HIMAE_FAULT={spec}: {what!r} is not kill, stall or term")
         faults[(int(r), int(s))] = what
-    return _with_faults(steps, faults, rank, stop)
+    return _with_faults(steps, faults, rank, stop, beat)
 
 
-def _with_faults(steps: range, faults: dict, rank: int, stop: StopRequest) -> Iterable[int]:
+def _with_faults(steps: range, faults: dict, rank: int, stop: StopRequest, beat: Callable[[str], None]) -> Iterable[int]:
     for step in steps:
+        beat(f"step {step}")
         what = faults.get((rank, step))
         if what == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -13,6 +13,7 @@ once at start, are checked on the host (`bad_rows`).
 
 from __future__ import annotations
 
+import collections
 import sys
 
 import numpy as np
@@ -36,20 +37,28 @@ def describe(batch: dict, rows: np.ndarray, shard_names: list[str]) -> str:
 
 
 class NonFiniteGuard:
-    """Per rank: non-finite samples dropped on the device, counted, named when the count is read."""
+    """Per rank: non-finite samples dropped on the device, counted, named when the count is read.
 
-    def __init__(self, policy: str, rank: int, device: torch.device, shard_names: list[str], mine: float = 0.0,
-                 all_ranks: float = 0.0, step: int = 0):
+    The count is an int64 device scalar (exact at any scale). The keep masks and keys of the last
+    `NAMED_BATCHES` micro-batches are held to name what was dropped; earlier ones are counted only.
+    """
+
+    NAMED_BATCHES = 256
+
+    def __init__(self, policy: str, rank: int, device: torch.device, shard_names: list[str], mine: int = 0,
+                 all_ranks: int = 0, step: int = 0):
         """`mine`, `all_ranks`: the counts a resumed run saved at `step` (this rank's; every rank's summed)."""
         self.policy, self.rank, self.shard_names = policy, rank, shard_names
-        self.count = torch.tensor(float(mine), device=device)  # this rank's dropped samples, whole run (device)
-        self.settled, self.settled_all = float(mine), float(all_ranks)  # the counts as last read
+        self.count = torch.tensor(int(mine), dtype=torch.int64, device=device)  # this rank's, whole run (device)
+        self.settled, self.settled_all = int(mine), int(all_ranks)  # the counts as last read
         self.settled_at = step  # ... after this step
-        self._pending: list[tuple[torch.Tensor, dict]] = []  # (keep [B] bool, the batch's keys/shards) since then
+        self.start_all, self.checked = int(all_ranks), 0  # every rank's count at this attempt's start; samples seen
+        self._unread = 0  # samples checked since the last read (host: shapes only)
+        self._recent: collections.deque = collections.deque(maxlen=self.NAMED_BATCHES)  # (keep [B], keys, shards)
         self._rows: torch.Tensor | None = None
 
     def clean(self, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, C, L] on the device -> (x with every non-finite sample replaced, keep [B] bool)."""
+        """x [B, C, L] on the device -> (x with every non-finite sample replaced, keep [B] bool). No host sync."""
         finite = torch.isfinite(x)  # [B, C, L]
         keep = finite.flatten(1).all(1)  # [B]
         if self._rows is None or len(self._rows) != len(keep):
@@ -57,24 +66,33 @@ class NonFiniteGuard:
         first_good = keep.to(torch.int32).argmax()  # 0 when none is (see the module's docstring)
         x = torch.where(finite, x, 0).index_select(0, torch.where(keep, self._rows, first_good))
         self.count += (~keep).sum()
-        self._pending.append((keep, {"key": batch["key"], "shard": batch["shard"]}))
+        self._unread += len(keep)
+        self._recent.append((keep, batch["key"], batch["shard"]))
         return x, keep
 
     def pending(self) -> int:
         """Samples checked since the count was last read (host)."""
-        return sum(len(k) for k, _ in self._pending)
+        return self._unread
 
     def settle(self, all_ranks: float, mine: float, step: int, world: int) -> None:
         """Collective when anything was dropped (the same `all_ranks` on every rank): the counts as read
-        after `step`; name what was dropped since the last read, then abort, or warn."""
+        after `step`; name what was dropped since the last read, then abort, or warn. In `skip` mode a run
+        whose dropped samples pass half of all samples seen in this attempt stops: the data is broken."""
+        all_ranks, mine = int(all_ranks), int(mine)
         new_all, new_mine = all_ranks - self.settled_all, mine - self.settled
-        first, window_samples = self.settled_at + 1, self.pending() * world
+        first = self.settled_at + 1
+        self.checked += self._unread * world  # every rank takes the same micro-batches: the same on every rank
         what = None
         if new_mine > 0:
-            rows = [(batch, np.flatnonzero(~k.cpu().numpy())) for k, batch in self._pending]
-            named = [describe(batch, r, self.shard_names) for batch, r in rows if len(r)]
-            what = f"rank {self.rank}: " + "; ".join(named[:3]) + (" ..." if len(named) > 3 else "")
-        self._pending.clear()
+            named = []
+            for keep, keys, shards in self._recent:  # cleared at every read: all unread
+                rows = np.flatnonzero(~keep.cpu().numpy())
+                if len(rows):
+                    named.append(describe({"key": keys, "shard": shards}, rows, self.shard_names))
+            what = f"rank {self.rank}: {new_mine} non-finite sample(s)" + (
+                (": " + "; ".join(named[:3]) + (" ..." if len(named) > 3 else "")) if named else "")
+        self._recent.clear()
+        self._unread = 0
         self.settled, self.settled_all, self.settled_at = mine, all_ranks, step
         if new_all <= 0:
             return
@@ -85,10 +103,12 @@ class NonFiniteGuard:
         where = f"steps {first}..{step}: " + " | ".join(s for s in seen if s)
         if self.policy == "abort":
             raise NonFiniteError(f"{where}; fix the data or pass --on-nonfinite skip (nothing saved from this window)")
-        if new_all > window_samples / 2:
-            raise NonFiniteError(f"{where}: {int(new_all)} of {window_samples} samples non-finite; the data is broken")
+        dropped = all_ranks - self.start_all
+        if dropped > self.checked / 2:
+            raise NonFiniteError(f"{where}: {dropped} of the {self.checked} samples of this attempt were non-finite; "
+                                 f"the data is broken")
         if self.rank == 0:
-            print(f"[himae-train] warning: dropped {int(new_all)} non-finite sample(s) ({where})", file=sys.stderr,
+            print(f"[himae-train] warning: dropped {new_all} non-finite sample(s) ({where})", file=sys.stderr,
                   flush=True)
 
 

@@ -170,7 +170,7 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict:
         engine, win = run.engine, run.win
         history, last_save = [], time.monotonic()
         watchdog.beat("the first step", timeout_s=cfg.collective_timeout_s)  # from here on, a collective's bound
-        for step in fault_injection.steps(range(run.start, cfg.steps), run.rank, attempt, stop):
+        for step in fault_injection.steps(range(run.start, cfg.steps), run.rank, attempt, stop, watchdog.beat):
             watchdog.beat(f"step {step}")
             done = step + 1
             log_step = done % cfg.log_every == 0 or done == cfg.steps

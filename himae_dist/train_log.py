@@ -52,10 +52,12 @@ class LogWindow:
 
 def read_log_step(win: LogWindow, nonfinite: torch.Tensor, flags: list[float]) -> tuple[list[float], float]:
     """Collective: sums over ranks of (loss, val loss, grad norm, non-finite samples, *flags), and this
-    rank's non-finite count: one all-reduce and one device-to-host copy, the log step's only sync."""
+    rank's non-finite count: the host flags copied to the device, one all-reduce, one copy back (the
+    log step's syncs; between log steps there are none)."""
     device = win.loss_sum.device
-    stats = torch.cat([torch.stack([win.loss_sum, win.val_sum, win.grad_norm, nonfinite]).double(),
-                       torch.tensor(flags, dtype=torch.float64).to(device)])
+    stats = torch.cat([torch.stack([win.loss_sum.double(), win.val_sum.double(), win.grad_norm.double(),
+                                    nonfinite.double()]),
+                       torch.tensor(flags, dtype=torch.float64).to(device)])  # host -> device: a sync on a GPU
     dist.all_reduce(stats)
     host = torch.cat([stats, nonfinite.double().reshape(1)]).cpu()  # the one device->host copy
     values = host.tolist()
