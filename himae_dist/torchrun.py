@@ -49,10 +49,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def error_message(failure) -> str:
     """The first line of a failed rank's recorded error ('' when it wrote none: a signal, a crash)."""
-    msg = failure.message
-    if isinstance(msg, dict):
-        msg = msg.get("message", "")
-    return str(msg or "").strip().splitlines()[0] if str(msg or "").strip() else ""
+    msg = failure.message  # a str is torchrun's own (a signal, no error file): nothing the rank said
+    msg = str(msg.get("message") or "").strip() if isinstance(msg, dict) else ""
+    return msg.splitlines()[0] if msg else ""
 
 
 def root_cause(failures: dict) -> tuple:

@@ -443,10 +443,11 @@ def error_line(e: BaseException, cfg: TrainConfig | None) -> str | None:
         return (f"himae-train: error: writing under --out {out} failed: the disk is full or failing "
                 f"({_free_space(out)}); free space or pick another --out, then run the same command to resume "
                 f"from the last complete checkpoint ({text.strip().splitlines()[0][:200]})")
-    if isinstance(e, OSError):  # --out (or a file in it) that cannot be written: a file, permissions, read-only
-        where = f" {e.filename}" if e.filename else ""
-        return (f"himae-train: error: --out {out}: cannot write{where}: {e.strerror or e} ({type(e).__name__}); "
-                f"pick a writable --out")
+    if isinstance(e, OSError) and e.filename:  # a file that cannot be written or read: named
+        if cfg and _inside(str(e.filename), cfg.out):  # --out: a file in its place, permissions, read-only
+            return (f"himae-train: error: --out {out}: cannot write {e.filename}: {e.strerror or e} "
+                    f"({type(e).__name__}); pick a writable --out")
+        return f"himae-train: error: {e.filename}: {e.strerror or e} ({type(e).__name__})"
     if isinstance(e, RuntimeError):  # a collective that waited past --collective-timeout-s, or lost a rank
         msg = text.lower()
         if "connection closed by peer" in msg or "connection reset by peer" in msg:
@@ -457,6 +458,11 @@ def error_line(e: BaseException, cfg: TrainConfig | None) -> str | None:
             return (f"himae-train: error: a collective timed out after --collective-timeout-s={limit} s "
                     f"(a rank stalled or died): {text.splitlines()[0]}")
     return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    p, f = os.path.abspath(path), os.path.abspath(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
 
 
 def _free_space(out: str) -> str:

@@ -88,14 +88,17 @@ def test_manifest_split_without_shards_is_named(tmp_path, tiny_shards):
      r"writing under --out (\S+) failed: the disk is full or failing \(.* GiB free .*\); free space or pick "
      r"another --out, then run the same command to resume .*inline_container"),
     (OSError(errno.ENOSPC, "No space left on device"), r"writing under --out \S+ failed: the disk is full"),
-    (PermissionError(errno.EACCES, "Permission denied", "/r/out/config.json"),
-     r"--out \S+: cannot write /r/out/config\.json: Permission denied \(PermissionError\); pick a writable --out"),
-    (FileExistsError(errno.EEXIST, "File exists", "/r/out"), r"cannot write /r/out: File exists \(FileExistsError\)"),
+    (PermissionError(errno.EACCES, "Permission denied", "RUN/config.json"),
+     r"--out (\S+): cannot write \1/config\.json: Permission denied \(PermissionError\); pick a writable --out"),
+    (FileExistsError(errno.EEXIST, "File exists", "RUN"), r"--out (\S+): cannot write \1: File exists \(FileExistsError\)"),
+    (PermissionError(errno.EACCES, "Permission denied", "/data/x.tar"), r"error: /data/x\.tar: Permission denied"),
     (RuntimeError("Connection closed by peer [127.0.0.1]:1234"), r"a peer rank exited or died mid-collective"),
 ])
 def test_failures_become_one_clear_line(tmp_path, exc, match):
     from himae_dist.train import error_line
 
+    if isinstance(exc, OSError) and exc.filename and exc.filename.startswith("RUN"):
+        exc.filename = exc.filename.replace("RUN", str(tmp_path / "run"))
     line = error_line(exc, parse_config(["--data", "d", "--out", str(tmp_path / "run")]))
     assert line.startswith("himae-train: error: ") and "\n" not in line
     assert re.search(match, line), line
