@@ -56,10 +56,12 @@ def error_message(failure) -> str:
 
 def root_cause(failures: dict) -> tuple:
     """(rank, failure): the earliest failure (by its error file's time, whole seconds), preferring one
-    that is not only a peer's death seen in a collective, then the lowest rank."""
+    that is not only a peer's death seen in a collective, then one that exited on its own (not
+    stopped by torchrun's SIGTERM after another rank failed), then the lowest rank."""
     from himae_dist.train import PEER_EXITED
 
-    return min(failures.items(), key=lambda rf: (rf[1].timestamp, PEER_EXITED in error_message(rf[1]), rf[0]))
+    return min(failures.items(), key=lambda rf: (rf[1].timestamp, PEER_EXITED in error_message(rf[1]),
+                                                 rf[1].exitcode < 0, rf[0]))
 
 
 if __name__ == "__main__":

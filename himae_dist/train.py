@@ -451,7 +451,7 @@ def error_line(e: BaseException, cfg: TrainConfig | None) -> str | None:
     if isinstance(e, RuntimeError):  # a collective that waited past --collective-timeout-s, or lost a rank
         msg = text.lower()
         if "connection closed by peer" in msg or "connection reset by peer" in msg:
-            return (f"himae-train: error: {PEER_EXITED} (its own error, if any, is above): "
+            return (f"himae-train: error: {PEER_EXITED} (the first failing rank's own error names the cause): "
                     f"{text.splitlines()[0]}")
         if "timeout" in msg or "timed out" in msg:
             limit = cfg.collective_timeout_s if cfg else "?"
@@ -479,14 +479,15 @@ def _free_space(out: str) -> str:
 def _report(line: str) -> None:
     """The error line, once. Under torchrun it goes to the rank's error file, which torchrun's summary
     shows and from which himae-torchrun prints the first failing rank's line last (then no rank
-    prints it); under plain torchrun or another launcher only rank 0 prints it (the others' repeat it)."""
+    prints it); under plain torchrun only rank 0 prints it too (the others' lines are in the summary);
+    without an error file (the DeepSpeed launcher, a lone process) every rank prints its own."""
     recorded = False
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
-        record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+        entry = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
         with contextlib.suppress(OSError):
             with atomic_path(error_file) as tmp:
-                tmp.write_text(json.dumps(record))
+                tmp.write_text(json.dumps(entry))
             recorded = True
     launcher_prints = recorded and os.environ.get(LAUNCHER_REPORTS_ENV) == "1"
     if not recorded or (not launcher_prints and int(os.environ.get("RANK", "0")) == 0):

@@ -145,8 +145,11 @@ def test_torchrun_names_the_root_cause_not_a_peers_death():
         f.message, f.timestamp = {"message": line}, ts
         return f
 
-    peer = "himae-train: error: a peer rank exited or died mid-collective (its own error, if any, is above): x"
+    peer = "himae-train: error: a peer rank exited or died mid-collective (the first failing rank's own error names the cause): x"
     failures = {0: failure(0, peer, 5), 1: failure(1, "himae-train: error: the real cause", 5)}
     assert root_cause(failures)[0] == 1
     failures[1].timestamp = 6
     assert root_cause(failures)[0] == 0  # earlier wins
+    failures = {0: failure(0, "himae-train: error: x", 5), 1: failure(1, "himae-train: error: x", 5)}
+    failures[0].exitcode = -15  # stopped by torchrun after rank 1 failed
+    assert root_cause(failures)[0] == 1
