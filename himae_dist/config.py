@@ -185,7 +185,8 @@ def _json_object(s: str) -> dict:
     try:
         v = json.loads(s)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"anon\": true}}', got {s!r} ({e})") from None
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"anon\": true}}', got {s!r} "
+                                         f"({e})") from None
     if not isinstance(v, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(v).__name__}")
     return v

@@ -194,7 +194,8 @@ def test_toml_config_with_sections(tmp_path):
                         ('steps = 5\n', r"'steps' is not a table .* \('steps' belongs in \[optim\]\)"),
                         ('[optim]\nstep = 5\n', r"unknown config key\(s\) \[optim\] 'step'"),
                         ('[training]\nsteps = 5\n', r"'training' is not a table of this config"),
-                        ('[data]\ndata = "d"\nstrict_data = "false"\n', r"key 'strict_data' = \"false\": expected true")):
+                        ('[data]\ndata = "d"\nstrict_data = "false"\n',
+                         r"key 'strict_data' = \"false\": expected true")):
         path.write_text(text)
         with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + match):
             parse_config(["--config", str(path)])

@@ -90,7 +90,8 @@ def test_manifest_split_without_shards_is_named(tmp_path, tiny_shards):
     (OSError(errno.ENOSPC, "No space left on device"), r"writing under --out \S+ failed: the disk is full"),
     (PermissionError(errno.EACCES, "Permission denied", "RUN/config.json"),
      r"--out (\S+): cannot write \1/config\.json: Permission denied \(PermissionError\); pick a writable --out"),
-    (FileExistsError(errno.EEXIST, "File exists", "RUN"), r"--out (\S+): cannot write \1: File exists \(FileExistsError\)"),
+    (FileExistsError(errno.EEXIST, "File exists", "RUN"),
+     r"--out (\S+): cannot write \1: File exists \(FileExistsError\)"),
     (PermissionError(errno.EACCES, "Permission denied", "/data/x.tar"), r"error: /data/x\.tar: Permission denied"),
     (RuntimeError("Connection closed by peer [127.0.0.1]:1234"), r"a peer rank exited or died mid-collective"),
 ])
@@ -145,7 +146,8 @@ def test_torchrun_names_the_root_cause_not_a_peers_death():
         f.message, f.timestamp = {"message": line}, ts
         return f
 
-    peer = "himae-train: error: a peer rank exited or died mid-collective (the first failing rank's own error names the cause): x"
+    peer = ("himae-train: error: a peer rank exited or died mid-collective (the first failing rank's own error "
+            "names the cause): x")
     failures = {0: failure(0, peer, 5), 1: failure(1, "himae-train: error: the real cause", 5)}
     assert root_cause(failures)[0] == 1
     failures[1].timestamp = 6
