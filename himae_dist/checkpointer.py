@@ -2,6 +2,12 @@
 weights, pruning (as torchtitan's CheckpointManager: the training loop only calls `resume`,
 `save` and `finish`).
 
+Which checkpoint a start loads (`plan_resume`, `--resume`): auto, the newest complete one in
+--out; never, none (an --out that holds checkpoints is refused, so a run is never mixed with an
+older one's files); PATH, that tag folder. A torchrun restart (attempt > 0) of the same job
+always goes on from its own newest checkpoint. `--init-from WEIGHTS` gives a fresh start (step 0,
+its own schedule) the weights of any checkpoint `load_himae` reads (`init_weights`).
+
 Files under --out: `checkpoints/stepNNNNNNN/` (DeepSpeed's files + `himae_run_state.pt`, every
 rank's loader, RNG and log state; `run_state` says why), `weights/step_NNNNNNN.pt` and
 `himae_final.pt` (plain fp32 weights, pooled BatchNorm statistics), `config.json` and
@@ -24,9 +30,10 @@ from data_prep.storage import StorageError
 from himae_dist import run_state, weights_export
 from himae_dist.bn_sync import digest as bn_digest
 from himae_dist.bn_sync import restore_batchnorm_stats, sync_batchnorm_stats
-from himae_dist.checkpoint import save_weights
+from himae_dist.checkpoint import load_himae, save_weights
 from himae_dist.config import TrainConfig, lr_lambda, resolved
 from himae_dist.guards import check_weights_finite
+from himae_dist.model import HiMAE
 
 _FIXED = ("in_chans", "channels", "zero_stage")  # the checkpoint's files cannot be loaded otherwise
 
@@ -60,6 +67,73 @@ def _plain(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def plan_resume(ckpt_dir: Path, mode: str, restart: bool = False) -> Path | None:
+    """Not collective (rank 0, or a dry run): the checkpoint tag folder this start loads under
+    --resume `mode`, or None for step 0; a ValueError says why the start is refused and what to do.
+    `restart`: a later attempt of the same torchrun job, which goes on from its own checkpoints."""
+    tags = run_state.complete_tags(ckpt_dir)
+    newest = ckpt_dir / tags[-1] if tags else None
+    out = ckpt_dir.parent
+    if mode == "auto":
+        return newest
+    if mode == "never":
+        if newest is None or restart:
+            return newest
+        raise ValueError(f"--resume never: --out {out} already holds checkpoints (newest {newest.name}); pick a "
+                         f"fresh --out for a new run, remove {ckpt_dir} to start over there, or --resume auto to "
+                         f"continue it")
+    chosen = Path(mode)
+    if not (chosen / run_state.RUN_STATE).is_file():
+        found = run_state.complete_tags(chosen)
+        hint = (f" such as {chosen / found[-1]}" if found else
+                f" (its {run_state.RUN_STATE} is written last: a folder without it was never completely saved)")
+        raise ValueError(f"--resume {mode}: not a complete checkpoint tag folder; expected auto, never or a tag "
+                         f"folder{hint}")
+    chosen_tag = chosen.name if run_state.is_tag(chosen.name) else run_state.tag_for(
+        torch.load(chosen / run_state.RUN_STATE, map_location="cpu", weights_only=True)["step"])
+    newer = [t for t in tags if (ckpt_dir / t).resolve() != chosen.resolve() and t >= chosen_tag]
+    if newer and restart:
+        return ckpt_dir / newer[-1]  # this job's own saves since it resumed `chosen`
+    if newer:
+        raise ValueError(f"--resume {mode}: --out {out} holds later checkpoints {newer}, which a restart would "
+                         f"resume instead; move them out of {ckpt_dir}, or resume into a fresh --out")
+    return chosen
+
+
+def read_init_weights(cfg: TrainConfig) -> tuple[dict, str]:
+    """Not collective: (state_dict, what it is) of --init-from, checked against this run's architecture."""
+    try:
+        model, info = load_himae(cfg.init_from, storage_options=cfg.storage_options)
+    except (ValueError, FileNotFoundError, StorageError) as e:
+        raise ValueError(f"--init-from {cfg.init_from}: {e}") from e
+    arch = info["config"]
+    if (arch.in_chans, tuple(arch.channels)) != (cfg.in_chans, tuple(cfg.channels)):
+        raise ValueError(f"--init-from {cfg.init_from}: weights of HiMAE(in_chans={arch.in_chans}, channels="
+                         f"{list(arch.channels)}), but this run builds in_chans={cfg.in_chans}, channels="
+                         f"{list(cfg.channels)}; pass --in-chans {arch.in_chans} --channels "
+                         f"{','.join(map(str, arch.channels))}")
+    step = f", step {info['step']} of its run" if info.get("step") is not None else ""
+    return model.state_dict(), f"{info['source']}{step}"
+
+
+def init_weights(model: HiMAE, cfg: TrainConfig, rank: int) -> str | None:
+    """Collective, before the engine is built (so ZeRO's fp32 partitions start from them too): rank 0
+    reads --init-from and every rank loads the same weights; returns what they are, or None."""
+    if not cfg.init_from:
+        return None
+    got, problem = None, None
+    if rank == 0:
+        try:
+            got = read_init_weights(cfg)
+        except ValueError as e:
+            problem = str(e)
+    got, problem = run_state.broadcast((got, problem))
+    if problem:
+        raise ValueError(problem)
+    model.load_state_dict(got[0], strict=True)
+    return got[1]
+
+
 @dataclasses.dataclass
 class Resumed:
     """Where this rank goes on from: the step, and its saved stream, log window and guard counts."""
@@ -76,7 +150,9 @@ class Checkpointer:
     """Resume and save a run; every method is collective unless it says otherwise."""
 
     def __init__(self, engine, optimizer, scheduler, cfg: TrainConfig, out: Path, rank: int, world: int,
-                 schedule: dict, extra: dict, ds_config: dict):
+                 schedule: dict, extra: dict, ds_config: dict, attempt: int = 0, init_note: str | None = None):
+        self.attempt = attempt  # > 0: a torchrun restart of this job (`plan_resume`)
+        self.init_note = init_note  # the --init-from weights the model was built with, if any
         self.ds_config = ds_config  # as used
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
         self.cfg, self.out, self.rank, self.world = cfg, out, rank, world
@@ -96,7 +172,7 @@ class Checkpointer:
         return None
 
     def resume(self) -> Resumed:
-        """Load rank 0's newest complete checkpoint (if any) and this rank's run state; then write
+        """Load the checkpoint --resume picks (if any) and this rank's run state; then write
         config.json and ds_config.json (only now that the resume checks passed)."""
         res = self._resume()
         if self.rank == 0:
@@ -108,18 +184,24 @@ class Checkpointer:
 
     def _resume(self) -> Resumed:
         cfg, rank, world = self.cfg, self.rank, self.world
-        tag, saved = run_state.choose_resume(self.dir, rank)
-        if tag is None:
+        tag_dir, saved = run_state.choose_resume(
+            self.dir, rank, lambda: plan_resume(self.dir, cfg.resume, restart=self.attempt > 0))
+        if tag_dir is None:
             if rank == 0:  # a fresh start (or a restart before the first checkpoint): no stale records
                 run_state.truncate_metrics(self.out / "metrics.jsonl", 0)
+                if self.init_note:
+                    print(f"[himae-train] initialised from {self.init_note}; a new schedule starts at step 0",
+                          flush=True)
             return Resumed(stream_seed=cfg.seed)
+        if rank == 0 and self.init_note:
+            print(f"[himae-train] --init-from not used: resuming {tag_dir}", flush=True)
         changed, refusal = resume_refusal(saved["schedule"], self.schedule, cfg.allow_schedule_change)
         if refusal:
-            raise ValueError(f"{self.dir / tag}: {refusal}")
-        self.engine.load_checkpoint(str(self.dir), tag=tag)
+            raise ValueError(f"{tag_dir}: {refusal}")
+        self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         start = self.engine.global_steps
         if start != saved["step"]:
-            raise ValueError(f"{self.dir / tag}: DeepSpeed step {start} != run state step {saved['step']}")
+            raise ValueError(f"{tag_dir}: DeepSpeed step {start} != run state step {saved['step']}")
         if changed:  # the optimizer state restored the old lr and weight decay: the new schedule from here on
             f = lr_lambda(cfg)
             self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
@@ -141,7 +223,7 @@ class Checkpointer:
                       f"(seed {res.stream_seed})", flush=True)
         if rank == 0:
             run_state.truncate_metrics(self.out / "metrics.jsonl", start)
-            print(f"[himae-train] resumed from {self.dir / tag} at step {start}", flush=True)
+            print(f"[himae-train] resumed from {tag_dir} at step {start}", flush=True)
         return res
 
     def save(self, step: int, state: dict, final: bool = False, checkpoint: bool = True) -> None:

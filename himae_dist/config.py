@@ -2,7 +2,11 @@
 
 Defaults are the seed's recipe: patch 5, mask ratio 0.8, AdamW lr 1e-3, weight decay 1e-3,
 10 % linear warmup then linear decay. Values come from the dataclass defaults, then an
-optional `--config FILE.json`, then command-line flags; the resolved result is printed at start.
+optional `--config FILE` (TOML with one table per section, or a run's flat config.json), then
+command-line flags; the resolved result is printed at start. Each field's metadata (help,
+choices, section) documents it once: `build_parser` makes the flags and their help from it, and
+the TOML tables follow the sections. Values are type-checked: a typo is an error naming the flag,
+or the file and key, never a silent default.
 The optimizer and schedule are built by the trainer (`train.build_engine`, `lr_lambda`), not by
 DeepSpeed: PyTorch's fused AdamW on GPUs (no JIT build), and a schedule whose every update has
 lr > 0. A user `--ds-config` may tune DeepSpeed but not contradict a flag (`deepspeed_config`).
@@ -20,53 +24,96 @@ from dataclasses import dataclass
 from himae_dist.model import DEFAULT_CHANNELS
 
 
+SECTIONS = ("data", "model", "optim", "checkpoint", "log")  # the TOML config's tables
+
+
+def _opt(default, section: str, help: str, choices: tuple | None = None, metavar: str | None = None):
+    """A TrainConfig field whose metadata documents it: the flag's help, its choices and its TOML section."""
+    assert section in SECTIONS, section
+    return dataclasses.field(default=default, metadata={"help": help, "section": section, "choices": choices,
+                                                        "metavar": metavar})
+
+
 @dataclass
 class TrainConfig:
-    data: str = ""  # manifest.json (path or URL) or the folder holding it
-    out: str = "runs/himae"
-    storage_options: dict | None = None  # fsspec options for s3:// data
-    in_chans: int = 1
-    channels: tuple[int, ...] = DEFAULT_CHANNELS
-    patch_size: int = 5
-    mask_ratio: float = 0.8
-    micro_batch: int = 64  # per rank
-    grad_accum: int = 1
-    steps: int = 1000  # optimizer steps
-    lr: float = 1e-3
-    weight_decay: float = 1e-3
-    warmup_frac: float = 0.1
-    grad_clip: float = 0.0  # 0 = off, as the seed
-    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32), fp32, bf16 (autocast; CPU too)
-    zero_stage: int = 0
-    loss_impl: str = "auto"  # auto (fused Triton on CUDA when available), reference, fused
-    seed: int = 0
-    num_workers: int = 4  # DataLoader workers per rank (pinned memory on CUDA)
-    shuffle_shards: int = 4  # shards loaded and shuffled together per reader
-    strict_data: bool = False  # a missing/corrupt shard is fatal instead of skipped with a warning
-    max_bad_data: float = 0.01  # stop when more than this fraction of shard reads failed (all ranks, so far)
-    verify_data: bool = False  # check every shard read against the manifest's sha256 (costs a hash per read)
-    log_every: int = 10
-    save_every: int = 0  # also save every N steps (0 = off)
-    save_every_min: float = 30.0  # also save at the first log step after N minutes since the last save (0 = off)
-    val_every: int = 0  # masked MSE on the val split every N steps (0 = off), logged at the next log step
-    val_batches: int = 4  # val micro-batches per rank (the same ones every time)
-    wandb: str = "off"  # off, offline, online
-    plot_every: int = 0  # reconstruction PNG of val samples every N steps (needs --val-every; 0 = off)
-    wandb_project: str = "himae-dist"
-    export_url: str | None = None  # also place weights/step_*.pt and himae_final.pt here (s3://... or a path)
-    ds_config: str | None = None  # JSON file merged over the generated DeepSpeed config
-    keep_checkpoints: int = 3  # complete checkpoints kept in --out/checkpoints (older ones deleted)
-    allow_schedule_change: bool = False  # resume even if --steps/lr/warmup/batch differ from the checkpoint's
-    on_nonfinite: str = "abort"  # samples with NaN/inf (dropped on the device): abort naming shard and keys, or skip them (counted)
-    collective_timeout_s: int = 300  # a collective waiting longer (stalled/dead rank) is an error
-    deterministic: bool = False  # deterministic cuDNN/cuBLAS kernels: bitwise resume on GPUs too (CPU always)
-    compile: bool = False  # torch.compile the model (forward and backward; the fused loss stays a Triton kernel)
-    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: graph capture without code generation)
-    tf32: bool = True  # TF32 for fp32 convolutions and matmuls on Ampere+ GPUs (bf16 runs do not use it)
+    # data
+    data: str = _opt("", "data", "manifest.json (path or URL) or the folder holding it", metavar="URL")
+    storage_options: dict | None = _opt(None, "data", "fsspec options for s3:// data and --export-url, as a JSON "
+                                        "object (e.g. '{\"anon\": false}')")
+    num_workers: int = _opt(4, "data", "DataLoader workers per rank (pinned memory on CUDA)")
+    shuffle_shards: int = _opt(4, "data", "shards loaded and shuffled together per reader")
+    strict_data: bool = _opt(False, "data", "a missing/corrupt shard is fatal instead of skipped with a warning")
+    max_bad_data: float = _opt(0.01, "data", "stop when more than this fraction of shard reads failed (all ranks, "
+                               "so far)")
+    verify_data: bool = _opt(False, "data", "check every shard read against the manifest's sha256 (costs a hash "
+                             "per read)")
+    on_nonfinite: str = _opt("abort", "data", "samples with NaN/inf (dropped on the device): abort naming shard "
+                             "and keys, or skip them (counted)", ("abort", "skip"))
+    # model
+    in_chans: int = _opt(1, "model", "signal channels per segment (must match the manifest)")
+    channels: tuple[int, ...] = _opt(DEFAULT_CHANNELS, "model", "encoder widths, comma-separated (TOML/JSON: a "
+                                     "list of integers)")
+    patch_size: int = _opt(5, "model", "masking patch length in samples")
+    mask_ratio: float = _opt(0.8, "model", "fraction of patches masked, in (0, 1)")
+    precision: str = _opt("auto", "model", "auto (bf16 on GPUs that support it, else fp32), fp32, bf16 (autocast; "
+                          "CPU too)", ("auto", "fp32", "bf16"))
+    loss_impl: str = _opt("auto", "model", "masked-MSE implementation: auto (fused Triton on CUDA when "
+                          "available), reference, fused", ("auto", "reference", "fused"))
+    compile: bool = _opt(False, "model", "torch.compile the model (forward and backward; the fused loss stays a "
+                         "Triton kernel)")
+    compile_backend: str = _opt("inductor", "model", "torch.compile backend (aot_eager: graph capture without code "
+                                "generation)", ("inductor", "aot_eager", "eager", "cudagraphs"))
+    tf32: bool = _opt(True, "model", "TF32 for fp32 convolutions and matmuls on Ampere+ GPUs (bf16 runs do not "
+                      "use it)")
+    deterministic: bool = _opt(False, "model", "deterministic cuDNN/cuBLAS kernels: bitwise resume on GPUs too "
+                               "(CPU always)")
+    # optim
+    micro_batch: int = _opt(64, "optim", "segments per micro-batch, per rank")
+    grad_accum: int = _opt(1, "optim", "micro-batches per optimizer step")
+    steps: int = _opt(1000, "optim", "optimizer steps of the whole run")
+    lr: float = _opt(1e-3, "optim", "peak AdamW learning rate")
+    weight_decay: float = _opt(1e-3, "optim", "AdamW weight decay")
+    warmup_frac: float = _opt(0.1, "optim", "fraction of --steps with linear warmup (then linear decay), in [0, 1)")
+    grad_clip: float = _opt(0.0, "optim", "gradient-norm clipping (0 = off, as the seed)")
+    zero_stage: int = _opt(0, "optim", "DeepSpeed ZeRO stage (a 1.2 M-parameter model gains nothing from ZeRO)",
+                           (0, 1, 2))
+    seed: int = _opt(0, "optim", "seed of the initial weights, masks and data order")
+    ds_config: str | None = _opt(None, "optim", "JSON file merged over the generated DeepSpeed config (may not "
+                                 "contradict a flag)", metavar="FILE")
+    collective_timeout_s: int = _opt(300, "optim", "a collective waiting longer (stalled/dead rank) is an error, "
+                                     "in seconds")
+    # checkpoint
+    out: str = _opt("runs/himae", "checkpoint", "run folder: checkpoints, weights, metrics.jsonl, config.json "
+                    "(shared by every node)", metavar="DIR")
+    resume: str = _opt("auto", "checkpoint", "auto: the newest complete checkpoint in --out, if any; never: start "
+                       "at step 0 and refuse an --out that holds checkpoints; or PATH: that checkpoint tag folder "
+                       "(e.g. runs/a/checkpoints/step0001000). A torchrun restart of the same job resumes its own "
+                       "newest checkpoint in every mode", metavar="{auto,never,PATH}")
+    init_from: str | None = _opt(None, "checkpoint", "weights a new run starts from at step 0 with its own "
+                                 "schedule: himae_final.pt, weights/step_*.pt, a seed Lightning .ckpt, a DeepSpeed "
+                                 "checkpoint folder or an s3:// URL (architecture checked; not used when a "
+                                 "checkpoint is resumed)", metavar="WEIGHTS")
+    save_every: int = _opt(0, "checkpoint", "also save every N steps (0 = off)")
+    save_every_min: float = _opt(30.0, "checkpoint", "also save at the first log step after N minutes since the "
+                                 "last save (0 = off)")
+    keep_checkpoints: int = _opt(3, "checkpoint", "complete checkpoints kept in --out/checkpoints (older ones "
+                                 "deleted)")
+    allow_schedule_change: bool = _opt(False, "checkpoint", "resume even if --steps/lr/warmup/batch/... differ "
+                                       "from the checkpoint's")
+    export_url: str | None = _opt(None, "checkpoint", "also place weights/step_*.pt and himae_final.pt here "
+                                  "(s3://... or a path)", metavar="URL")
+    # log
+    log_every: int = _opt(10, "log", "log (one all-reduce and host read) every N steps")
+    val_every: int = _opt(0, "log", "masked MSE on the val split every N steps (0 = off), logged at the next log "
+                          "step")
+    val_batches: int = _opt(4, "log", "val micro-batches per rank (the same ones every time)")
+    plot_every: int = _opt(0, "log", "reconstruction PNG of val samples every N steps (needs --val-every; 0 = off)")
+    wandb: str = _opt("off", "log", "Weights & Biases logging", ("off", "offline", "online"))
+    wandb_project: str = _opt("himae-dist", "log", "Weights & Biases project", metavar="NAME")
 
     def validate(self) -> None:
         def bad(name: str, want: str) -> None:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: expected {want}")
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: expected {want}")
 
         if not self.data:
             bad("data", "a manifest.json path/URL or the folder holding it")
@@ -77,20 +124,18 @@ class TrainConfig:
             bad("mask_ratio", "a value in (0, 1)")
         if not 0.0 <= self.warmup_frac < 1.0:
             bad("warmup_frac", "a value in [0, 1)")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            bad("precision", "one of auto, fp32, bf16")
         if self.zero_stage not in (0, 1, 2):
             bad("zero_stage", "0, 1 or 2 (a 1.2 M-parameter model gains nothing from stage 3)")
-        if self.loss_impl not in ("auto", "reference", "fused"):
-            bad("loss_impl", "one of auto, reference, fused")
-        if self.on_nonfinite not in ("abort", "skip"):
-            bad("on_nonfinite", "abort or skip")
-        if self.compile_backend not in ("inductor", "aot_eager", "eager", "cudagraphs"):
-            bad("compile_backend", "one of inductor, aot_eager, eager, cudagraphs")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                bad(f.name, "one of " + ", ".join(map(str, choices)))
+        if not self.resume:
+            bad("resume", "auto, never or the path of a checkpoint tag folder")
+        if not self.channels or any(c < 1 for c in self.channels):
+            bad("channels", "one or more widths >= 1, e.g. 16,32,64")
         if self.keep_checkpoints < 1 or self.collective_timeout_s < 1:
             bad("keep_checkpoints" if self.keep_checkpoints < 1 else "collective_timeout_s", "an integer >= 1")
-        if self.wandb not in ("off", "offline", "online"):
-            bad("wandb", "off, offline or online")
         if self.plot_every < 0:
             bad("plot_every", "an integer >= 0")
         if self.plot_every and (not self.val_every or self.plot_every % self.val_every):
@@ -114,42 +159,166 @@ class TrainConfig:
         return int(round(self.warmup_frac * self.steps))
 
 
-def _arg_type(tp: object):
-    origin = typing.get_origin(tp)
+class ConfigError(ValueError):
+    """A bad flag or config-file value: one line naming the flag, or the file and key, and what was expected."""
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _strict_bool(s: str) -> bool:
+    """A flag's boolean: a typo (`--strict-data ture`) is an error, never a silent false."""
+    v = s.strip().lower()
+    if v in _TRUE or v in _FALSE:
+        return v in _TRUE
+    raise argparse.ArgumentTypeError(f"expected true or false (or 1/0, yes/no, on/off), got {s!r}")
+
+
+def _int_list(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 16,32,64, got {s!r}") from None
+
+
+def _json_object(s: str) -> dict:
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"anon\": true}}', got {s!r} "
+                                         f"({e})") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(v).__name__}")
+    return v
+
+
+def _base_type(tp: object) -> object:
+    """bool, int, float, str, dict or tuple for a field's annotation (Optional stripped)."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if tp is bool:
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
-    if origin is tuple:
-        return lambda s: tuple(int(c) for c in s.split(","))
-    if tp is dict or (args and args[0] is dict):
-        return json.loads
-    if args:
-        return args[0]
+    if typing.get_origin(tp) is tuple:
+        return tuple
+    if args and typing.get_origin(tp) is not tuple:
+        return _base_type(args[0])
     return tp
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
+_FLAG_TYPE = {bool: _strict_bool, int: int, float: float, str: str, dict: _json_object, tuple: _int_list}
+_WANT = {bool: "true or false (a boolean, not a string)", int: "an integer", float: "a number", str: "a string",
+         dict: "a table/object of fsspec options", tuple: "a list of integers such as [16, 32, 64]"}
+
+
+def _shown(v: object) -> str:
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line (not the usage of 45 flags), raised to main
+        raise ConfigError(f"{message} (see himae-train --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's flags, one per TrainConfig field, documented from the fields' metadata, grouped by section."""
     hints = typing.get_type_hints(TrainConfig)
-    ap = argparse.ArgumentParser(prog="python -m himae_dist.train", description="Pretrain HiMAE with DeepSpeed.")
-    ap.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
+    ap = _Parser(prog="himae-train", description="Pretrain HiMAE with DeepSpeed: torchrun [torchrun flags] -m "
+                 "himae_dist.train [flags], or python -m himae_dist.torchrun (launch/*.sh). Values come from the "
+                 "defaults, then --config, then these flags.")
+    ap.add_argument("--config", metavar="FILE", help="TOML file with [data] [model] [optim] [checkpoint] [log] "
+                    "tables, or a flat JSON object (a run's config.json); flags override it")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved config, world size and global batch, "
+                    "epochs covered by --steps, the shards and the checkpoint it would resume from, then exit 0 "
+                    "without writing anything (no DeepSpeed engine is started)")
     # The deepspeed launcher passes --local_rank; torchrun sets LOCAL_RANK. Accept both.
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    groups = {s: ap.add_argument_group(f"{s} (TOML table [{s}])") for s in SECTIONS}
     for f in dataclasses.fields(TrainConfig):
-        ap.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_arg_type(hints[f.name]), default=None)
-    ns = ap.parse_args(argv)
-    values: dict = {}
-    if ns.config:
-        with open(ns.config) as fh:
-            values = json.load(fh)
-        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+        tp, choices = _base_type(hints[f.name]), f.metadata["choices"]
+        kw: dict = {"dest": f.name, "type": _FLAG_TYPE[tp], "default": None}
+        if tp is bool:
+            kw.update(nargs="?", const=True, metavar="{true,false}")
+        elif f.metadata["metavar"]:
+            kw["metavar"] = f.metadata["metavar"]
+        elif choices:
+            kw["metavar"] = "{" + ",".join(map(str, choices)) + "}"
+        else:
+            kw["metavar"] = {int: "N", float: "X", tuple: "C1,C2,...", dict: "JSON"}.get(tp, "VALUE")
+        default = "" if f.default in ("", None) else f" (default: {_shown(f.default)})"
+        groups[f.metadata["section"]].add_argument(f"--{f.name.replace('_', '-')}", help=f.metadata["help"] + default,
+                                                   **kw)
+    return ap
+
+
+def _read_config_file(path: str) -> dict:
+    """The config file's values by field name, type-checked; TOML by its .toml suffix, else flat JSON."""
+    try:
+        raw = open(path, "rb").read()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from e
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if path.endswith(".toml"):
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            doc = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from e
+        values = {}
+        for table, body in doc.items():
+            if table not in SECTIONS or not isinstance(body, dict):
+                where = fields[table].metadata["section"] if table in fields else None
+                raise ConfigError(f"{path}: {table!r} is not a table of this config: expected the tables "
+                                  f"{list(SECTIONS)}" + (f" ({table!r} belongs in [{where}])" if where else ""))
+            for key, v in body.items():
+                if key not in fields:
+                    raise ConfigError(f"{path}: unknown config key(s) [{table}] {key!r}")
+                if fields[key].metadata["section"] != table:
+                    raise ConfigError(f"{path}: key {key!r} belongs in [{fields[key].metadata['section']}], "
+                                      f"not [{table}]")
+                values[key] = v
+    else:
+        try:
+            values = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e}); a .toml file is read as TOML") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config keys, got {type(values).__name__}")
+        unknown = set(values) - set(fields)
         if unknown:
-            raise ValueError(f"{ns.config}: unknown config key(s) {sorted(unknown)}")
-    values.update({k: v for k, v in vars(ns).items() if v is not None and k not in ("config", "local_rank")})
-    if "channels" in values:
-        values["channels"] = tuple(values["channels"])
+            raise ConfigError(f"{path}: unknown config key(s) {sorted(unknown)}")
+    hints = typing.get_type_hints(TrainConfig)
+    return {k: _checked(v, hints[k], f"{path}: key {k!r}") for k, v in values.items()}
+
+
+def _checked(v: object, hint: object, where: str) -> object:
+    """v as the field's type, or a ConfigError: no string taken for a boolean or number."""
+    tp = _base_type(hint)
+    optional = type(None) in typing.get_args(hint)
+    if v is None and optional:
+        return None
+    ok = {bool: lambda: isinstance(v, bool),
+          int: lambda: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda: isinstance(v, str), dict: lambda: isinstance(v, dict),
+          tuple: lambda: isinstance(v, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in v)}[tp]()
+    if not ok:
+        raise ConfigError(f"{where} = {json.dumps(v, default=str)}: expected {_WANT[tp]}")
+    return float(v) if tp is float else tuple(v) if tp is tuple else v
+
+
+def parse_cli(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """(the validated config, the command's own options: --dry-run). Defaults, then --config, then flags."""
+    ns = build_parser().parse_args(argv)
+    values: dict = _read_config_file(ns.config) if ns.config else {}
+    skip = ("config", "local_rank", "dry_run")
+    values.update({k: v for k, v in vars(ns).items() if v is not None and k not in skip})
     cfg = TrainConfig(**values)
     cfg.validate()
-    return cfg
+    return cfg, argparse.Namespace(**{k: getattr(ns, k) for k in skip})
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    return parse_cli(argv)[0]
 
 
 # DeepSpeed keys that a flag sets: a --ds-config may repeat them with the same value only.

@@ -11,6 +11,7 @@ never resumed from. `latest` (DeepSpeed's pointer, read by `load_himae`) is rewr
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -31,6 +32,11 @@ _TAG = re.compile(r"^step(\d{7})$")
 
 def tag_for(step: int) -> str:
     return f"step{step:07d}"
+
+
+def is_tag(name: str) -> bool:
+    """A checkpoint tag folder's name (stepNNNNNNN)."""
+    return bool(_TAG.match(name))
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
@@ -100,6 +106,21 @@ def _ranks_without(ok: bool) -> list[str]:
     return [f"rank {r} on {host}" for r, (ok_r, host) in enumerate(seen) if not ok_r]
 
 
+def out_problem(out: Path) -> str | None:
+    """Not collective, creates nothing: why --out cannot be the run folder (a file, or a folder that
+    cannot be created or written), or None."""
+    existing = out
+    while not existing.exists() and existing.parent != existing:  # its nearest existing ancestor
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"cannot be created: {existing} is a file"
+        return f"--out {out} {where}; expected a folder (created if missing)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == out else f"cannot be created: {existing} is not writable"
+        return f"--out {out} {where} (permission denied or a read-only filesystem); pick another --out"
+    return None
+
+
 def check_shared_out(out: Path, rank: int, wait_s: float = 30.0) -> None:
     """Collective: refuse an --out that is not one folder for every rank (node-local disks on several nodes).
 
@@ -128,25 +149,37 @@ def check_shared_out(out: Path, rank: int, wait_s: float = 30.0) -> None:
         )
 
 
-def choose_resume(ckpt_dir: Path, rank: int) -> tuple[str | None, dict | None]:
-    """Collective: rank 0's newest complete tag and its run state, after every rank showed it sees the files."""
-    tag, state = None, None
+def choose_resume(ckpt_dir: Path, rank: int, pick=None) -> tuple[Path | None, dict | None]:
+    """Collective: the checkpoint tag folder rank 0 picks (`pick()`, default its newest complete tag in
+    `ckpt_dir`; may raise ValueError) and its run state, after every rank showed it sees the files.
+    A refusal or an unreadable run state is raised on every rank alike."""
+    tag_dir, state, problem = None, None, None
     if rank == 0:
-        tags = complete_tags(ckpt_dir)
-        if tags:
-            tag = tags[-1]
-            state = torch.load(ckpt_dir / tag / RUN_STATE, map_location="cpu", weights_only=True)
-    tag = broadcast(tag)
-    if tag is None:
+        try:
+            if pick is not None:
+                tag_dir = pick()
+            else:
+                tags = complete_tags(ckpt_dir)
+                tag_dir = ckpt_dir / tags[-1] if tags else None
+            if tag_dir is not None:
+                state = torch.load(tag_dir / RUN_STATE, map_location="cpu", weights_only=True)
+        except ValueError as e:
+            problem = str(e)
+        except Exception as e:  # noqa: BLE001 (a damaged run state: named on every rank instead of a hang)
+            problem = f"{tag_dir / RUN_STATE}: cannot read the run state ({type(e).__name__}: {e})"
+    tag_dir, problem = broadcast((tag_dir, problem))
+    if problem:
+        raise ValueError(problem)
+    if tag_dir is None:
         return None, None
-    model_file = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+    model_file = tag_dir / "mp_rank_00_model_states.pt"
     blind = _ranks_without(model_file.is_file())
     if blind:
         raise ValueError(
-            f"checkpoint {ckpt_dir / tag} (rank 0's newest) is not visible to {', '.join(blind)}: --out must be "
-            f"a folder every node sees (shared filesystem), or start a fresh --out"
+            f"checkpoint {tag_dir} (rank 0's choice) is not visible to {', '.join(blind)}: --out (and --resume "
+            f"PATH) must be a folder every node sees (shared filesystem), or start a fresh --out"
         )
-    return tag, broadcast(state)
+    return tag_dir, broadcast(state)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -14,20 +14,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import json
 import math
 import os
+import shutil
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
+from data_prep.atomic_write import atomic_path
 from data_prep.parent_death import exit_with_parent
 from data_prep.storage import StorageError
 from himae_dist import fault_injection, run_state
-from himae_dist.checkpointer import Checkpointer
-from himae_dist.config import TrainConfig, deepspeed_config, lr_lambda, parse_config, resolved, schedule_params
+from himae_dist.checkpointer import Checkpointer, init_weights
+from himae_dist.config import (ConfigError, TrainConfig, deepspeed_config, lr_lambda, parse_cli, resolved,
+                               schedule_params)
+from himae_dist.dry_run import dry_run
 from himae_dist.elastic_attempt import attempt_store
 from himae_dist.guards import NonFiniteError, NonFiniteGuard
 from himae_dist.model import HiMAE
@@ -155,7 +162,7 @@ def _session(cfg: TrainConfig):
         rank, world = dist.get_rank(), dist.get_world_size()
         lease = _take_lease(Path(cfg.out), rank, attempt)
         try:
-            yield _start(cfg, deepspeed, device, rank, world), attempt, watchdog
+            yield _start(cfg, deepspeed, device, rank, world, attempt), attempt, watchdog
         finally:
             if lease is not None:
                 lease.release()
@@ -308,8 +315,8 @@ def read_guard(count: torch.Tensor) -> tuple[float, float]:
     return float(total), float(count)
 
 
-def _start(cfg: TrainConfig, deepspeed, device: torch.device, rank: int, world: int) -> _Run:
-    """Collective: data checks, model and engine, resume, loader and components, in that order."""
+def _start(cfg: TrainConfig, deepspeed, device: torch.device, rank: int, world: int, attempt: int = 0) -> _Run:
+    """Collective: data checks, model (--init-from) and engine, resume, loader and components, in that order."""
     out = Path(cfg.out)
     manifest = load_manifest(cfg.data, cfg.storage_options)
     if manifest.channels != cfg.in_chans:
@@ -319,14 +326,16 @@ def _start(cfg: TrainConfig, deepspeed, device: torch.device, rank: int, world: 
     objective = make_objective(cfg.loss_impl, device, cfg.patch_size, cfg.mask_ratio, cfg.seed, rank, world)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    engine, optimizer, scheduler, ds = build_engine(deepspeed, cfg, HiMAE(cfg.in_chans, cfg.channels), device, world)
+    model = HiMAE(cfg.in_chans, cfg.channels)
+    init_note = init_weights(model, cfg, rank)  # --init-from; a checkpoint resumed below replaces them
+    engine, optimizer, scheduler, ds = build_engine(deepspeed, cfg, model, device, world)
     if rank == 0:
         print(f"[himae-train] world={world} device={device.type} bf16={bf16} "
               f"objective={type(objective).__name__} resolved config:\n{resolved(cfg)}", flush=True)
     run_state.check_shared_out(out, rank, wait_s=min(30.0, cfg.collective_timeout_s / 4))
     schedule = schedule_params(cfg, world, precision="bf16" if bf16 else "fp32", loss_impl=objective.impl)
     extra = {"preprocess": manifest.preprocess, "data": manifest.url}  # so evaluation scales its data the same way
-    ckpt = Checkpointer(engine, optimizer, scheduler, cfg, out, rank, world, schedule, extra, ds)
+    ckpt = Checkpointer(engine, optimizer, scheduler, cfg, out, rank, world, schedule, extra, ds, attempt, init_note)
     res = ckpt.resume()
 
     # Rank 0 lists the shards once and every rank takes the same decision (no rank waits in a collective alone).
@@ -416,12 +425,90 @@ def _grad_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
+LAUNCHER_REPORTS_ENV = "HIMAE_LAUNCHER_REPORTS_ERRORS"  # set by himae_dist.torchrun: it prints the root cause
+PEER_EXITED = "a peer rank exited or died mid-collective"  # a consequence, not a root cause (himae_dist.torchrun)
+
+
+def error_line(e: BaseException, cfg: TrainConfig | None) -> str | None:
+    """The one `himae-train: error:` line for a failure the user can act on, or None (a bug: keep the traceback)."""
+    out = cfg.out if cfg else "?"
+    if isinstance(e, (ValueError, FileNotFoundError, StorageError)):  # bad options, data or store
+        msg = str(e)
+        if "Original Traceback" in msg:  # raised in a DataLoader worker: its own message is the last line
+            msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+        return f"himae-train: error: {msg}"
+    text = str(e)
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in text or (
+            isinstance(e, RuntimeError) and ("inline_container.cc" in text or "file write failed" in text)):
+        return (f"himae-train: error: writing under --out {out} failed: the disk is full or failing "
+                f"({_free_space(out)}); free space or pick another --out, then run the same command to resume "
+                f"from the last complete checkpoint ({text.strip().splitlines()[0][:200]})")
+    if isinstance(e, OSError) and e.filename:  # a file that cannot be written or read: named
+        if cfg and _inside(str(e.filename), cfg.out):  # --out: a file in its place, permissions, read-only
+            return (f"himae-train: error: --out {out}: cannot write {e.filename}: {e.strerror or e} "
+                    f"({type(e).__name__}); pick a writable --out")
+        return f"himae-train: error: {e.filename}: {e.strerror or e} ({type(e).__name__})"
+    if isinstance(e, RuntimeError):  # a collective that waited past --collective-timeout-s, or lost a rank
+        msg = text.lower()
+        if "connection closed by peer" in msg or "connection reset by peer" in msg:
+            return (f"himae-train: error: {PEER_EXITED} (the first failing rank's own error names the cause): "
+                    f"{text.splitlines()[0]}")
+        if "timeout" in msg or "timed out" in msg:
+            limit = cfg.collective_timeout_s if cfg else "?"
+            return (f"himae-train: error: a collective timed out after --collective-timeout-s={limit} s "
+                    f"(a rank stalled or died): {text.splitlines()[0]}")
+    return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    p, f = os.path.abspath(path), os.path.abspath(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
+
+
+def _free_space(out: str) -> str:
+    path = Path(out)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    try:
+        du = shutil.disk_usage(path)
+    except OSError:
+        return "free space unknown"
+    return f"{du.free / 2**30:.2f} GiB free of {du.total / 2**30:.1f} GiB on the disk holding {path}"
+
+
+def _report(line: str) -> None:
+    """The error line, once. Under torchrun it goes to the rank's error file, which torchrun's summary
+    shows and from which himae-torchrun prints the first failing rank's line last (then no rank
+    prints it); under plain torchrun only rank 0 prints it too (the others' lines are in the summary);
+    without an error file (the DeepSpeed launcher, a lone process) every rank prints its own."""
+    recorded = False
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        entry = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+        with contextlib.suppress(OSError):
+            with atomic_path(error_file) as tmp:
+                tmp.write_text(json.dumps(entry))
+            recorded = True
+    launcher_prints = recorded and os.environ.get(LAUNCHER_REPORTS_ENV) == "1"
+    if not recorded or (not launcher_prints and int(os.environ.get("RANK", "0")) == 0):
+        print(line, file=sys.stderr, flush=True)
+
+
+@record
 def main(argv: list[str] | None = None) -> None:
+    """`himae-train`: parse, then train (or --dry-run); a failure the user can act on is one line, exit 1 (2: flags)."""
     if "LOCAL_RANK" in os.environ:  # under a launcher: never outlive it (torchrun starts workers in new sessions)
         exit_with_parent()
     stop = StopRequest()  # before the slow start: a signal during it is honoured at the first log step
+    cfg = None
     try:
-        cfg = parse_config(argv)
+        cfg, opts = parse_cli(argv)
+        if opts.dry_run:
+            dry_run(cfg)
+            return
+        problem = run_state.out_problem(Path(cfg.out))  # before any rank starts a process group
+        if problem:
+            raise ValueError(problem)
         train(cfg, stop)
     except Preempted as e:
         import torch.distributed as dist
@@ -429,20 +516,12 @@ def main(argv: list[str] | None = None) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"himae-train: {e}", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT)
-    except (ValueError, FileNotFoundError, StorageError) as e:  # bad options, data or store: one line, no traceback
-        msg = str(e)
-        if "Original Traceback" in msg:  # raised in a DataLoader worker: its own message is the last line
-            msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
-        sys.exit(f"himae-train: error: {msg}")
-    except RuntimeError as e:  # a collective that waited past --collective-timeout-s, or lost a rank: say so
-        msg = str(e).lower()
-        if "connection closed by peer" in msg or "connection reset by peer" in msg:
-            sys.exit(f"himae-train: error: a peer rank exited or died mid-collective (its own error, if any, is "
-                     f"above): {str(e).splitlines()[0]}")
-        if "timeout" not in msg and "timed out" not in msg:
+    except Exception as e:  # noqa: BLE001 (what error_line does not know is re-raised with its traceback)
+        line = error_line(e, cfg)
+        if line is None:
             raise
-        sys.exit(f"himae-train: error: a collective timed out after --collective-timeout-s={cfg.collective_timeout_s} s "
-                 f"(a rank stalled or died): {str(e).splitlines()[0]}")
+        _report(line)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
     import torch.distributed as dist
 
     if dist.is_initialized():  # no barrier: the others need not wait (in a collective) for rank 0's final upload

@@ -127,3 +127,83 @@ def test_resume_refusals_name_what_changed():
     assert resume_refusal(stage0, sched(world=3), True)[1] is None
     old = {k: v for k, v in stage0.items() if k not in ("precision", "channels")}  # an older run state
     assert resume_refusal(old, sched("--precision", "bf16"), False) == ({}, None)
+
+
+def test_help_documents_every_flag_with_choices_and_defaults():
+    import dataclasses
+
+    from himae_dist.config import TrainConfig, build_parser
+
+    text = build_parser().format_help()
+    for f in dataclasses.fields(TrainConfig):
+        flag = f"--{f.name.replace('_', '-')}"
+        assert flag in text and f.metadata["help"], flag
+    assert "--precision {auto,fp32,bf16}" in text and "(default: auto)" in text
+    assert "--strict-data [{true,false}]" in text and "--dry-run" in text
+    assert "(default: 16,32,64,128,256)" in text and "TOML table [optim]" in text
+    assert text.startswith("usage: himae-train")
+
+
+def test_strict_booleans_name_the_flag():
+    assert parse_config(["--data", "d", "--strict-data", "YES", "--compile", "off", "--verify-data"]).strict_data
+    cfg = parse_config(["--data", "d", "--compile", "off", "--verify-data"])
+    assert (cfg.compile, cfg.verify_data) == (False, True)  # a bare boolean flag means true
+    with pytest.raises(ValueError, match=r"^argument --strict-data: expected true or false .*got 'ture'"):
+        parse_config(["--data", "d", "--strict-data", "ture"])
+    with pytest.raises(ValueError, match=r"argument --channels: expected comma-separated integers"):
+        parse_config(["--data", "d", "--channels", "16,x"])
+    with pytest.raises(ValueError, match=r"--precision=.bf32.: expected one of auto, fp32, bf16"):
+        parse_config(["--data", "d", "--precision", "bf32"])
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"allow_schedule_change": "false"}, r"key 'allow_schedule_change' = \"false\": expected true or false"),
+    ({"steps": "5"}, r"key 'steps' = \"5\": expected an integer"),
+    ({"steps": 5.5}, r"key 'steps' = 5.5: expected an integer"),
+    ({"channels": 16}, r"key 'channels' = 16: expected a list of integers"),
+    ({"lr": True}, r"key 'lr' = true: expected a number"),
+    ({"storage_options": "anon"}, r"key 'storage_options' = \"anon\": expected a table/object"),
+])
+def test_wrongly_typed_config_values_name_the_file_and_key(tmp_path, values, match):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"data": "d", **values}))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + match):
+        parse_config(["--config", str(path)])
+
+
+def test_a_truncated_config_file_is_named(tmp_path):
+    (tmp_path / "c.json").write_text('{"data": "d", ')
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "c.json")) + r": not valid JSON \(Expecting"):
+        parse_config(["--config", str(tmp_path / "c.json")])
+    (tmp_path / "c.toml").write_text("[optim]\nsteps = ")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "c.toml")) + r": not valid TOML"):
+        parse_config(["--config", str(tmp_path / "c.toml")])
+    with pytest.raises(ValueError, match=r"--config .*missing.toml: cannot read it"):
+        parse_config(["--config", str(tmp_path / "missing.toml")])
+
+
+def test_toml_config_with_sections(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\ndata = "s3://b/shards"\nstrict_data = true\n\n[model]\nchannels = [8, 16]\n\n'
+                    '[optim]\nsteps = 50\nlr = 5e-4\n\n[checkpoint]\nresume = "never"\n\n[log]\nlog_every = 5\n')
+    cfg = parse_config(["--config", str(path), "--lr", "1e-4"])
+    assert (cfg.data, cfg.strict_data, cfg.channels, cfg.steps, cfg.lr, cfg.resume, cfg.log_every) == \
+        ("s3://b/shards", True, (8, 16), 50, 1e-4, "never", 5)
+    assert isinstance(cfg.lr, float) and parse_config(["--config", str(path)]).lr == 5e-4
+    for text, match in (('[optim]\nlog_every = 5\n', r"key 'log_every' belongs in \[log\], not \[optim\]"),
+                        ('steps = 5\n', r"'steps' is not a table .* \('steps' belongs in \[optim\]\)"),
+                        ('[optim]\nstep = 5\n', r"unknown config key\(s\) \[optim\] 'step'"),
+                        ('[training]\nsteps = 5\n', r"'training' is not a table of this config"),
+                        ('[data]\ndata = "d"\nstrict_data = "false"\n',
+                         r"key 'strict_data' = \"false\": expected true")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + match):
+            parse_config(["--config", str(path)])
+
+
+def test_a_runs_config_json_is_read_back(tmp_path):
+    from himae_dist.config import resolved
+
+    cfg = parse_config(["--data", "d", "--channels", "8,16", "--storage-options", '{"anon": true}', "--steps", "7"])
+    (tmp_path / "config.json").write_text(resolved(cfg))
+    assert parse_config(["--config", str(tmp_path / "config.json")]) == cfg

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,10 +110,47 @@ def test_fused_objective_without_cuda_is_a_clear_error(monkeypatch):
 
 
 def test_a_fresh_start_drops_records_of_a_run_that_never_saved(tiny_shards, tmp_path):
-    """A restart before the first checkpoint starts at step 0: the dead attempt's records must not stay."""
+    """A restart before the first checkpoint starts at step 0: the dead attempt's records must not stay.
+    That start is also --resume never (no checkpoints yet: allowed) with --init-from weights (a new schedule
+    from step 0); then --resume PATH continues exactly that checkpoint into another --out."""
+    from himae_dist.checkpoint import save_weights
+    from himae_dist.model import HiMAE
+
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 5, "loss": 9.0}\n{"step": 10, "loss": 9.0}\n{"step": 15, "loss": 9.0}\n')
-    _torchrun(tiny_shards, out, steps=10)
+    torch.manual_seed(5)
+    init = HiMAE()
+    save_weights(init, tmp_path / "init.pt", step=123)
+    log = _torchrun(tiny_shards, out, steps=10, extra=("--init-from", str(tmp_path / "init.pt"), "--resume", "never",
+                                                       "--save-every", "5"))
     hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [5, 10] and all(h["loss"] != 9.0 for h in hist)
+    assert f"initialised from {tmp_path / 'init.pt'}, step 123 of its run; a new schedule starts at step 0" in log
+    torch.manual_seed(0)
+    scratch, final = HiMAE().state_dict(), load_himae(out / "himae_final.pt")[0].state_dict()
+    for name, p in init.named_parameters():  # 10 small updates away from the given weights, not from a seed-0 start
+        if p.dim() > 1:  # convolutions (BatchNorm starts at 1, 0 whatever the seed)
+            assert (final[name] - p).abs().max() < 0.2 * (final[name] - scratch[name]).abs().max(), name
+
+    chosen = out / "checkpoints" / "step0000005"
+    log = _torchrun(tiny_shards, tmp_path / "second", steps=10, extra=("--resume", str(chosen)))
+    assert f"resumed from {chosen} at step 5" in log
+    resumed = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["loss"]) for h in resumed] == [(10, hist[1]["loss"])]  # the same step 10, exactly
+
+
+def test_an_error_on_every_rank_reaches_the_user_once_and_last(tiny_shards, tmp_path):
+    """himae-torchrun (the launch scripts): the failing rank's one line, last; no tracebacks, no ChildFailedError."""
+    (tmp_path / "file").write_text("not a folder")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "himae_dist.torchrun", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                           f"--master_port={free_port()}", "-m", "himae_dist.train", "--data", str(tiny_shards),
+                           "--out", str(tmp_path / "file")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    want = f"himae-train: error: --out {tmp_path / 'file'} is a file; expected a folder (created if missing)"
+    assert lines[-1] == want and re.match(r"himae-torchrun: rank [01] failed \(exit code 1\):$", lines[-2]), proc.stderr
+    assert proc.stderr.count("himae-train: error:") == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+
