@@ -44,7 +44,7 @@ from probes.random_baseline import (BN_POLICIES, random_baseline, random_encoder
 from probes.report import (ModelReport, format_label_efficiency, format_paired, format_table, markdown_report,
                            random_summary, unique_names, verdict_phrase, write_predictions)
 
-NESTED_LABEL = ("protocol nested: patient-grouped {folds}-fold CV (no patient on both sides){fold_note}; scaler, C "
+NESTED_LABEL = ("protocol nested: patient-grouped {folds}-fold CV{fold_note} (no patient on both sides); scaler, C "
                 "and level chosen on inner {inner}-fold patient-grouped splits of the training patients only")
 
 
@@ -526,8 +526,9 @@ def score_main(argv: list[str]) -> dict:
     a = ap.parse_args(argv)
     labels, probs, pids = read_predictions(a.predictions)
     m = score(labels, probs, pids, a.n_boot, a.seed)
+    how = m.get("ci_note") or f"95 % CIs: patient bootstrap, {a.n_boot} resamples"
     print(f"{a.predictions}: {m['n']} segments, {m['n_pos']} PVC (prevalence {100 * m['prevalence']:.2f} %), "
-          f"{m['n_patients'] if m['n_patients'] is not None else 'no'} patients; 95 % CIs: patient bootstrap, {a.n_boot} resamples")
+          f"{m['n_patients'] if m['n_patients'] is not None else 'no'} patients; {how}")
     for k, label in (("roc_auc", "ROC-AUC"), ("ap", "AP"), ("sens_at_spec90", "sensitivity at 90 % specificity"),
                      ("f1_at_spec90", "F1 at 90 % specificity")):
         ci = m[k]["ci95"]

@@ -40,12 +40,24 @@ def random_encoder(in_chans: int, seed: int, channels: tuple[int, ...] = DEFAULT
 
 @torch.no_grad()
 def reestimate_batchnorm(model: HiMAE, unlabelled: np.ndarray, batch_size: int = 512) -> HiMAE:
-    """Recompute every BatchNorm's running mean/var over unlabelled [N, C, L] segments; returns model in eval mode."""
-    from torch.optim.swa_utils import update_bn
+    """Recompute the encoder's BatchNorm running mean/var over unlabelled [N, C, L] segments; returns model in eval mode.
 
+    As `torch.optim.swa_utils.update_bn` (a cumulative average over all batches), but through the
+    encoder only: the probe reads encoder features, and the decoder's pass would double the cost.
+    The decoder's BatchNorm statistics are left as they were.
+    """
+    bns = [m for m in model.encoder_layers.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: every batch weighs by its size
+    model.train()
     x = torch.from_numpy(np.ascontiguousarray(unlabelled, dtype=np.float32))
-    loader = torch.utils.data.DataLoader(x, batch_size=batch_size, shuffle=False)
-    update_bn(loader, model, device=next(model.parameters()).device)  # cumulative average over all batches
+    device = next(model.parameters()).device
+    for start in range(0, len(x), batch_size):
+        model.encode(x[start : start + batch_size].to(device))
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
     return model.eval()
 
 
