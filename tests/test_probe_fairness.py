@@ -182,12 +182,12 @@ def test_minirocket_is_fitted_on_the_training_fold_only():
     assert before.shape == (60, 84)
 
 
-def test_the_probe_runs_without_aeon_and_says_so(tiny_cohort, tmp_path, capsys, monkeypatch):
+def test_the_probe_runs_without_aeon_and_says_so(tiny_cohort, tiny_shards, tmp_path, capsys, monkeypatch):
     import probes.minirocket as mr
 
     monkeypatch.setattr(mr, "unavailable", lambda: "MiniRocket baseline skipped: aeon is not importable (test)")
     probe_main(["--random-baselines", "1", "--h5", str(tiny_cohort / "downstream.h5"), "--out", str(tmp_path),
-                *QUICK[:-2], "--minirocket-kernels", "84"])
+                "--manifest", str(tiny_shards / "manifest.json"), *QUICK[:-2], "--minirocket-kernels", "84"])
     out = capsys.readouterr().out
     assert out.count("MiniRocket baseline skipped: aeon is not importable") == 1
     assert json.loads((tmp_path / "results.json").read_text())["minirocket"]["note"].startswith("MiniRocket baseline skipped")
