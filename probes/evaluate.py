@@ -107,6 +107,14 @@ def drop_constant(data: DownstreamSet) -> tuple[DownstreamSet, int]:
     return DownstreamSet(data.signals[kept], data.labels[kept], pids, data.rows[kept]), int((~kept).sum())
 
 
+def check_finite_weights(model: torch.nn.Module, path: str) -> None:
+    """A checkpoint with NaN/inf weights or statistics gives NaN features; name it instead of failing in the probe."""
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"checkpoint {path}: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); it cannot be "
+                         f"probed (was the run diverging when it was saved?)")
+
+
 def check_probe_data(data: DownstreamSet, h5: str, protocol: str) -> None:
     if len(np.unique(data.labels)) < 2:
         raise ValueError(f"{h5}: '/labels' holds a single class ({int(data.labels[0])}); a PVC probe needs both")
@@ -324,10 +332,14 @@ def run(a: argparse.Namespace) -> list[ModelReport]:
     if a.label_draws < 1:
         raise ValueError("--label-draws must be >= 1")
     policy = bn_policy(a)
-    raw = read_downstream(a.h5, a.signal_key, policy=BadSamplePolicy(a.on_bad))
+    try:
+        raw = read_downstream(a.h5, a.signal_key, policy=BadSamplePolicy(a.on_bad))
+        fs = data_rate(a.h5, a.fs)
+    except OSError as e:  # h5py: truncated, not HDF5, unreadable
+        raise ValueError(f"--h5 {a.h5}: not a readable HDF5 file ({e}); expected the downstream HDF5 "
+                         f"(/ppg|/ecg [N, L], /labels [N], /patient_ids [N])") from None
     data, n_constant = drop_constant(raw)
     check_probe_data(data, a.h5, a.protocol)
-    fs = data_rate(a.h5, a.fs)
     manifest = manifest_preprocess(a.manifest) if a.manifest else None
     out = Path(a.out)
     cache = FeatureCache(a.cache or out / "feature_cache")
@@ -361,6 +373,7 @@ def run(a: argparse.Namespace) -> list[ModelReport]:
     first_recipe, channels = None, None
     for name, path in zip(names, paths):
         model, info = load_himae(path, storage_options=a.storage_options)
+        check_finite_weights(model, str(path))
         recipe = input_recipe(name, info["preprocess"], manifest, fs, data.signals.shape[-1])
         first_recipe = first_recipe or recipe
         channels = channels or model.config.channels  # random baselines get the first checkpoint's shape
@@ -504,7 +517,14 @@ def read_predictions(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | No
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--predictions {p} does not exist")
-    df = pd.read_csv(p)
+    try:
+        df = pd.read_csv(p)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"--predictions {p} is empty; expected a CSV with the header patient_id,label,p_pvc") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"--predictions {p}: not a CSV ({e}); expected the columns patient_id,label,p_pvc") from None
+    if len(df) == 0:
+        raise ValueError(f"--predictions {p}: a header and no rows; expected one row per segment")
     missing = [c for c in ("label", "p_pvc") if c not in df.columns]
     if missing:
         raise ValueError(f"{p}: columns {list(df.columns)} lack {missing}; expected the seed's patient_id,label,p_pvc")
@@ -519,9 +539,9 @@ def read_predictions(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | No
 def score_main(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(prog="himae-probe score",
                                  description="Score a predictions CSV (patient_id,label,p_pvc) with patient-bootstrap 95 % CIs.")
-    ap.add_argument("--predictions", required=True)
-    ap.add_argument("--n-boot", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--predictions", required=True, help="CSV with columns label, p_pvc and (for CIs) patient_id")
+    ap.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples for the 95 %% CIs")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
     ap.add_argument("--json", default=None, help="also write the scores to this JSON file")
     a = ap.parse_args(argv)
     labels, probs, pids = read_predictions(a.predictions)
