@@ -72,7 +72,7 @@ def verdict(res: dict) -> str:
     lines = [f"Pretrained encoder {last['name']} (headline level {last['headline']['selected_mode']}, ROC-AUC "
              f"{auc['value']:.3f}{ci}), on patients it was not pretrained on, under BatchNorm policy "
              f"{res['batchnorm']['policy']}:"]
-    for base, d in last["paired"].items():
+    for base, d in sorted(last["paired"].items(), key=lambda kv: kv[0] != "random init"):
         ap = d["ap"]
         ap_ci = f" [{ap['ci95'][0]:+.3f}, {ap['ci95'][1]:+.3f}]" if ap["ci95"] else ""
         lines.append(f"  ROC-AUC: {verdict_phrase(d, base)}; AP difference {ap['value']:+.3f}{ap_ci}")

@@ -323,8 +323,9 @@ def _label_efficiency(fold_feats: list[dict], data: DownstreamSet, outer: Folds,
 def run(a: argparse.Namespace) -> list[ModelReport]:
     t0 = time.time()
     a.pooling = a.pooling or ["mean+std"]
-    paths = list(a.checkpoint) + [p for r in a.run for p in run_checkpoints(r, a.storage_options)]
-    final_paths = set(a.checkpoint) | {run_checkpoints(r, a.storage_options)[-1] for r in a.run}
+    runs = [run_checkpoints(r, a.storage_options) for r in a.run]
+    paths = list(a.checkpoint) + [p for steps in runs for p in steps]
+    final_paths = set(a.checkpoint) | {steps[-1] for steps in runs}  # label efficiency: the final encoders
     if not paths and a.random_baselines < 1:
         raise ValueError("give at least one --checkpoint or --run, or --random-baselines K >= 1")
     if a.n_boot < 0 or a.folds < 2 or a.inner_folds < 2:

@@ -191,3 +191,16 @@ def test_the_probe_runs_without_aeon_and_says_so(tiny_cohort, tiny_shards, tmp_p
     out = capsys.readouterr().out
     assert out.count("MiniRocket baseline skipped: aeon is not importable") == 1
     assert json.loads((tmp_path / "results.json").read_text())["minirocket"]["note"].startswith("MiniRocket baseline skipped")
+
+
+def test_label_efficiency_table_and_figure(tiny_cohort, tiny_shards, tmp_path, capsys):
+    probe_main(["--random-baselines", "1", "--h5", str(tiny_cohort / "downstream.h5"), "--out", str(tmp_path),
+                "--manifest", str(tiny_shards / "manifest.json"), "--label-fractions", "0.5", "--label-draws", "1",
+                *[q for q in QUICK if q != "--no-plots"]])
+    res = json.loads((tmp_path / "results.json").read_text())
+    le = res["models"][0]["label_efficiency"]
+    assert set(le) == {"0.5", "1.0"} and len(le["0.5"]["draws"]) == 1
+    assert le["0.5"]["n_patients"] < le["1.0"]["n_patients"]
+    assert le["1.0"]["draws"][0]["roc_auc"] == res["models"][0]["headline"]["metrics"]["roc_auc"]["value"]
+    assert "50% of training patients" in (tmp_path / "table.txt").read_text()
+    assert (tmp_path / "label_efficiency.png").stat().st_size > 10_000
