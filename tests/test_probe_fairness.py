@@ -74,19 +74,6 @@ def test_fold_policy_statistics_never_see_the_test_patients():
     assert torch.all(bn.running_mean == 0)  # the probed model itself is untouched
 
 
-def test_pretrain_policy_estimates_random_encoders_on_the_shards(tiny_shards, tiny_cohort, tmp_path, capsys):
-    seg = shard_segments(str(tiny_shards / "manifest.json"), max_segments=100)
-    assert seg.shape == (100, 1, 250) and seg.dtype == np.float32 and np.abs(seg).max() <= 1.0001
-    probe_main(["--random-baselines", "1", "--h5", str(tiny_cohort / "downstream.h5"), "--manifest",
-                str(tiny_shards / "manifest.json"), "--bn-segments", "100", "--out", str(tmp_path), *QUICK])
-    out = capsys.readouterr().out
-    assert "BatchNorm policy pretrain" in out and "100 segments of the pretraining shards" in out
-    res = json.loads((tmp_path / "results.json").read_text())
-    assert res["batchnorm"]["policy"] == "pretrain" and "random init" in res["models"][0]["input_note"]
-    with pytest.raises(SystemExit, match="--bn-stats pretrain needs --manifest"):
-        probe_main(["--bn-stats", "pretrain", "--h5", str(tiny_cohort / "downstream.h5"), "--out", str(tmp_path), *QUICK])
-
-
 def test_paired_difference_is_a_subtraction_per_resample_and_sees_what_separate_cis_cannot():
     rng = np.random.default_rng(4)
     groups = np.repeat(np.arange(12), 60)
@@ -182,25 +169,29 @@ def test_minirocket_is_fitted_on_the_training_fold_only():
     assert before.shape == (60, 84)
 
 
-def test_the_probe_runs_without_aeon_and_says_so(tiny_cohort, tiny_shards, tmp_path, capsys, monkeypatch):
+def test_pretrain_policy_label_efficiency_and_no_aeon_from_the_cli(tiny_cohort, tiny_shards, tmp_path, capsys,
+                                                                    monkeypatch):
+    """One CLI run: random encoders' statistics from the shards, the label-efficiency table and figure,
+    and without aeon one line saying MiniRocket is skipped."""
     import probes.minirocket as mr
 
+    seg = shard_segments(str(tiny_shards / "manifest.json"), max_segments=100)
+    assert seg.shape == (100, 1, 250) and seg.dtype == np.float32 and np.abs(seg).max() <= 1.0001
     monkeypatch.setattr(mr, "unavailable", lambda: "MiniRocket baseline skipped: aeon is not importable (test)")
     probe_main(["--random-baselines", "1", "--h5", str(tiny_cohort / "downstream.h5"), "--out", str(tmp_path),
-                "--manifest", str(tiny_shards / "manifest.json"), *QUICK[:-2], "--minirocket-kernels", "84"])
+                "--manifest", str(tiny_shards / "manifest.json"), "--bn-segments", "100", "--label-fractions", "0.5",
+                "--label-draws", "1", "--folds", "3", "--inner-folds", "2", "--n-boot", "50", "--minirocket-kernels", "84"])
     out = capsys.readouterr().out
+    assert "BatchNorm policy pretrain" in out and "100 segments of the pretraining shards" in out
     assert out.count("MiniRocket baseline skipped: aeon is not importable") == 1
-    assert json.loads((tmp_path / "results.json").read_text())["minirocket"]["note"].startswith("MiniRocket baseline skipped")
-
-
-def test_label_efficiency_table_and_figure(tiny_cohort, tiny_shards, tmp_path, capsys):
-    probe_main(["--random-baselines", "1", "--h5", str(tiny_cohort / "downstream.h5"), "--out", str(tmp_path),
-                "--manifest", str(tiny_shards / "manifest.json"), "--label-fractions", "0.5", "--label-draws", "1",
-                *[q for q in QUICK if q != "--no-plots"]])
     res = json.loads((tmp_path / "results.json").read_text())
+    assert res["batchnorm"]["policy"] == "pretrain" and res["minirocket"]["note"].startswith("MiniRocket baseline skipped")
+    assert [m["kind"] for m in res["models"]] == ["random"]
     le = res["models"][0]["label_efficiency"]
     assert set(le) == {"0.5", "1.0"} and len(le["0.5"]["draws"]) == 1
     assert le["0.5"]["n_patients"] < le["1.0"]["n_patients"]
     assert le["1.0"]["draws"][0]["roc_auc"] == res["models"][0]["headline"]["metrics"]["roc_auc"]["value"]
     assert "50% of training patients" in (tmp_path / "table.txt").read_text()
     assert (tmp_path / "label_efficiency.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="--bn-stats pretrain needs --manifest"):
+        probe_main(["--bn-stats", "pretrain", "--h5", str(tiny_cohort / "downstream.h5"), "--out", str(tmp_path), *QUICK])
