@@ -56,9 +56,9 @@ def pretrain(shards: Path, run_dir: Path, nproc: int, steps: int, micro_batch: i
 
 
 FAST = {"scale": 0.1, "pretrain_scale": 0.1, "steps": 800, "checkpoints": 2, "micro_batch": 64, "lr": 1e-3,
-        "minirocket_kernels": 1000, "label_fractions": ""}
-FULL = {"scale": 0.25, "pretrain_scale": 0.25, "steps": 2000, "checkpoints": 4, "micro_batch": 64, "lr": 1e-3,
-        "minirocket_kernels": 10_000, "label_fractions": "0.25,0.5"}
+        "minirocket_kernels": 1000, "label_fractions": "", "label_draws": 2}
+FULL = {"scale": 0.25, "pretrain_scale": 0.25, "steps": 2000, "checkpoints": 2, "micro_batch": 64, "lr": 1e-3,
+        "minirocket_kernels": 10_000, "label_fractions": "0.25,0.5", "label_draws": 2}
 
 
 def verdict(res: dict) -> str:
@@ -92,16 +92,17 @@ def main(argv: list[str] | None = None) -> None:
                          f"label efficiency at {FULL['label_fractions']} of the training patients")
     ap.add_argument("--scale", type=float, default=None, help="the downstream cohort's size vs the authors' 55,861 segments")
     ap.add_argument("--pretrain-scale", type=float, default=None, help="the pretraining cohort's size, likewise")
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="pretraining optimizer steps")
     ap.add_argument("--checkpoints", type=int, default=None, help="checkpoints saved during pretraining and probed")
     ap.add_argument("--micro-batch", type=int, default=None, help="per trainer rank")
-    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="pretraining peak learning rate")
     ap.add_argument("--nproc", type=int, default=2, help="trainer ranks")
-    ap.add_argument("--random-baselines", type=int, default=3)
+    ap.add_argument("--random-baselines", type=int, default=3, help="random-init encoders probed")
     ap.add_argument("--minirocket-kernels", type=int, default=None, help="0: no MiniRocket baseline")
     ap.add_argument("--label-fractions", default=None, help="label-efficiency fractions, e.g. 0.25,0.5 ('' = off)")
-    ap.add_argument("--n-boot", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--label-draws", type=int, default=None, help="draws of training patients per label fraction")
+    ap.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the cohort, the trainer and the probe")
     a = ap.parse_args(argv)
     recipe = dict(FULL if a.full else FAST)
     for k in recipe:
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     # the shards' recorded preprocessing, for checkpoints that do not carry their own, and the
     # pretraining data the random encoders' BatchNorm statistics come from
     manifest_flag = ["--manifest", str(shards / "manifest.json")] if "preprocess" in manifest else []
-    label_flag = ["--label-fractions", recipe["label_fractions"]] if recipe["label_fractions"] else []
+    label_flag = (["--label-fractions", recipe["label_fractions"], "--label-draws", str(recipe["label_draws"])]
+                  if recipe["label_fractions"] else [])
     t_probe = time.time()
     _run([py, "-m", "probes.evaluate", "--run", str(run_dir), "--h5", str(cohort / "downstream.h5"),
           "--out", str(probe_out), "--random-baselines", str(a.random_baselines), "--n-boot", str(a.n_boot),
