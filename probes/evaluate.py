@@ -4,13 +4,17 @@
     himae-probe score --predictions pvc_predictions.csv
 
 Each encoder (a checkpoint, every `weights/step_*.pt` of a run folder, and random-init baselines
-with re-estimated BatchNorm statistics over several seeds) is fed the downstream segments
-preprocessed as its pretraining data was (`probes.model_inputs`), encoded once (cached on disk,
-`probes.features`), and probed per level and with all levels concatenated. The default protocol
-is nested and patient-grouped (`probes.nested_cv`): no patient is on both sides of any split,
-and the headline level is selected on inner folds of the training patients only. Metrics carry
-patient-bootstrap 95 % CIs (`probes.metrics`). `--protocol seed` runs the seed's random 80/20
-segment split instead, for parity with its numbers, and says so in every output.
+over several seeds) is fed the downstream segments preprocessed as its pretraining data was
+(`probes.model_inputs`), encoded once per BatchNorm statistics (cached on disk,
+`probes.features`), and probed per level and with all levels concatenated. One BatchNorm policy
+holds for every encoder and never uses test patients (`probes.random_baseline`). The default
+protocol is nested and patient-grouped (`probes.nested_cv`): no patient is on both sides of any
+split, and scaler, C and the headline level are chosen on inner folds of the training patients
+only. MiniRocket (`probes.minirocket`) runs through the same folds. Metrics carry
+patient-bootstrap 95 % CIs, and each checkpoint's difference from random init and MiniRocket a
+paired CI on the same resamples (`probes.metrics`); `--label-fractions` adds the label-efficiency
+curve (`probes.label_efficiency`). `--protocol seed` runs the seed's random 80/20 segment split
+instead, for parity with its numbers, and says so in every output.
 """
 
 from __future__ import annotations
