@@ -144,8 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n| method | protocol | ROC-AUC | AP | time s | speedup vs seed |\n|---|---|---|---|---|---|")
     for method, proto, p, t, _ in rows:
         m = point_metrics(labels, p)
-        print(f"| {method} | {proto} | {m['roc_auc']:.3f} | {m['ap']:.3f} | {t:.1f} | {t_seed / t:.1f}x |")
-    print(f"\nprobe {t_b:.1f} s, seed protocol {t_seed:.1f} s, speedup {t_seed / t_b:.1f} x")
+        speedup = f"{t_seed / t:.1f}x" if np.isfinite(t_seed) else "n/a (--skip-seed)"
+        print(f"| {method} | {proto} | {m['roc_auc']:.3f} | {m['ap']:.3f} | {t:.1f} | {speedup} |")
+    if np.isfinite(t_seed):
+        print(f"\nprobe {t_b:.1f} s, seed protocol {t_seed:.1f} s, speedup {t_seed / t_b:.1f} x")
     print(f"versions: torch {torch.__version__}, scikit-learn {__import__('sklearn').__version__}, numpy {np.__version__}, "
           f"python {platform.python_version()}")
 
