@@ -2,8 +2,8 @@
 
 A freshly built HiMAE's BatchNorm layers keep their default running statistics (mean 0, var 1),
 so in eval mode they do not normalise and the baseline is weaker than an honest random-feature
-baseline. Their statistics are re-estimated (`torch.optim.swa_utils.update_bn`, labels never
-seen), and where from is the BatchNorm policy, the same for checkpoints and random encoders:
+baseline. Their statistics are re-estimated (a cumulative average over unlabelled batches, labels
+never seen), and where from is the BatchNorm policy, the same for checkpoints and random encoders:
 
 - `pretrain`: statistics from the pretraining data. Checkpoints keep the statistics they were
   pretrained with; random encoders re-estimate theirs on segments of the pretraining shards
