@@ -61,7 +61,7 @@ FULL = {"scale": 0.25, "pretrain_scale": 0.25, "steps": 2000, "checkpoints": 2, 
         "minirocket_kernels": 10_000, "label_fractions": "0.25,0.5", "label_draws": 2}
 
 
-def verdict(res: dict) -> str:
+def verdict(res: dict, full: bool = False) -> str:
     """The last checkpoint against random init and MiniRocket, read from the paired CIs of the differences."""
     from probes.report import verdict_phrase
 
@@ -79,7 +79,8 @@ def verdict(res: dict) -> str:
     rnd = last["paired"].get("random init")
     if rnd is None or rnd["roc_auc"]["ci95"] is None or rnd["roc_auc"]["ci95"][0] <= 0:
         lines.append("  At this budget the paired 95 % CI of pretrained minus random init does not exclude 0: this run "
-                     "does not show that pretraining pays. `himae-demo --full` pretrains longer on more data.")
+                     "does not show that pretraining pays." + ("" if full else
+                                                              " `himae-demo --full` pretrains longer on more data."))
     return "\n".join(lines)
 
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{coh['pretrain']['n_segments']} unlabelled segments of {coh['pretrain']['n_patients']} patients; probed on "
           f"{res['n_segments']} segments ({res['n_pvc']} PVC) of {res['n_patients']} other patients")
     print((probe_out / "table.txt").read_text())
-    print("\n" + verdict(res))
+    print("\n" + verdict(res, a.full))
     print(f"[himae-demo] done in {time.time() - t0:.0f} s (pretraining {t_train:.0f} s, probe {t_probe:.0f} s); outputs "
           f"in {work}/ (tables: {probe_out}/results.md, figures: {probe_out}/*.png)")
 
