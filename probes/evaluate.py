@@ -39,7 +39,7 @@ from probes import seed_protocol
 from probes.features import FeatureCache
 from probes import minirocket
 from probes.label_efficiency import label_efficiency
-from probes.metrics import MIN_CI_PATIENTS, paired_difference, score
+from probes.metrics import paired_difference, score
 from probes.model_inputs import SEED_DEFAULT, InputRecipe, input_recipe, manifest_preprocess, model_input
 from probes.nested_cv import C_GRID, DegenerateFoldError, Folds, check_outer_folds, grouped_folds, nested_probe
 from probes.pooling import POOLINGS, candidates
