@@ -3,12 +3,13 @@
 #
 # The venv sees the system's site-packages, so an installed torch (a GPU user's CUDA build) is
 # used as it is: it is pinned as a constraint and never replaced. Only where no torch exists at
-# all is the CPU build installed (torch==2.13.0). --test adds pytest, moto's S3 server and triton.
+# all is the CPU build installed (torch==2.13.0). The [baselines] extra (aeon, the probe's MiniRocket
+# baseline) is installed for the demo and the tests; --test adds pytest, moto's S3 server and triton.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+extras="[baselines]"
+[ "${1:-}" = "--test" ] && extras="[test,baselines]"
 
 [ -x .venv/bin/python ] || "$PY" -m venv --system-site-packages .venv
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
@@ -27,3 +28,6 @@ trap 'rm -f "$constraints"' EXIT
 echo "torch==$torch_version" > "$constraints"
 .venv/bin/pip install -q -c "$constraints" -e ".$extras"
 .venv/bin/python -c "import deepspeed, webdataset, h5py, s3fs; print('[setup] ok: deepspeed', deepspeed.__version__, '| webdataset', webdataset.__version__)"
+# one tiny MiniRocket fit compiles aeon's numba kernels into their on-disk cache (~40 s once), so the
+# probe, the demo and the tests do not each pay for it
+.venv/bin/python -c "import aeon, numpy; from aeon.transformations.collection.convolution_based import MiniRocket; MiniRocket(n_kernels=84, random_state=0).fit_transform(numpy.random.default_rng(0).standard_normal((20, 1, 100)).astype('float32')); print('[setup] ok: aeon', aeon.__version__, '(MiniRocket baseline) | numpy', numpy.__version__)"

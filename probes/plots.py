@@ -95,3 +95,23 @@ def auc_over_steps(path: Path, steps: list[int], headline: list[float], headline
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def label_efficiency(path: Path, reports: list, title: str) -> Path:
+    """Headline ROC-AUC and AP against labelled training patients per model (bars: sd over draws and seeds)."""
+    from probes.report import label_efficiency_curves
+
+    plt = _plt()
+    fig, (ax_auc, ax_ap) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, (model, pts) in enumerate(label_efficiency_curves(reports).items()):
+        n = [p[0] for p in pts]
+        for ax, k in ((ax_auc, 1), (ax_ap, 2)):
+            mean = [float(np.mean(p[k])) for p in pts]
+            sd = [float(np.std(p[k], ddof=1)) if len(p[k]) > 1 else 0.0 for p in pts]
+            ax.errorbar(n, mean, yerr=sd, marker="o", ms=4, capsize=2, lw=1.3, color=f"C{i}", label=model)
+    ax_auc.set(xlabel="labelled training patients per outer fold", ylabel="out-of-fold headline ROC-AUC")
+    ax_ap.set(xlabel="labelled training patients per outer fold", ylabel="out-of-fold headline AP")
+    ax_auc.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

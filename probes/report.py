@@ -23,7 +23,7 @@ class ModelReport:
     """One probed encoder: per-candidate scores and the headline."""
 
     name: str  # unique in every output
-    kind: str  # "checkpoint" or "random"
+    kind: str  # "checkpoint", "random" or "minirocket"
     path: str | None
     step: int | None
     seed: int | None  # random baselines
@@ -32,9 +32,12 @@ class ModelReport:
     headline: dict  # {"metrics": score(), "selected": [...], "selected_mode": str}
     p: np.ndarray = field(repr=False)  # headline P(PVC) [N]; NaN where a row is not a test row
     bottleneck: np.ndarray | None = field(default=None, repr=False)  # pooled bottleneck, for --seed-probe
+    paired: dict = field(default_factory=dict)  # baseline name -> paired_difference() (checkpoints only)
+    label_efficiency: dict = field(default_factory=dict)  # fraction (str) -> label-efficiency entry
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in ("name", "kind", "path", "step", "seed", "input_note", "candidates", "headline")}
+        return {k: getattr(self, k) for k in ("name", "kind", "path", "step", "seed", "input_note", "candidates",
+                                              "headline", "paired", "label_efficiency")}
 
 
 def _v(m: dict, key: str) -> float:
@@ -64,13 +67,22 @@ def random_summary(reports: list[ModelReport]) -> dict | None:
     }
 
 
+def _grid(head: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return [fmt(head), "-" * len(fmt(head))] + [fmt(r) for r in rows]
+
+
 def format_table(reports: list[ModelReport], protocol_label: str, markdown: bool = False) -> str:
-    """Rows: checkpoints, then the random baselines (mean +- sd); columns: each level's ROC-AUC, then the headline."""
-    cands = [c["name"] for c in reports[0].candidates]
+    """Rows: checkpoints, the random baselines (mean +- sd), MiniRocket; columns: each level's ROC-AUC, then the headline."""
+    encoders = [r for r in reports if r.kind != "minirocket"] or reports
+    cands = [c["name"] for c in encoders[0].candidates]
     head = ["model"] + [f"{c}" for c in cands] + [f"{lbl}" for _, lbl in HEADLINE_METRICS] + ["selected"]
     rows = []
     for r in reports:
-        if r.kind == "random":
+        if r.kind != "checkpoint":
             continue
         m = r.headline["metrics"]
         rows.append([r.name] + [f"{_v(c['metrics'], 'roc_auc'):.3f}" for c in r.candidates]
@@ -81,21 +93,101 @@ def format_table(reports: list[ModelReport], protocol_label: str, markdown: bool
         rows.append([f"random init ({n} seed{'s' if n > 1 else ''})"]
                     + [f"{rs['candidates'][c]['roc_auc']['mean']:.3f}±{rs['candidates'][c]['roc_auc']['sd']:.3f}" for c in cands]
                     + [f"{rs['headline'][k]['mean']:.3f}±{rs['headline'][k]['sd']:.3f}" for k, _ in HEADLINE_METRICS] + ["-"])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-    else:
-        widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
-        fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-        lines = [fmt(head), "-" * len(fmt(head))] + [fmt(r) for r in rows]
+    for r in reports:
+        if r.kind == "minirocket":
+            m = r.headline["metrics"]
+            rows.append([r.name] + ["-" for _ in cands] + [_ci(m, k) for k, _ in HEADLINE_METRICS] + ["-"])
     note = (f"{protocol_label}. Level columns: out-of-fold ROC-AUC of each level (C chosen inside the folds); "
             f"headline columns: the level selected inside each training fold, with patient-bootstrap 95 % CIs.")
-    return "\n".join(lines) + "\n" + note
+    return "\n".join(_grid(head, rows, markdown)) + "\n" + note
+
+
+def _signed(d: dict) -> str:
+    ci = d["ci95"]
+    return f"{d['value']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else f"{d['value']:+.3f} (no CI)"
+
+
+def verdict_phrase(diff: dict, baseline: str, metric: str = "roc_auc") -> str:
+    """'ahead of B by d [lo, hi]', 'behind B by ...' or 'not distinguishable from B', read from the paired CI."""
+    d = diff[metric]
+    ci = d["ci95"]
+    if ci is None:
+        return f"not comparable with {baseline} (no paired CI: fewer than 3 patients or --n-boot 0)"
+    span = f"{abs(d['value']):.3f} [{min(abs(ci[0]), abs(ci[1])):.3f}, {max(abs(ci[0]), abs(ci[1])):.3f}]"
+    if ci[0] > 0:
+        return f"ahead of {baseline} by {span}"
+    if ci[1] < 0:
+        return f"behind {baseline} by {span}"
+    return f"not distinguishable from {baseline} ({d['value']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}])"
+
+
+def format_paired(reports: list[ModelReport], markdown: bool = False) -> str:
+    """Each checkpoint minus each baseline: ROC-AUC and AP differences with paired patient-bootstrap 95 % CIs."""
+    head = ["checkpoint", "vs", "ΔROC-AUC [95 % CI]", "ΔAP [95 % CI]", "verdict (ROC-AUC)"]
+    rows = [[r.name, base, _signed(d["roc_auc"]), _signed(d["ap"]), verdict_phrase(d, base)]
+            for r in reports if r.kind == "checkpoint" for base, d in r.paired.items()]
+    if not rows:
+        return ""
+    note = ("Paired differences: every model is scored on the same patient resamples and the difference is taken "
+            "per resample (random init: the mean over its seeds per resample), so the CI is that of the difference.")
+    return "\n".join(_grid(head, rows, markdown)) + "\n" + note
+
+
+def label_efficiency_curves(reports: list[ModelReport]) -> dict[str, list[tuple[float, list[float], list[float]]]]:
+    """model (random seeds pooled) -> [(labelled patients, ROC-AUCs, APs)] over the fractions that ran."""
+    per: dict[str, dict[str, list[dict]]] = {}
+    for r in reports:
+        key = "random init" if r.kind == "random" else r.name
+        for frac, e in r.label_efficiency.items():
+            if e["draws"]:
+                per.setdefault(key, {}).setdefault(frac, []).append(e)
+    return {m: [(float(np.mean([e["n_patients"] for e in es])), [d["roc_auc"] for e in es for d in e["draws"]],
+                 [d["ap"] for e in es for d in e["draws"]]) for _, es in sorted(fr.items(), key=lambda kv: float(kv[0]))]
+            for m, fr in per.items()}
+
+
+def format_label_efficiency(reports: list[ModelReport], markdown: bool = False) -> str:
+    """Headline ROC-AUC and AP against the number of labelled training patients, per model (random seeds pooled)."""
+    rows_by_model: dict[str, dict] = {}
+    for r in reports:
+        if not r.label_efficiency:
+            continue
+        key = "random init" if r.kind == "random" else r.name
+        for frac, e in r.label_efficiency.items():
+            rows_by_model.setdefault(key, {}).setdefault(frac, []).append(e)
+    if not rows_by_model:
+        return ""
+    fracs = sorted({f for m in rows_by_model.values() for f in m}, key=float)
+    head = ["model"] + [f"{float(f):.0%} of training patients" for f in fracs]
+    rows = []
+    for model, per in rows_by_model.items():
+        cells = [model]
+        for f in fracs:
+            if f not in per:
+                cells.append("-")
+                continue
+            auc = [d["roc_auc"] for e in per[f] for d in e["draws"]]
+            ap = [d["ap"] for e in per[f] for d in e["draws"]]
+            if not auc:
+                cells.append("skipped (< 2 PVC patients in a fold's draw)")
+                continue
+            n_pat = float(np.mean([e["n_patients"] for e in per[f] if e["draws"]]))
+            sd = lambda v: f"±{np.std(v, ddof=1):.3f}" if len(v) > 1 else ""  # noqa: E731
+            cells.append(f"n={n_pat:.1f}: AUC {np.mean(auc):.3f}{sd(auc)}, AP {np.mean(ap):.3f}{sd(ap)}")
+        rows.append(cells)
+    note = ("Label efficiency: the headline probe (level chosen inside the folds) trained on a PVC-stratified draw of "
+            "each outer fold's training patients (n: mean labelled patients per fold), scored on the same test "
+            "patients; mean ± sd over draws (and random seeds). A fraction runs only where every fold's draw keeps "
+            ">= 2 patients with PVC.")
+    return "\n".join(_grid(head, rows, markdown)) + "\n" + note
 
 
 def markdown_report(reports: list[ModelReport], protocol_label: str, data_line: str) -> str:
     """results.md: the summary table, then per model every level's ROC-AUC and AP with 95 % CIs."""
     out = [f"# PVC probe results\n\n{data_line}\n\n{protocol_label}\n", format_table(reports, protocol_label, markdown=True), ""]
+    for extra in (format_paired(reports, markdown=True), format_label_efficiency(reports, markdown=True)):
+        if extra:
+            out += [extra, ""]
     for r in reports:
         out.append(f"## {r.name}\n\n{r.input_note}\n")
         out.append("| level | dim | ROC-AUC [95 % CI] | AP [95 % CI] |\n|---|---|---|---|")

@@ -13,7 +13,14 @@ from probes.features import level_features
 from probes.random_baseline import random_encoder
 from probes.report import unique_names
 
-FAST = ["--folds", "3", "--inner-folds", "2", "--n-boot", "50"]
+FAST = ["--folds", "3", "--inner-folds", "2", "--n-boot", "50", "--minirocket-kernels", "0"]
+
+
+@pytest.fixture(scope="module")
+def fast(tiny_shards):
+    """FAST with the pretraining shards' BatchNorm policy: every encoder encodes the data once (the
+    fold policy, which encodes once per fold, has its own tests in test_probe_fairness.py)."""
+    return FAST + ["--manifest", str(tiny_shards / "manifest.json")]
 
 
 def _rows(path):
@@ -22,7 +29,7 @@ def _rows(path):
 
 
 @pytest.fixture(scope="module")
-def probe_run(tiny_cohort, tmp_path_factory):
+def probe_run(tiny_cohort, tmp_path_factory, fast):
     """Two runs whose checkpoints share file names, plus a lone checkpoint; 2 random baselines."""
     tmp = tmp_path_factory.mktemp("probe")
     for run, seeds in (("runA", (5, 6)), ("runB", (7,))):
@@ -31,7 +38,8 @@ def probe_run(tiny_cohort, tmp_path_factory):
     save_weights(random_encoder(1, 8), tmp / "runB" / "himae_final.pt", step=10)
     out = tmp / "res"
     probe_main(["--run", str(tmp / "runA"), "--run", str(tmp / "runB"), "--checkpoint", str(tmp / "runB" / "himae_final.pt"),
-                "--random-baselines", "2", "--h5", str(tiny_cohort / "downstream.h5"), "--out", str(out), *FAST])
+                "--random-baselines", "2", "--h5", str(tiny_cohort / "downstream.h5"), "--out", str(out), *fast,
+                "--minirocket-kernels", "84"])
     return tmp, out
 
 
@@ -39,7 +47,13 @@ def test_probe_cli_outputs(probe_run, tiny_cohort):
     tmp, out = probe_run
     res = json.loads((out / "results.json").read_text())
     names = [m["name"] for m in res["models"]]
-    assert len(set(names)) == len(names) == 6  # 3 run checkpoints + 1 final + 2 random
+    assert len(set(names)) == len(names) == 7  # 3 run checkpoints + 1 final + 2 random + MiniRocket
+    assert res["batchnorm"]["policy"] == "pretrain" and res["folds_run"] == 3
+    assert res["models"][-1]["kind"] == "minirocket" and res["models"][-1]["candidates"][0]["dim"] == 84
+    for m in res["models"][:4]:  # every checkpoint against both baselines, on the same resamples
+        assert set(m["paired"]) == {"random init", "MiniRocket"}
+        d = m["paired"]["random init"]
+        assert d["n_baselines"] == 2 and d["roc_auc"]["ci95"][0] <= d["roc_auc"]["value"] <= d["roc_auc"]["ci95"][1]
     assert "runA/weights/step_0000010.pt" in names and "runB/weights/step_0000010.pt" in names
     assert res["protocol"] == "nested" and "patient-grouped" in res["protocol_label"]
     m = res["models"][0]
@@ -61,17 +75,18 @@ def test_probe_cli_outputs(probe_run, tiny_cohort):
         assert (out / png).stat().st_size > 10_000
     table = (out / "table.txt").read_text()
     assert "random init (2 seeds)" in table and "runA/weights/step_0000020.pt" in table and "protocol nested" in table
+    assert "MiniRocket" in table and "ΔROC-AUC [95 % CI]" in table
     assert "| model |" in (out / "results.md").read_text()
 
 
-def test_rerun_reads_features_from_the_cache(probe_run, tiny_cohort, capsys):
+def test_rerun_reads_features_from_the_cache(probe_run, tiny_cohort, capsys, fast):
     tmp, out = probe_run
     probe_main(["--run", str(tmp / "runA"), "--random-baselines", "1", "--h5", str(tiny_cohort / "downstream.h5"),
-                "--out", str(out), "--no-plots", *FAST])
+                "--out", str(out), "--no-plots", *fast])
     assert "features: 3 from cache, 0 encoded" in capsys.readouterr().out
 
 
-def test_raw_units_read_like_normalised_data(tiny_cohort, tmp_path):
+def test_raw_units_read_like_normalised_data(tiny_cohort, tmp_path, fast):
     """The probe min-max scales each segment as pretraining did: raw-unit data gives the same result."""
     with h5py.File(tiny_cohort / "downstream.h5") as f, h5py.File(tmp_path / "raw.h5", "w") as g:
         for k in ("labels", "patient_ids"):
@@ -81,7 +96,7 @@ def test_raw_units_read_like_normalised_data(tiny_cohort, tmp_path):
     runs = []
     for name in ("downstream.h5", "raw.h5"):
         h5 = tiny_cohort / name if name == "downstream.h5" else tmp_path / name
-        probe_main(["--random-baselines", "1", "--h5", str(h5), "--out", str(tmp_path / f"out_{name}"), "--no-plots", *FAST])
+        probe_main(["--random-baselines", "1", "--h5", str(h5), "--out", str(tmp_path / f"out_{name}"), "--no-plots", *fast])
         runs.append(json.loads((tmp_path / f"out_{name}" / "results.json").read_text())["models"][0]["headline"]["metrics"])
     assert runs[0]["roc_auc"]["value"] == pytest.approx(runs[1]["roc_auc"]["value"], abs=1e-3)
 
@@ -97,14 +112,14 @@ def test_seed_protocol_is_labelled_everywhere(tiny_cohort, tmp_path):
     assert abs(len(rows) - 0.2 * res["n_segments"]) <= 1  # the 20 % test split only
 
 
-def test_skipped_and_flat_rows_keep_their_row_ids(tiny_cohort, tmp_path):
+def test_skipped_and_flat_rows_keep_their_row_ids(tiny_cohort, tmp_path, fast):
     with h5py.File(tiny_cohort / "downstream.h5") as f, h5py.File(tmp_path / "d.h5", "w") as g:
         ppg = f["ppg"][()]
         ppg[3, 10] = np.nan  # bad: skipped by --on-bad skip
         ppg[5] = 0.25  # flat line: no min-max scale, dropped and counted
         g["ppg"], g["labels"], g["patient_ids"] = ppg, f["labels"][()], f["patient_ids"][()]
     probe_main(["--random-baselines", "1", "--h5", str(tmp_path / "d.h5"), "--fs", "25", "--on-bad", "skip",
-                "--out", str(tmp_path / "o"), "--no-plots", *FAST])
+                "--out", str(tmp_path / "o"), "--no-plots", *fast])
     rows = [int(r["row"]) for r in _rows(tmp_path / "o" / "pvc_predictions.csv")]
     assert rows[:5] == [0, 1, 2, 4, 6] and len(rows) == len(ppg) - 2
     assert json.loads((tmp_path / "o" / "results.json").read_text())["n_constant_dropped"] == 1
@@ -174,9 +189,9 @@ def test_seed_probe_of_the_wrong_width_is_a_clear_error(tmp_path):
         apply_seed_probe(level_features(random_encoder(1, 0), data.signals)[-1], data.labels, str(tmp_path / "p.pt"))
 
 
-def test_seed_format_probe_from_the_cli(tiny_cohort, tmp_path):
+def test_seed_format_probe_from_the_cli(tiny_cohort, tmp_path, fast):
     torch.save({"fc.weight": torch.ones(1, 256) * 0.01, "fc.bias": torch.zeros(1)}, tmp_path / "p.pt")
     probe_main(["--random-baselines", "1", "--h5", str(tiny_cohort / "downstream.h5"), "--seed-probe", str(tmp_path / "p.pt"),
-                "--out", str(tmp_path / "o"), "--no-plots", *FAST])
+                "--out", str(tmp_path / "o"), "--no-plots", *fast])
     rows = _rows(tmp_path / "o" / "seed_probe" / "random-init(0).csv")
     assert len(rows) == 559 and list(rows[0]) == ["patient_id", "label", "p_pvc", "row"]

@@ -55,31 +55,17 @@ def test_headline_is_not_the_best_of_the_reported_numbers():
     assert best_reported > headline and abs(headline - 0.5) < 0.1
 
 
-def test_fit_probe_reads_the_legacy_attributes_of_older_scikit_learn(monkeypatch):
-    """scikit-learn before 1.8 has no use_legacy_attributes: C_ is an array, scores_ a dict by class.
-    The probe picks the same C and score from either layout."""
-    import inspect
-
-    import sklearn.linear_model as lm
-
+def test_fit_probe_uses_only_stable_scikit_learn_api():
+    """C is chosen by refitting a plain StandardScaler + LogisticRegression pipeline per inner split, not
+    through LogisticRegressionCV, whose attribute layout (C_, scores_) changed in scikit-learn 1.8."""
     from probes.nested_cv import fit_probe
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((120, 5))
     y = (x[:, 0] + 0.5 * rng.standard_normal(120) > 0.8).astype(int)
     inner = list(StratifiedKFold(3, shuffle=True, random_state=0).split(x, y))
-    _, score_new, c_new = fit_probe(x, y, inner)
-
-    real = lm.LogisticRegressionCV
-
-    class Legacy(real):  # what 1.3-1.7 give: no such parameter, legacy attributes
-        def __init__(self, **kw):
-            super().__init__(**kw, use_legacy_attributes=True)
-
-    Legacy.__init__.__signature__ = inspect.Signature(
-        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        + [p for n, p in inspect.signature(real).parameters.items() if n not in ("use_legacy_attributes", "l1_ratios")])
-    monkeypatch.setattr(lm, "LogisticRegressionCV", Legacy)
-    clf, score_old, c_old = fit_probe(x, y, inner)
-    assert isinstance(clf[-1].scores_, dict) and not isinstance(clf[-1].C_, float)  # the legacy layout ran
-    assert (score_old, c_old) == (score_new, c_new) and 0.5 < score_new <= 1.0
+    clf, score, c = fit_probe(x, y, inner)
+    assert [type(step).__name__ for step in clf] == ["StandardScaler", "LogisticRegression"]
+    assert clf[-1].C == c and 0.5 < score <= 1.0
+    _, score_none, c_none = fit_probe(x, y, [])
+    assert np.isnan(score_none) and c_none == 0.1  # no usable inner split: the middle of the grid

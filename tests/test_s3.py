@@ -234,7 +234,7 @@ def test_probe_reads_checkpoints_and_runs_from_s3(tmp_path, s3, tiny_cohort):
     probe_main(["--run", url, "--checkpoint", str(run / "himae_final.pt"), "--checkpoint", f"{url}/himae_final.pt",
                 "--storage-options", json.dumps(opts), "--random-baselines", "0", "--no-plots",
                 "--h5", str(tiny_cohort / "downstream.h5"), "--out", str(out), "--folds", "3", "--inner-folds", "2",
-                "--n-boot", "20"])
+                "--n-boot", "20", "--minirocket-kernels", "0"])
     models = json.loads((out / "results.json").read_text())["models"]
     assert [m["name"] for m in models] == [  # unique names cut from the URLs as from paths
         f"{tmp_path.name}/run/himae_final.pt", "probe/run/himae_final.pt", "run/weights/step_020.pt", "run/weights/step_100.pt"]
