@@ -121,7 +121,8 @@ def set_determinism(on: bool, tf32: bool = True) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at the first cuBLAS call
     torch.backends.cudnn.benchmark = not on
     torch.backends.cudnn.deterministic = on
-    torch.use_deterministic_algorithms(on)
+    if torch.are_deterministic_algorithms_enabled() != on:  # the call imports torch._dynamo (~2 s a process)
+        torch.use_deterministic_algorithms(on)
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
 

@@ -32,6 +32,18 @@ def tiny_shards(tiny_cohort, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def one_node_run(tiny_shards, tmp_path_factory) -> Path:
+    """The uninterrupted 1 x 2 trainer run (tests.test_train_resume.TWO_NODE_ARGS) that restarted, preempted
+    and 2-node runs must equal bitwise; made once for every test file that compares with it."""
+    from tests.test_train_distributed import _run_trainer
+    from tests.test_train_resume import TWO_NODE_ARGS, _ok
+
+    out = tmp_path_factory.mktemp("1x2")
+    _ok(_run_trainer(tiny_shards, out, TWO_NODE_ARGS))
+    return out
+
+
 @pytest.fixture
 def seed_reference() -> Path:
     if not SEED_REFERENCE.is_dir():

@@ -18,7 +18,7 @@ import torch
 from himae_dist.streaming import load_manifest, reader_shards
 from tests.ports import free_port
 from tests.proc_tree import alive_after, communicate_all, kill_tree
-from tests.test_train_resume import TWO_NODE_ARGS, _final, _hist, _kill_step, _ok, one_node_run  # noqa: F401
+from tests.test_train_resume import TWO_NODE_ARGS, _final, _hist, _kill_step, _ok
 
 pytestmark = pytest.mark.slow
 

@@ -279,7 +279,7 @@ def test_same_seed_same_mask_and_independent_of_sharding():
 def test_masks_are_uniform_over_patch_positions():
     from scipy.stats import chisquare
 
-    B, P, r = 400, 20, 0.3  # k = 6; 120 expected per position (the interpreter is slow)
+    B, P, r = 160, 20, 0.3  # k = 6; 48 expected per position (the interpreter is slow; fixed seeds)
     x = torch.zeros(B, 1, P * 5)
     _, pm = fused_patch_mask(x, 5, r, seed=2024)
     counts = pm.sum(0).double()  # masked count per patch position
@@ -288,7 +288,7 @@ def test_masks_are_uniform_over_patch_positions():
     # independent across steps: two seeds' masks overlap as chance predicts (k^2 / P per row)
     _, pm2 = fused_patch_mask(x, 5, r, seed=2025)
     overlap = (pm.bool() & pm2.bool()).sum(1).double().mean().item()
-    assert abs(overlap - 6 * 6 / 20) < 0.2  # about 4 standard errors
+    assert abs(overlap - 6 * 6 / 20) < 0.25  # about 3 standard errors
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

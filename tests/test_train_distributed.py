@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from himae_dist.checkpoint import load_himae
-from himae_dist.config import TrainConfig, lr_lambda
+from himae_dist.config import TrainConfig, lr_lambda, parse_config
 from tests.ports import free_port
 from tests.proc_tree import communicate_all
 
@@ -49,32 +49,22 @@ def test_two_rank_deepspeed_run_loss_falls_and_resumes(tiny_shards, tmp_path):
     for (k, a), b in zip(model.state_dict().items(), ds_model.state_dict().values()):
         assert torch.equal(a.float(), b.float()), k
 
-    # a restart after the last checkpoint whose final weights are lost, or from an earlier step (a run
-    # resumed to more steps, killed before its last write), writes them again, leaving the checkpoint as it is
+    # a restart after the last checkpoint whose final weights are from an earlier step (a run resumed to
+    # more steps, killed before its last write; a lost final: test_final_weights_are_rewritten_when_...)
+    # writes them again, leaving the checkpoint as it is
     tag = out / "checkpoints" / "step0000040"
     before = {f.name: f.stat().st_mtime_ns for f in tag.iterdir()}
     final_bytes = (out / "himae_final.pt").read_bytes()
-    for damage in ("lost", "stale"):
-        if damage == "lost":
-            (out / "himae_final.pt").unlink()
-        else:
-            stale = torch.load(out / "himae_final.pt", weights_only=True)
-            torch.save({**stale, "step": 30}, out / "himae_final.pt")
-        log = _torchrun(tiny_shards, out, steps=40)
-        assert "nothing to train" in log and (out / "himae_final.pt").read_bytes() == final_bytes, damage
+    stale = torch.load(out / "himae_final.pt", weights_only=True)
+    torch.save({**stale, "step": 30}, out / "himae_final.pt")
+    log = _torchrun(tiny_shards, out, steps=40)
+    assert "nothing to train" in log and (out / "himae_final.pt").read_bytes() == final_bytes
     assert {f.name: f.stat().st_mtime_ns for f in tag.iterdir()} == before
 
-    refused = _run_trainer(tiny_shards, out, ("--steps", "40", "--micro-batch", "16", "--log-every", "5",
-                                              "--shuffle-shards", "2", "--num-workers", "1"))
-    assert refused.returncode != 0  # the saved stream was read by 0 workers per rank
-    assert "cannot continue the data stream exactly" in refused.stderr, refused.stderr[-2000:]
-    assert "'num_workers': (0, 1)" in refused.stderr and "--allow-schedule-change" in refused.stderr
+    # the saved stream was read by 0 workers per rank (refused without --allow-schedule-change:
+    # test_a_changed_loader_is_refused_unless_allowed; a changed schedule: tests/test_config.py)
     log = _torchrun(tiny_shards, out, steps=40, extra=("--num-workers", "1", "--allow-schedule-change", "true"))
     assert "loader options changed" in log and "a new data stream starts (seed 40)" in log
-    refused = _run_trainer(tiny_shards, out, ("--steps", "50", "--micro-batch", "16", "--log-every", "5",
-                                              "--shuffle-shards", "2"))
-    assert refused.returncode != 0
-    assert "different schedule" in refused.stderr and "'steps': (40, 50)" in refused.stderr, refused.stderr[-2000:]
     # allowed: more steps, a new lr and weight decay, and 3 ranks instead of 2 (a new data stream)
     log = _torchrun(tiny_shards, out, steps=50, nproc=3,
                     extra=("--allow-schedule-change", "true", "--lr", "5e-4", "--weight-decay", "0.01"))
@@ -154,3 +144,32 @@ def test_an_error_on_every_rank_reaches_the_user_once_and_last(tiny_shards, tmp_
     assert proc.stderr.count("himae-train: error:") == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
 
+
+def test_final_weights_are_rewritten_when_missing_or_from_another_step(tmp_path):
+    from himae_dist.checkpointer import Checkpointer
+
+    cfg = TrainConfig(data="d", out=str(tmp_path), steps=40)
+    ckpt = Checkpointer(None, None, None, cfg, tmp_path, 0, 1, {}, {}, {})
+    assert ckpt._needs_final(40)  # lost
+    torch.save({"step": 30}, tmp_path / "himae_final.pt")
+    assert ckpt._needs_final(40)  # stale
+    torch.save({"step": 40}, tmp_path / "himae_final.pt")
+    assert not ckpt._needs_final(40) and ckpt._needs_final(39)  # this step's: kept; steps left: trained
+    (tmp_path / "himae_final.pt").write_bytes(b"torn")
+    assert ckpt._needs_final(40)  # unreadable
+
+
+def test_a_changed_loader_is_refused_unless_allowed(tiny_shards):
+    from himae_dist.checkpointer import Resumed
+    from himae_dist.streaming import load_manifest, make_loader
+    from himae_dist.train import _loader
+
+    manifest = load_manifest(str(tiny_shards))
+    _, state = make_loader(manifest, 16, seed=0, rank=0, world_size=2, num_workers=0, shuffle_shards=2)
+    res = Resumed(start=40, loader=state.to_dict(), stream_seed=0)
+    argv = ["--data", str(tiny_shards), "--micro-batch", "16", "--shuffle-shards", "2", "--num-workers", "1"]
+    with pytest.raises(ValueError, match=r"cannot continue the data stream exactly.*'num_workers': \(0, 1\).*"
+                                         r"--allow-schedule-change"):
+        _loader(manifest, parse_config(argv), res, 0, 2, torch.device("cpu"))
+    _, new = _loader(manifest, parse_config([*argv, "--allow-schedule-change", "true"]), res, 0, 2, torch.device("cpu"))
+    assert new.seed == 40 and new.batches == 0  # a new stream, seed + step

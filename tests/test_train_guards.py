@@ -77,23 +77,29 @@ def test_diverged_run_fails_and_never_saves_non_finite_weights(tiny_shards, tmp_
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("step*/himae_run_state.pt"))
 
 
-def test_unwritable_export_url_is_refused_before_the_first_step(tiny_shards, tmp_path):
+def test_unwritable_export_url_and_a_damaged_val_shard_are_named_before_the_first_step(tiny_shards, tmp_path):
+    """The start checks (`_start`, before the loader and the first step; the CLI prints them as one
+    `himae-train: error:` line, tests/test_train_cli.py)."""
+    from himae_dist.checkpointer import Checkpointer
+    from himae_dist.config import parse_config
+    from himae_dist.streaming import load_manifest
+    from himae_dist.train import _start_checks
+
     (tmp_path / "afile").write_text("")
-    out = tmp_path / "run"
-    proc = _run_trainer(tiny_shards, out, (*ARGS, "--export-url", str(tmp_path / "afile" / "export")))
-    assert proc.returncode != 0
-    assert f"himae-train: error: --export-url={tmp_path / 'afile' / 'export'}: cannot write there" in proc.stderr, \
-        proc.stderr[-3000:]
-    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
-
-
-def test_damaged_val_shard_is_named_before_the_first_step(tiny_shards, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)
+
+    def checks(*argv):
+        cfg = parse_config(["--data", str(shards), "--out", str(tmp_path / "run"), *argv])
+        return _start_checks(load_manifest(str(shards)), cfg, Checkpointer(None, None, None, cfg, tmp_path / "run",
+                                                                            0, 1, {}, {}, {}))
+
+    assert checks("--val-every", "3") == ([], None)
+    export = tmp_path / "afile" / "export"
+    broken, problem = checks("--export-url", str(export))
+    assert problem.startswith(f"--export-url={export}: cannot write there"), problem
     (val,) = sorted((shards / "val").glob("*.tar"))
     val.write_bytes(val.read_bytes()[:1000])  # truncated
-    proc = _run_trainer(shards, tmp_path / "run", (*ARGS, "--val-every", "3"))
-    assert proc.returncode != 0
-    assert "val shard(s) missing or damaged: ['val/shard-" in proc.stderr and "re-run himae-prep" in proc.stderr, \
-        proc.stderr[-3000:]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    broken, problem = checks("--val-every", "3")
+    assert "val shard(s) missing or damaged: ['val/shard-" in problem and "re-run himae-prep" in problem, problem
+    assert checks() == ([], None)  # not validating: the val split is not read

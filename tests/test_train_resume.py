@@ -18,6 +18,7 @@ from tests.test_train_distributed import _run_trainer
 pytestmark = pytest.mark.slow
 
 ARGS = ("--micro-batch", "8", "--log-every", "5", "--shuffle-shards", "2")
+TWO_NODE_ARGS = ("--steps", "12", "--save-every", "4", *ARGS, "--log-every", "2")
 
 
 def _ok(proc):
@@ -38,14 +39,14 @@ def _ds_states(out):
     return torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
 
 
-def test_bf16_autocast_trains_over_fp32_masters(tiny_shards, tmp_path):
-    bf, fp = tmp_path / "bf16", tmp_path / "fp32"
-    log = _ok(_run_trainer(tiny_shards, bf, ("--steps", "20", "--precision", "bf16", "--val-every", "10",
-                                             "--plot-every", "10", "--val-batches", "1", "--save-every", "5", *ARGS)))
+def test_bf16_autocast_trains_over_fp32_masters(tiny_shards, tmp_path, one_node_run):
+    bf = tmp_path / "bf16"  # as the fp32 one_node_run, plus bf16 and validation (which does not change training)
+    log = _ok(_run_trainer(tiny_shards, bf, (*TWO_NODE_ARGS, "--precision", "bf16", "--val-every", "6",
+                                             "--plot-every", "6", "--val-batches", "1")))
     assert "bf16=True" in log
-    assert "himae-train: 100%" in log and "20/20" in log  # the progress bar (rank 0, stderr)
-    _ok(_run_trainer(tiny_shards, fp, ("--steps", "20", "--precision", "fp32", *ARGS)))
-    hb, hf = _hist(bf), _hist(fp)
+    assert "himae-train: 100%" in log and "12/12" in log  # the progress bar (rank 0, stderr)
+    hb, hf = _hist(bf), _hist(one_node_run)
+    assert '"precision": "auto"' in (one_node_run / "config.json").read_text()  # fp32 on CPU
     assert hb[-1]["loss"] < 0.7 * hb[0]["loss"], hb
     assert [h["loss"] for h in hb] != [h["loss"] for h in hf]  # autocast did run the forward in bf16
     assert abs(hb[-1]["loss"] - hf[-1]["loss"]) < 0.05 * hf[-1]["loss"]  # ...and tracks fp32 closely
@@ -53,8 +54,8 @@ def test_bf16_autocast_trains_over_fp32_masters(tiny_shards, tmp_path):
         assert h["segments_per_s"] > 0 and 0 <= h["data_wait_frac"] <= 1 and h["peak_mem_mb"] > 10, h
         assert 0 < h["grad_norm"] < 100, h
     assert len({h["grad_norm"] for h in hb}) == len(hb)
-    assert [h["step"] for h in hb if "val_loss" in h] == [10, 20]
-    for png in (bf / "loss_curve.png", bf / "plots" / "recon_0000010.png", bf / "plots" / "recon_0000020.png"):
+    assert [h["step"] for h in hb if "val_loss" in h] == [6, 12]
+    for png in (bf / "loss_curve.png", bf / "plots" / "recon_0000006.png", bf / "plots" / "recon_0000012.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     exported, masters = _final(bf), _ds_states(bf)["module"]
     assert set(exported) == set(masters)
@@ -63,9 +64,9 @@ def test_bf16_autocast_trains_over_fp32_masters(tiny_shards, tmp_path):
             assert v.dtype == torch.float32 and exported[k].dtype == torch.float32, k
         assert torch.equal(exported[k], v), k
     # BatchNorm: every rank holds the same statistics after the save, pooled from both ranks' own estimates
-    # (at step 15: no validation, which also pools them, right before it)
-    ranks = torch.load(bf / "checkpoints" / "step0000015" / "himae_run_state.pt", weights_only=True)["ranks"]
-    exported = torch.load(bf / "weights" / "step_0000015.pt", weights_only=True)["state_dict"]
+    # (at step 8: no validation, which also pools them, right before it)
+    ranks = torch.load(bf / "checkpoints" / "step0000008" / "himae_run_state.pt", weights_only=True)["ranks"]
+    exported = torch.load(bf / "weights" / "step_0000008.pt", weights_only=True)["state_dict"]
     assert ranks[0]["bn_digest"] == ranks[1]["bn_digest"]
     own = [r["bn_before_sync"] for r in ranks]
     for k in own[0]:
@@ -148,17 +149,6 @@ def _two_agents(shards, outs, args, env_extra=None, torchrun_args=()):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         for out in outs]
     return communicate_all(procs, timeout=300)
-
-
-TWO_NODE_ARGS = ("--steps", "12", "--save-every", "4", *ARGS, "--log-every", "2")
-
-
-@pytest.fixture(scope="module")
-def one_node_run(tiny_shards, tmp_path_factory):
-    """The uninterrupted 1 x 2 run the 2 x 1 runs must equal."""
-    out = tmp_path_factory.mktemp("1x2")
-    _ok(_run_trainer(tiny_shards, out, TWO_NODE_ARGS))
-    return out
 
 
 # Which node's torchrun agent counts the restart decides whether the nodes' restart counts agree:
