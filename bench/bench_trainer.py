@@ -43,6 +43,28 @@ def _shards(tmp: Path, length: int) -> Path:
     return out
 
 
+_TRAIN_ONE = ("import json, sys; from himae_dist.config import parse_config; from himae_dist.train import train; "
+              "print('HIST ' + json.dumps(train(parse_config(sys.argv[1:]))['history']))")
+
+
+def _compiled_run(argv: list[str]) -> tuple[float, float]:
+    """(segments/s, data wait) of the trainer in a fresh process, after the first log interval; NaN if it
+    fails (inductor generates C++ on CPU: it needs a compiler), with the reason printed."""
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_ONE, *argv], cwd=Path(__file__).resolve().parents[1],
+                          env=dict(os.environ, MASTER_PORT=str(port)), capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("HIST ")]
+    if proc.returncode or not lines:
+        print(f"bench_trainer: --compile failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}")
+        return float("nan"), float("nan")
+    hist = json.loads(lines[0][5:])[1:]
+    return sum(h["segments_per_s"] for h in hist) / len(hist), sum(h["data_wait_frac"] for h in hist) / len(hist)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=100)
@@ -134,14 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                     sum(h["data_wait_frac"] for h in hist[1:]) / len(hist[1:]))
 
         trainer, wait = timed(cfg)
-        try:  # inductor generates C++ on CPU: it needs a compiler
-            compiled, cwait = timed(parse_config([*argv_of(cfg), "--out", str(tmp / "run_compiled"), "--compile",
-                                                  "true"]))
-        except Exception as e:  # noqa: BLE001 (the bench goes on without the column, saying why)
-            print(f"bench_trainer: --compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-            compiled = cwait = float("nan")
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        # --compile (inductor) in its own process: DeepSpeed keeps the first process group registered
+        compiled, cwait = _compiled_run([*argv_of(cfg), "--out", str(tmp / "run_compiled"), "--compile", "true"])
         after = plain_loop(batches)
         lightning = lightning_loop(batches)
     plain = (before + after) / 2

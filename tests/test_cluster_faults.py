@@ -115,13 +115,15 @@ def test_failed_shard_reads_are_on_the_record_and_past_the_limit_stop_the_run(ti
     victim = shards / m.shards()[first].name
     _garble_header(victim)
     args = ("--steps", "6", "--micro-batch", "8", "--log-every", "2", "--shuffle-shards", "2")
-    stopped = _run(shards, tmp_path / "strict", args)  # default --max-bad-data 0.01
+    # both at once: the default --max-bad-data 0.01 stops, 0.5 trains on, on the record
+    stopped, lenient = communicate_all([_launch(shards, tmp_path / "strict", args),
+                                        _launch(shards, tmp_path / "lenient", (*args, "--max-bad-data", "0.5"))], 300)
     assert stopped.returncode != 0
     line = [ln for ln in stopped.stderr.splitlines() if ln.startswith("himae-train: error:")]
     assert line and "shard reads failed by step 2" in line[0] and m.shards()[first].name in line[0], stopped.stderr[-3000:]
     assert "more than --max-bad-data=0.01" in line[0] and "Traceback" not in stopped.stderr
 
-    ok = _ok(_run(shards, tmp_path / "lenient", (*args, "--max-bad-data", "0.5")))
+    ok = _ok(lenient)
     hist = _hist(tmp_path / "lenient")
     assert all(h["failed_shard_reads"] >= 1 and h["lost_segments"] > 0 and h["shard_reads"] > h["failed_shard_reads"]
                for h in hist), hist

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.ports import free_port
+from tests.proc_tree import communicate_all
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,17 +32,24 @@ print("GRAPHS " + json.dumps(counters["stats"]["unique_graphs"]))
 """
 
 
-def _train(shards, out, *extra):
+def _spawn(shards, out, *extra) -> subprocess.Popen:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     args = ["--data", str(shards), "--out", str(out), "--num-workers", "0", "--steps", "8", "--micro-batch", "8",
             "--log-every", "1", "--shuffle-shards", "2", "--precision", "bf16", "--val-every", "4",
             "--val-batches", "1", "--save-every", "4", *extra]
-    proc = subprocess.run([sys.executable, "-c", _TRAIN, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.Popen([sys.executable, "-c", _TRAIN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _result(proc: subprocess.CompletedProcess):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = dict(ln.split(" ", 1) for ln in proc.stdout.splitlines() if ln.startswith(("HIST ", "GRAPHS ")))
     return json.loads(lines["HIST"]), json.loads(lines["GRAPHS"])
+
+
+def _train(shards, out, *extra):
+    return _result(communicate_all([_spawn(shards, out, *extra)], timeout=300)[0])
 
 
 def _final(out):
@@ -49,10 +57,12 @@ def _final(out):
 
 
 def test_compiled_training_follows_eager_never_recompiles_and_resumes_exactly(tiny_shards, tmp_path):
-    eager, graphs = _train(tiny_shards, tmp_path / "eager")
+    both = communicate_all([_spawn(tiny_shards, tmp_path / "eager"),  # at once: 2 cores, one process each
+                            _spawn(tiny_shards, tmp_path / "compiled", "--compile", "true", "--compile-backend",
+                                   "aot_eager")], timeout=300)
+    (eager, graphs), (compiled, cgraphs) = (_result(p) for p in both)
     assert graphs == 0
-    compiled, graphs = _train(tiny_shards, tmp_path / "compiled", "--compile", "true", "--compile-backend", "aot_eager")
-    assert graphs >= 1  # the model ran compiled (and error_on_recompile held over 8 steps and 2 validations)
+    assert cgraphs >= 1  # the model ran compiled (and error_on_recompile held over 8 steps and 2 validations)
     a, b = [h["loss"] for h in eager], [h["loss"] for h in compiled]
     assert len(a) == len(b) == 8
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=2e-2, atol=0)  # bf16 autocast, 8 updates

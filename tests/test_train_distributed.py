@@ -17,14 +17,20 @@ from tests.proc_tree import communicate_all
 pytestmark = pytest.mark.slow
 
 
-def _run_trainer(shards, out, args=(), nproc=2, env_extra=None, drop_env=(), torchrun_args=()):
+def _spawn_trainer(shards, out, args=(), nproc=2, env_extra=None, drop_env=(), torchrun_args=()) -> subprocess.Popen:
+    """A torchrun of the trainer, started; `communicate_all` collects it (with others run at the same time)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in drop_env}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={port}", *torchrun_args, "-m", "himae_dist.train", "--data", str(shards), "--out", str(out),
            "--num-workers", "0", *args]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _run_trainer(shards, out, args=(), nproc=2, env_extra=None, drop_env=(), torchrun_args=()):
+    p = _spawn_trainer(shards, out, args, nproc, env_extra, drop_env, torchrun_args)
     return communicate_all([p], timeout=300)[0]  # on a timeout, the whole tree is killed
 
 

@@ -13,7 +13,7 @@ from himae_dist.checkpoint import load_himae
 from himae_dist.streaming import load_manifest, reader_shards
 from tests.ports import free_port
 from tests.proc_tree import communicate_all
-from tests.test_train_distributed import _run_trainer
+from tests.test_train_distributed import _run_trainer, _spawn_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -100,10 +100,11 @@ def test_killed_rank_restarts_and_ends_bitwise_equal_to_uninterrupted_run(tiny_s
     data[148:150] = b"9x"  # the first tar header's checksum: same size, so only a read finds it
     victim.write_bytes(bytes(data))
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"
-    _ok(_run_trainer(shards, clean, args))
     kill_at = _kill_step(6, steps - 1)  # any step after the first checkpoint
-    log = _ok(_run_trainer(shards, faulty, args, env_extra={"HIMAE_FAULT": f"kill:1:{kill_at}"},
-                           torchrun_args=("--max-restarts=1",)))
+    runs = communicate_all([_spawn_trainer(shards, clean, args),  # both at once: each loads the other's machine
+                            _spawn_trainer(shards, faulty, args, env_extra={"HIMAE_FAULT": f"kill:1:{kill_at}"},
+                                           torchrun_args=("--max-restarts=1",))], timeout=300)
+    _, log = _ok(runs[0]), _ok(runs[1])
     resumed_at = kill_at // 5 * 5
     assert f"at step {resumed_at}" in log, (kill_at, log[-3000:])
     a, b = _final(clean), _final(faulty)
