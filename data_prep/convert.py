@@ -62,7 +62,7 @@ from data_prep.parent_death import exit_with_parent
 from data_prep.preprocess import CONSTANT_POLICIES, LENGTH_POLICIES, NORMALIZE, Preprocess
 from data_prep.shard_format import DTYPES, FORMAT, MANIFEST, MEMBERS, PARTS, PLAN, part_name
 from data_prep.shard_writer import WriteParams, write_shard
-from data_prep.storage import Folder, StorageError, file_fingerprints, is_remote
+from data_prep.storage import Folder, StorageError, file_fingerprints, is_remote, json_object
 
 
 @dataclass(frozen=True)
@@ -648,18 +648,6 @@ def _stop_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def json_object(text: str) -> dict:
-    """argparse type of --storage-options: a JSON object, or a message saying what is wrong with it."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): expected an object such as "
-                                         f"'{{\"client_kwargs\": {{\"endpoint_url\": \"http://...\"}}}}'") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got a {type(value).__name__}")
-    return value
 
 
 EPILOG = """\

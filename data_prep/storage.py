@@ -9,7 +9,9 @@ renamed (local) or uploaded with one PUT (remote), so a file that exists is comp
 
 from __future__ import annotations
 
+import argparse
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -241,3 +243,15 @@ def file_fingerprints(paths: list[str], storage_options: dict | None = None) -> 
                 i = listed[p]
                 out[p] = [int(i.get("size") or 0), str(i.get("ETag") or i.get("LastModified") or i.get("mtime") or "")]
     return out
+
+
+def json_object(text: str) -> dict:
+    """argparse type of --storage-options (every job's): a JSON object, or a message saying what is wrong."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): expected an object such as "
+                                         f"'{{\"client_kwargs\": {{\"endpoint_url\": \"http://...\"}}}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got a {type(value).__name__}")
+    return value

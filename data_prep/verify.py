@@ -85,7 +85,7 @@ def verify_main(argv: list[str]) -> int:
     import argparse
     import sys
 
-    from data_prep.convert import json_object
+    from data_prep.storage import json_object
 
     ap = argparse.ArgumentParser(
         prog="himae-prep verify",

@@ -21,6 +21,7 @@ import math
 import typing
 from dataclasses import dataclass
 
+from data_prep.storage import json_object
 from himae_dist.model import DEFAULT_CHANNELS
 
 
@@ -181,17 +182,6 @@ def _int_list(s: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 16,32,64, got {s!r}") from None
 
 
-def _json_object(s: str) -> dict:
-    try:
-        v = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"anon\": true}}', got {s!r} "
-                                         f"({e})") from None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(v).__name__}")
-    return v
-
-
 def _base_type(tp: object) -> object:
     """bool, int, float, str, dict or tuple for a field's annotation (Optional stripped)."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -202,7 +192,7 @@ def _base_type(tp: object) -> object:
     return tp
 
 
-_FLAG_TYPE = {bool: _strict_bool, int: int, float: float, str: str, dict: _json_object, tuple: _int_list}
+_FLAG_TYPE = {bool: _strict_bool, int: int, float: float, str: str, dict: json_object, tuple: _int_list}
 _WANT = {bool: "true or false (a boolean, not a string)", int: "an integer", float: "a number", str: "a string",
          dict: "a table/object of fsspec options", tuple: "a list of integers such as [16, 32, 64]"}
 
