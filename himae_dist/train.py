@@ -59,7 +59,7 @@ def _init_distributed(timeout_s: int = 300):
     acc = get_accelerator()
     backend, timeout = acc.communication_backend_name(), timedelta(seconds=timeout_s)
     if acc.device_name() == "cpu":
-        _clear_stale_build_lock()
+        _skip_shm_comm_build()
     store, attempt, formed = attempt_store(timeout)  # torchrun's restart count differs across nodes
     if store is not None:
         import torch.distributed as dist
@@ -77,20 +77,15 @@ def _init_distributed(timeout_s: int = 300):
     return deepspeed, device, attempt
 
 
-def _clear_stale_build_lock(max_age_s: float = 600.0) -> None:
-    """On CPU, DeepSpeed JIT-loads its shared-memory comm op under torch's build lock, a file with no
-    owner: a rank SIGKILLed while holding it left every later start waiting forever. A lock older
-    than any build (minutes) is removed, with a warning."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
+def _skip_shm_comm_build() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory comm op when its backend starts (about 45 s of C++
+    on a fresh machine, under torch's build lock, a file with no owner that a rank killed mid-build left
+    every later start waiting on). The op serves only DeepSpeed's tensor-parallel `inference_all_reduce`;
+    training's collectives are gloo's. Marking it incompatible, in the dict DeepSpeed keeps for such
+    edits, skips the build; `tests/test_cluster_units.py` checks that a start compiles nothing."""
+    import deepspeed.ops
 
-        lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
-        age = time.time() - lock.stat().st_mtime
-    except Exception:  # noqa: BLE001 (no lock, or another torch layout: nothing to clear)
-        return
-    if age > max_age_s:
-        print(f"[himae-train] warning: removing {lock}, a build lock {age:.0f} s old (its process died)", flush=True)
-        lock.unlink(missing_ok=True)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def build_engine(deepspeed, cfg: TrainConfig, model: HiMAE, device: torch.device, world: int):
@@ -152,8 +147,8 @@ def _session(cfg: TrainConfig):
     """(run, attempt, watchdog) for the step loop: determinism flags, the watchdog, the process group,
     the lease on --out and everything `_start` builds; the lease and watchdog end with it."""
     set_determinism(cfg.deterministic, cfg.tf32)
-    # The start (process group, engine, resume, shard checks) may build DeepSpeed's CPU op and read a
-    # checkpoint: a longer bound than a collective's, but a bound (a hung start exits, so torchrun acts).
+    # The start (process group, engine, resume, shard checks) may read a large checkpoint, from S3 too:
+    # a longer bound than a collective's, but a bound (a hung start exits, so torchrun acts).
     watchdog = Watchdog(max(cfg.collective_timeout_s, 900), int(os.environ.get("RANK", 0)))
     watchdog.beat("start: process group, DeepSpeed engine, resume")
     try:
