@@ -36,6 +36,7 @@ def _run(shards, out, args, env_extra=None):
     return communicate_all([_launch(shards, out, args, env_extra)], timeout=300)[0]
 
 
+@pytest.mark.xdist_group("one_node_run")  # one worker makes the shared reference run (pyproject addopts)
 def test_sigterm_saves_exits_75_and_the_rerun_ends_bitwise_equal(tiny_shards, tmp_path, one_node_run):
     out = tmp_path / "preempted"
     term_at = _kill_step(1, 10)  # rank 0 sends SIGTERM to its torchrun agent before step term_at (SLURM's preemption)

@@ -39,6 +39,7 @@ def _ds_states(out):
     return torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.xdist_group("one_node_run")  # one worker makes the shared reference run (pyproject addopts)
 def test_bf16_autocast_trains_over_fp32_masters(tiny_shards, tmp_path, one_node_run):
     bf = tmp_path / "bf16"  # as the fp32 one_node_run, plus bf16 and validation (which does not change training)
     log = _ok(_run_trainer(tiny_shards, bf, (*TWO_NODE_ARGS, "--precision", "bf16", "--val-every", "6",
@@ -158,6 +159,7 @@ def _two_agents(shards, outs, args, env_extra=None, torchrun_args=()):
 # - "both fail": both ranks die at the same step, so both agents count a restart (counts agree);
 # - "healthy rejoined": node 0's rank is stalled (healthy) while node 1's dies, so node 0's agent restarts
 #   it only because node 1 is waiting: counts 0 and 1 (this hung before the attempt handshake).
+@pytest.mark.xdist_group("one_node_run")  # one worker makes the shared reference run (pyproject addopts)
 @pytest.mark.parametrize("order", ["both fail", "healthy rejoined"])  # "race": bench/stress_restart.py
 def test_two_nodes_with_a_failed_rank_restart_together_and_match_one_node_bitwise(tiny_shards, tmp_path,
                                                                                  one_node_run, order):
