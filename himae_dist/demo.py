@@ -8,7 +8,7 @@ a subprocess, and each resumes: a re-run skips what is already complete.
 
 The verdict reads the probe's paired patient-bootstrap difference of the last checkpoint against
 random init (and MiniRocket): "ahead by d [lo, hi]" only when the paired 95 % CI excludes 0.
-`--full` (about 15 minutes on 2 CPU cores) pretrains on more data for more steps and adds the
+`--full` (22 minutes on 2 idle CPU cores) pretrains on more data for more steps and adds the
 label-efficiency curve; the default recipe fits about 5 minutes.
 """
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="himae-demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default=None, help="default himae_demo_run (himae_demo_full with --full)")
     ap.add_argument("--full", action="store_true",
-                    help=f"the science run, about 15 min on 2 CPU cores: {FULL['steps']} steps on a pretraining cohort "
+                    help=f"the science run, 22 min on 2 idle CPU cores: {FULL['steps']} steps on a pretraining cohort "
                          f"at scale {FULL['pretrain_scale']}, MiniRocket with {FULL['minirocket_kernels']} kernels, "
                          f"label efficiency at {FULL['label_fractions']} of the training patients")
     ap.add_argument("--scale", type=float, default=None, help="the downstream cohort's size vs the authors' 55,861 segments")
