@@ -82,7 +82,8 @@ def _skip_shm_comm_build() -> None:
     on a fresh machine, under torch's build lock, a file with no owner that a rank killed mid-build left
     every later start waiting on). The op serves only DeepSpeed's tensor-parallel `inference_all_reduce`;
     training's collectives are gloo's. Marking it incompatible, in the dict DeepSpeed keeps for such
-    edits, skips the build; `tests/test_cluster_units.py` checks that a start compiles nothing."""
+    edits, skips the build; `tests/test_train_distributed.py::test_two_rank_deepspeed_run_loss_falls_and_resumes`
+    checks that a start compiles nothing."""
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -4,7 +4,8 @@
 # The venv sees the system's site-packages, so an installed torch (a GPU user's CUDA build) is
 # used as it is: it is pinned as a constraint and never replaced. Only where no torch exists at
 # all is the CPU build installed (torch==2.13.0). The [baselines] extra (aeon, the probe's MiniRocket
-# baseline) is installed for the demo and the tests; --test adds pytest, moto's S3 server and triton.
+# baseline) is installed for the demo and the tests; --test adds pytest (with xdist), moto's S3 server
+# and triton.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

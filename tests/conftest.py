@@ -14,6 +14,12 @@ import pytest
 SEED_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "seed_reference"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Multi-process (`slow`) tests first, in file order: the longest jobs start first, so neither xdist
+    worker is left alone with a long launch at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> Path:
     from data_prep.synth_cohort import generate

@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import json
+import socket
 from collections import Counter
 
 import h5py
@@ -97,17 +98,22 @@ def test_index_and_hdf5_read_from_s3(tmp_path, s3):
     assert m["n_samples"] == 3 and m["skipped"] == {"missing_file": 1}
 
 
-def _dead_endpoint(monkeypatch) -> dict:
-    """storage_options of an S3 endpoint nobody listens on, with retries cut to one quick attempt."""
+@pytest.fixture
+def dead_s3(monkeypatch):
+    """storage_options of an S3 endpoint that refuses connections, with retries cut to one quick attempt.
+    The port stays bound (not listening: connections are refused) for the whole test, so no other
+    process, such as another xdist worker's moto server, can take it meanwhile."""
     monkeypatch.setattr("data_prep.storage.RETRIES", 1)
     monkeypatch.setattr("data_prep.storage.BACKOFF_S", 0.01)
-    return {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}",
-                                                         "region_name": "us-east-1"},
-            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{held.getsockname()[1]}",
+                                                            "region_name": "us-east-1"},
+               "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
 
 
-def test_unreachable_s3_is_one_clear_error_naming_the_url(tmp_path, monkeypatch, tiny_cohort):
-    dead = _dead_endpoint(monkeypatch)
+def test_unreachable_s3_is_one_clear_error_naming_the_url(tmp_path, dead_s3, tiny_cohort):
+    dead = dead_s3
     import json
 
     with pytest.raises(SystemExit, match=r"himae-prep: error: .*s3://himae-test/nowhere.*failed 2 times; last error"):
@@ -245,14 +251,14 @@ def test_probe_reads_checkpoints_and_runs_from_s3(tmp_path, s3, tiny_cohort):
     assert [m["step"] for m in models[2:]] == [20, 100]
 
 
-def test_unreachable_export_is_one_clear_error_naming_the_url(tmp_path, monkeypatch, tiny_cohort):
+def test_unreachable_export_is_one_clear_error_naming_the_url(tmp_path, dead_s3, tiny_cohort):
     import json
 
     from himae_dist.checkpoint import load_himae
     from himae_dist.weights_export import sync_exports
     from probes.evaluate import main as probe_main
 
-    dead = _dead_endpoint(monkeypatch)
+    dead = dead_s3
     _fake_run(tmp_path)
     with pytest.raises(StorageError, match=r"s3://himae-test/gone.*failed 2 times; last error"):
         sync_exports(tmp_path, "s3://himae-test/gone", dead)
