@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -52,11 +51,10 @@ def _compiled_run(argv: list[str]) -> tuple[float, float]:
     fails (inductor generates C++ on CPU: it needs a compiler), with the reason printed."""
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.ports import free_port
+
     proc = subprocess.run([sys.executable, "-c", _TRAIN_ONE, *argv], cwd=Path(__file__).resolve().parents[1],
-                          env=dict(os.environ, MASTER_PORT=str(port)), capture_output=True, text=True)
+                          env=dict(os.environ, MASTER_PORT=str(free_port())), capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("HIST ")]
     if proc.returncode or not lines:
         print(f"bench_trainer: --compile failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}")
@@ -74,11 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.steps < 2 * a.log_every:  # the first log interval is warm-up; at least one more is timed
         ap.error(f"--steps={a.steps}: expected >= 2 x --log-every ({2 * a.log_every})")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.ports import free_port
+
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+                      MASTER_PORT=str(free_port()), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     from himae_dist.config import parse_config
     from himae_dist.model import HiMAE
     from himae_dist.streaming import load_manifest, make_loader

@@ -162,7 +162,6 @@ def test_sync_exports_uploads_missing_and_resized_files_once(tmp_path, s3, monke
     from data_prep.storage import Folder
     from himae_dist.checkpoint import save_weights
     from himae_dist.model import HiMAE
-    from data_prep.storage import Folder
     from himae_dist.weights_export import sync_exports
 
     fs, opts = s3
