@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import os
+import tempfile
 from pathlib import Path
 
 # Triton kernels run on CPU tensors through the interpreter in these tests. It must be set before
@@ -18,6 +20,15 @@ def pytest_collection_modifyitems(config, items):
     """Multi-process (`slow`) tests first, in file order: the longest jobs start first, so neither xdist
     worker is left alone with a long launch at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _children_use_session_tmpdir(tmp_path_factory):
+    """What launched processes leave in the temp folder (torchrun's `torchelastic_*` log folders, which it
+    never removes; `pymp-*` folders of killed workers) lands in pytest's basetemp, which pytest prunes,
+    not in /tmp. The inductor cache stays where it was, so compiled tests keep it between sessions."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
 
 
 @pytest.fixture(scope="session")
