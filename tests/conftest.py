@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import getpass
 import os
-import tempfile
 from pathlib import Path
 
 # Triton kernels run on CPU tensors through the interpreter in these tests. It must be set before
@@ -25,10 +23,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _children_use_session_tmpdir(tmp_path_factory):
     """What launched processes leave in the temp folder (torchrun's `torchelastic_*` log folders, which it
-    never removes; `pymp-*` folders of killed workers) lands in pytest's basetemp, which pytest prunes,
-    not in /tmp. The inductor cache stays where it was, so compiled tests keep it between sessions."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
-    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
+    never removes; `pymp-*` folders of killed workers) lands in pytest's basetemp, not in /tmp. Only where
+    the folder is short: children put AF_UNIX sockets under it (TMPDIR/pymp-xxxxxxxx/listener-xxxxxxxx,
+    34 more bytes), and a socket path must fit in 107 bytes."""
+    tmp = tmp_path_factory.mktemp("t")  # (pytest-of-<user>/pytest-N/popen-gwK/t0)
+    if len(str(tmp)) <= 64:
+        os.environ["TMPDIR"] = str(tmp)
 
 
 @pytest.fixture(scope="session")
