@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 # Triton kernels run on CPU tensors through the interpreter in these tests. It must be set before
@@ -29,6 +30,17 @@ def _children_use_session_tmpdir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("t")  # (pytest-of-<user>/pytest-N/popen-gwK/t0)
     if len(str(tmp)) <= 64:
         os.environ["TMPDIR"] = str(tmp)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _probe_pool_stops_with_the_session():
+    """joblib's reusable loky workers (the probe's parallel outer folds) stop at their parent's normal exit.
+    An xdist worker process ends without that exit hook, and they would outlive the session by up to
+    loky's 300 s idle timeout: stop them here."""
+    yield
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    if loky is not None and loky._executor is not None:
+        loky._executor.shutdown(wait=True, kill_workers=True)
 
 
 @pytest.fixture(scope="session")
