@@ -35,7 +35,7 @@ def _children_use_session_tmpdir(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def _probe_pool_stops_with_the_session():
     """joblib's reusable loky workers (the probe's parallel outer folds) stop at their parent's normal exit.
-    An xdist worker process ends without that exit hook, and they would outlive the session by up to
+    An xdist worker process may end without that exit hook, and they would outlive the session by up to
     loky's 300 s idle timeout: stop them here."""
     yield
     loky = sys.modules.get("joblib.externals.loky.reusable_executor")
