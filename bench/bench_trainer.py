@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.ports import free_port  # noqa: E402 (after the repo root is on the path)
 
 
 def _shards(tmp: Path, length: int) -> Path:
@@ -51,8 +52,6 @@ def _compiled_run(argv: list[str]) -> tuple[float, float]:
     fails (inductor generates C++ on CPU: it needs a compiler), with the reason printed."""
     import subprocess
 
-    from tests.ports import free_port
-
     proc = subprocess.run([sys.executable, "-c", _TRAIN_ONE, *argv], cwd=Path(__file__).resolve().parents[1],
                           env=dict(os.environ, MASTER_PORT=str(free_port())), capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("HIST ")]
@@ -72,8 +71,6 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.steps < 2 * a.log_every:  # the first log interval is warm-up; at least one more is timed
         ap.error(f"--steps={a.steps}: expected >= 2 x --log-every ({2 * a.log_every})")
-    from tests.ports import free_port
-
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     from himae_dist.config import parse_config
