@@ -43,211 +43,27 @@ import hashlib
 import json
 import multiprocessing
 import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Iterator
 
-import numpy as np
 
-from data_prep.hdf5_sources import BadSamplePolicy, segment_shape, why_unreadable
 from data_prep import external_shuffle as shuffle
-from data_prep.external_shuffle import SPLITS, ReadParams, SpillLayout, make_layout
-from data_prep.index_plan import DownstreamSource, IndexSource, find_duplicate_rows, make_plan, rows_for_files, scan
+from data_prep.conversion_plan import (ConvertParams, check_against_existing as _check_against_existing,  # noqa: F401
+                                       log as _log, open_source, prepare)
+from data_prep.external_shuffle import SPLITS, ReadParams, SpillLayout
+from data_prep.hdf5_sources import BadSamplePolicy
+from data_prep.index_plan import rows_for_files
 from data_prep.parent_death import exit_with_parent
-from data_prep.preprocess import CONSTANT_POLICIES, LENGTH_POLICIES, NORMALIZE, Preprocess
-from data_prep.shard_format import DTYPES, FORMAT, MANIFEST, MEMBERS, PARTS, PLAN, part_name
+from data_prep.preprocess import CONSTANT_POLICIES, LENGTH_POLICIES, NORMALIZE
+from data_prep.shard_format import DTYPES, MANIFEST, MEMBERS, PARTS, PLAN, part_name
 from data_prep.shard_writer import WriteParams, write_shard
-from data_prep.storage import Folder, StorageError, file_fingerprints, is_remote, json_object
-
-
-@dataclass(frozen=True)
-class ConvertParams:
-    out: str
-    samples_per_shard: int | None = None  # None: as many as fit in shard_mb
-    block_size: int = 256
-    dtype: str = "float16"
-    length: int | None = None
-    length_policy: str = "strict"
-    normalize: str = "minmax"
-    source_rate: float | None = None
-    target_rate: float | None = None
-    constant: str = "drop"
-    val_fraction: float = 0.05
-    seed: int = 0
-    on_bad: str = "error"
-    workers: int = 1
-    num_tasks: int = 1
-    task_index: int = 0
-    overwrite: bool = False
-    max_rows: int = 2_000_000  # index rows held in memory at once (one wave of input files per worker)
-    storage_options: dict | None = None
-    signal_key: str = "ppg"  # downstream only
-    spill_dir: str | None = None  # pass-1 spill (external_shuffle); default <out>/.spill, or the temp folder
-    shard_mb: float = 32.0  # target shard size when samples_per_shard is not given
-
-    def spill_base(self) -> str:
-        """The folder that holds this conversion's spill and its copy of a remote index."""
-        if self.spill_dir:
-            return self.spill_dir
-        if not is_remote(self.out):
-            return os.path.join(self.out, ".spill")
-        if self.num_tasks > 1:
-            raise ValueError(f"--out {self.out} is remote and --num-tasks={self.num_tasks}: pass --spill-dir, a "
-                             f"folder on a filesystem every task can read (the tasks exchange rows through it)")
-        return os.path.join(tempfile.gettempdir(), "himae-spill")
-
-    def spill_home(self) -> str:
-        """This output's own folder under the spill base (its layouts and its index copy): two
-        conversions sharing a base never read or remove each other's spill."""
-        return os.path.join(self.spill_base(), "out-" + hashlib.sha256(self.out.rstrip("/").encode()).hexdigest()[:12])
-
-    def validate(self) -> None:
-        def bad(name: str, want: str) -> None:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: expected {want}")
-
-        for name in ("samples_per_shard", "block_size", "workers", "num_tasks", "max_rows"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                bad(name, "an integer >= 1")
-        if not 0 < self.shard_mb <= 1e6:
-            bad("shard_mb", "a size in MB, > 0 and <= 1e6")
-        if self.samples_per_shard is not None and self.samples_per_shard > 2**31:
-            bad("samples_per_shard", "an integer <= 2**31")
-        if not 0 <= self.task_index < self.num_tasks:
-            bad("task_index", f"an integer in [0, {self.num_tasks}) (--num-tasks={self.num_tasks})")
-        if not 0.0 <= self.val_fraction < 1.0:
-            bad("val_fraction", "a value in [0, 1)")
-        if self.dtype not in DTYPES:
-            bad("dtype", f"one of {', '.join(DTYPES)}")
-        if self.on_bad not in ("error", "skip"):
-            bad("on_bad", "error or skip")
-
-    def byte_options(self, kind: str, samples_per_shard: int) -> dict:
-        """The options that decide the shards' bytes (not workers, tasks or memory); samples_per_shard
-        is the one in effect (given, or made from --shard-mb)."""
-        keep = ("block_size", "dtype", "length", "length_policy", "normalize", "source_rate",
-                "target_rate", "constant", "val_fraction", "seed")  # not on_bad: a finished shard is the same either way
-        d = {"samples_per_shard": samples_per_shard, **{k: getattr(self, k) for k in keep}}
-        if kind == "downstream":
-            d["signal_key"] = self.signal_key
-        return d
-
-
-def shard_samples(shard_mb: float, channels: int, length: int, dtype: str) -> int:
-    """Segments per shard for a target shard size: object storage wants tens of MB per GET, so the
-    ~30 ms to a first byte is small beside the transfer (a 2 MB shard spends half its time waiting)."""
-    return max(1, int(shard_mb * 2**20) // (channels * length * np.dtype(dtype).itemsize))
-
-
-def _log(msg: str) -> None:
-    print(f"[himae-prep] {msg}", flush=True)
-
-
-def _sha(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def open_source(index: str | None, downstream: str | None, p: ConvertParams):
-    if (index is None) == (downstream is None):
-        raise ValueError("give exactly one of --index (pretraining CSV) or --downstream (labelled HDF5)")
-    chunk = min(p.max_rows, 1_000_000)
-    if index:
-        return IndexSource(index, p.storage_options, chunk, cache_dir=p.spill_home())
-    return DownstreamSource(downstream, p.signal_key, chunk)
-
-
-def _infer_shape(source, stats, p: ConvertParams) -> tuple[int, int, str]:
-    """(channels, input length, how) from a seeded sample of rows: the shape most rows have."""
-    keys = tuple(k.strip() for k in p.signal_key.split("+"))
-    sample = stats.sample
-    if len(sample) and sample["path"].map(is_remote).any():
-        # remote: 8 sampled rows of the file with most of them, read as metadata; the next file if
-        # that one is missing or broken (each file costs a few small GETs, not a download)
-        shapes, tried = Counter(), 0
-        for path in sample["path"].value_counts(sort=True).index[:8]:
-            rows = sample[sample["path"] == path].head(8)
-            tried += len(rows)
-            shapes = segment_shape(rows, source.kind, keys, p.storage_options)
-            if shapes:
-                break
-    else:
-        shapes, tried = segment_shape(sample, source.kind, keys, p.storage_options), len(sample)
-    if not shapes:
-        first = sample[sample["path"] == sample["path"].value_counts(sort=True).index[0]].head(8)
-        raise ValueError(f"{source.url}: none of {tried} sampled rows is readable: "
-                         f"{why_unreadable(first, source.kind, keys, p.storage_options)}")
-    if p.length is not None:
-        channels = Counter({c: n for (c, _), n in shapes.items()}).most_common(1)[0][0]
-        return channels, p.length, "--length"
-    (channels, length), n = shapes.most_common(1)[0]
-    return channels, length, f"most common of {sum(shapes.values())} sampled rows ({n} have it)"
-
-
-def prepare(source, p: ConvertParams) -> dict:
-    """The plan every task derives identically from the source and the options."""
-    stats = scan(source, p.seed)
-    dup_policy = BadSamplePolicy(p.on_bad)
-    dups = find_duplicate_rows(source, stats.n_rows, p.max_rows, dup_policy)
-    channels, length_in, how = _infer_shape(source, stats, p)
-    pre = Preprocess(p.normalize, p.source_rate, p.target_rate, length_in, p.length_policy, p.constant)
-    pre.output_length()  # a clear error now if the rates do not divide the length
-    sps = p.samples_per_shard or shard_samples(p.shard_mb, channels, pre.output_length(), p.dtype)
-    plan = make_plan(source, stats, sps, p.val_fraction, p.seed, dups)
-    fingerprint = {"index": source.fingerprint(), "files": file_fingerprints(stats.files, p.storage_options)}
-    record = {
-        "format": FORMAT, "kind": source.kind, "options": p.byte_options(source.kind, sps),
-        "source": {"url": source.url, "fingerprint": _sha(fingerprint), "n_files": len(stats.files)},
-        "channels": channels, "length_inferred_from": how, "preprocess": pre.to_dict(),
-        "n_rows": stats.n_rows, "split": plan.to_dict(),
-        "n_shards": {"train": plan.n_shards("train"), "val": plan.n_shards("val")},
-        "skipped_at_plan": dict(dup_policy.skipped),
-    }
-    record["plan_id"] = _sha(record)
-    key_chars = int(stats.sample["key"].str.len().max()) if len(stats.sample) else 16
-    layout = make_layout(p.spill_home(), record["plan_id"], p.num_tasks, channels, length_in, sps, key_chars,
-                         p.max_rows, (plan.n_split["train"], plan.n_split["val"]))
-    return {"record": record, "plan": plan, "preprocess": pre, "channels": channels, "layout": layout,
-            "file_rows": stats.file_rows}
-
-
-def _check_against_existing(out: Folder, record: dict, overwrite: bool) -> None:
-    """Refuse to mix shards of two different conversions in one folder, unless --overwrite."""
-    old, name = None, None
-    for name in (PLAN, MANIFEST):
-        if out.exists(name):
-            try:
-                old = json.loads(out.read_text(name))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                old = {"unreadable": f"{out.child_url(name)} is not readable JSON ({e})"}
-            break
-    if old is None or old.get("plan_id") == record["plan_id"]:
-        return
-    if "unreadable" in old and not overwrite:
-        raise ValueError(f"{old['unreadable']}; pass --overwrite to rebuild the folder, or choose another --out")
-    what = []
-    if old.get("format") != record["format"]:
-        what.append(f"format {old.get('format')!r} -> {record['format']!r}")
-    for k in sorted(set(old.get("options", {})) | set(record["options"])):
-        if old.get("options", {}).get(k) != record["options"].get(k):
-            what.append(f"{k} {old.get('options', {}).get(k)!r} -> {record['options'].get(k)!r}")
-    if old.get("source") != record["source"]:
-        what.append("the source changed (index or HDF5 files: size/mtime/ETag)")
-    if old.get("length_inferred_from") != record["length_inferred_from"]:
-        what.append(f"segment length from {old.get('length_inferred_from')!r} -> {record['length_inferred_from']!r}")
-    if not overwrite:
-        again = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(old.get("options", {}).items())
-                         if v is not None and v != record["options"].get(k))
-        raise ValueError(
-            f"{out.url} holds shards from another conversion ({'; '.join(what) or 'different plan'}); "
-            + (f"to go on with it, pass {again}; " if again else "")
-            + "pass --overwrite to replace them, or choose another --out"
-        )
-    _log(f"--overwrite: replacing the conversion in {out.url} ({'; '.join(what) or 'different plan'})")
-    out.remove(MANIFEST)
+from data_prep.storage import Folder, StorageError, json_object
+from data_prep.wfdb_sources import add_wfdb_options
 
 
 def _verify(out: Folder, rec: dict, listed: dict[str, dict], plan_id: str) -> str | None:
@@ -324,7 +140,7 @@ def run_task(source, p: ConvertParams, prep: dict | None = None) -> dict:
         return out.exists(MANIFEST) and json.loads(out.read_text(MANIFEST)).get("plan_id") == record["plan_id"]
 
     rp = ReadParams(source.kind, _signal_keys(p), prep["channels"], prep["preprocess"].fit_length, p.on_bad,
-                    p.storage_options)
+                    p.storage_options, source.reader() if hasattr(source, "reader") else None)
     if todo or (p.num_tasks > 1 and not finished()):  # the other tasks' shards need this task's spill too
         _spill(source, prep, rp, p)
     if not todo:
@@ -586,10 +402,11 @@ def finalize(source, p: ConvertParams, prep: dict | None = None, known: dict | N
     return manifest
 
 
-def convert(index: str | None, downstream: str | None, p: ConvertParams, finalize_only: bool = False) -> dict | None:
+def convert(index: str | None, downstream: str | None, p: ConvertParams, finalize_only: bool = False,
+            wfdb: str | None = None) -> dict | None:
     """Run this task, and finalize when it is the only one. Returns the manifest when written."""
     p.validate()
-    source = open_source(index, downstream, p)
+    source = open_source(index, downstream, p, wfdb)
     prep = prepare(source, p)
     if finalize_only:
         return finalize(source, p, prep)
@@ -608,6 +425,11 @@ def convert_pretrain(index_csv: str, p: ConvertParams) -> dict:
 
 def convert_downstream(h5_path: str, signal_key: str, p: ConvertParams) -> dict:
     return convert(None, h5_path, ConvertParams(**{**asdict(p), "signal_key": signal_key}))
+
+
+def convert_wfdb(root: str, p: ConvertParams) -> dict:
+    """WFDB records (a folder, a RECORDS file or an s3:// prefix) -> pretraining shards."""
+    return convert(None, None, p, wfdb=root)
 
 
 def _slurm_task(num_tasks: int | None) -> tuple[int | None, int | None]:
@@ -651,7 +473,10 @@ def _stop_on_signals() -> Iterator[None]:
 
 
 EPILOG = """\
-other command:
+other commands:
+  himae-prep label DIR --out FILE.h5 [--channel ..] [--label-symbols V] ...
+                        WFDB records with beat annotations -> the labelled HDF5 himae-probe reads
+                        (himae-prep label --help)
   himae-prep verify OUT [--storage-options JSON]
                         check a finished folder (local or s3://) against its manifest.json:
                         one line per missing, resized or changed shard; exit 1 if any
@@ -661,6 +486,8 @@ examples:
   himae-prep --index cohort/index.csv --out shards/ --workers 8
   himae-prep --downstream pvc.h5 --signal-key ppg+ecg --out pvc_shards/
   himae-prep verify shards/
+  himae-prep --wfdb physionet/bidmc --channel II --window-s 10 --stride-s 2 --target-rate 100 --out ecg_shards/
+  himae-prep label physionet/mitdb --channel MLII,V5 --target-rate 100 --subject-map subjects.csv --out mitdb.h5
 """
 
 
@@ -675,10 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "group name, verbatim), local or s3://; give this or --downstream")
     src.add_argument("--downstream", metavar="H5",
                      help="labelled HDF5 with /ppg and/or /ecg [N, L], /labels [N] of 0/1 and optional "
-                          "/patient_ids [N]; give this or --index")
+                          "/patient_ids [N]; give this, --index or --wfdb")
+    src.add_argument("--wfdb", metavar="DIR_OR_URL",
+                     help="PhysioNet WFDB records: a folder (its RECORDS file, else every .hea), a RECORDS file or "
+                          "an s3:// prefix; one row per --window-s window of the --channel, cut at the record's "
+                          "rate, then resampled to --target-rate and normalised like any segment")
     ap.add_argument("--signal-key", default="ppg", metavar="KEYS",
                     help="with --downstream: the signal dataset(s), ppg, ecg, or ppg+ecg for two channels "
                          "(default: ppg)")
+    add_wfdb_options(ap)
     ap.add_argument("--out", required=True, metavar="DIR_OR_URL",
                     help="output folder or URL (s3://bucket/prefix); a re-run with the same options resumes it")
     ap.add_argument("--dry-run", action="store_true",
@@ -746,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["label"]:
+        from data_prep.wfdb_label import label_main
+
+        sys.exit(label_main(argv[1:]))
     if argv[:1] == ["verify"]:  # a subcommand; every other first word keeps its old meaning (flags)
         from data_prep.verify import verify_main
 
@@ -767,16 +603,21 @@ def main(argv: list[str] | None = None) -> None:
     p = ConvertParams(
         a.out, a.samples_per_shard, a.block_size, a.dtype, a.length, a.length_policy, a.normalize, a.source_rate,
         a.target_rate, a.constant, a.val_fraction, a.seed, a.on_bad, a.workers, num_tasks, task_index, a.overwrite,
-        a.max_rows, a.storage_options, a.signal_key, a.spill_dir, a.shard_mb,
+        a.max_rows, a.storage_options, a.signal_key, a.spill_dir, a.shard_mb, a.channel, a.window_s, a.stride_s,
+        a.subject_map,
     )
+    if a.wfdb is not None and not a.channel:
+        ap.error("--wfdb needs --channel (a signal name, e.g. MLII,V5 or PLETH)")
+    if a.wfdb is None and (a.channel or a.subject_map or a.stride_s is not None):
+        ap.error("--channel, --stride-s and --subject-map go with --wfdb")
     try:
         with _stop_on_signals():
             if a.dry_run:
                 from data_prep.dry_run import dry_run
 
-                dry_run(a.index, a.downstream, p)
+                dry_run(a.index, a.downstream, p, wfdb=a.wfdb)
             else:
-                convert(a.index, a.downstream, p, finalize_only=a.finalize)
+                convert(a.index, a.downstream, p, finalize_only=a.finalize, wfdb=a.wfdb)
     except Interrupted as e:
         print(interrupted_line(e.signum), file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from data_prep.hdf5_sources import BadSamplePolicy, fetch_h5, open_fetched, read_file
+from data_prep.conversion_plan import check_against_existing, log, open_source, prepare
+from data_prep.hdf5_sources import BadSamplePolicy, H5Reader
 from data_prep.shard_format import MANIFEST, PARTS, PLAN, Block, write_shard_tar
 from data_prep.storage import Folder, is_remote
 
@@ -97,17 +98,18 @@ def time_sample(source, prep: dict, p, tmp: str, n: int = SAMPLE_ROWS) -> Sample
     counted (and the first one kept), never raised: the dry run reports them."""
     pre, channels = prep["preprocess"], prep["channels"]
     keys = tuple(k.strip() for k in p.signal_key.split("+"))
+    reader = source.reader() if hasattr(source, "reader") else H5Reader(source.kind, keys)
     path, rows = _sample_rows(source, prep["file_rows"], n)
     policy = _FirstBad("skip")
     t0 = time.perf_counter()
     try:
-        local = fetch_h5(path, p.storage_options, tmp)
+        local = reader.fetch(path, p.storage_options, tmp)
     except FileNotFoundError:
-        local = path  # open_fetched says it is missing; the rows are counted as missing_file below
+        local = path  # open says it is missing; the rows are counted as missing_file below
     t1 = time.perf_counter()
     segs, keep = [], []
-    for _, r, seg in read_file(path, [(0, rows, policy)], source.kind, pre.fit_length, keys, channels,
-                               lambda: open_fetched(local, path)):
+    for _, r, seg in reader.read(path, [(0, rows, policy)], pre.fit_length, channels,
+                                 lambda: reader.open(local, path)):
         if r is not None:
             segs.append(seg)
             keep.append(r)
@@ -150,8 +152,6 @@ def _human_time(s: float) -> str:
 
 def _existing(p, record: dict, n_shards: int) -> str:
     """What --out holds, read only: nothing, this conversion (how far), or another one."""
-    from data_prep.convert import _check_against_existing
-
     out = Folder(p.out, p.storage_options)
     if not any(out.exists(name) for name in (PLAN, MANIFEST)):
         return "empty: every shard would be built"
@@ -166,7 +166,7 @@ def _existing(p, record: dict, n_shards: int) -> str:
             return "holds another (or an unreadable) conversion: --overwrite would replace it"
     else:
         try:
-            _check_against_existing(out, record, overwrite=False)
+            check_against_existing(out, record, overwrite=False)
         except ValueError as e:
             return f"a real run would stop: {e}"
     if out.exists(MANIFEST):
@@ -175,16 +175,14 @@ def _existing(p, record: dict, n_shards: int) -> str:
     return f"holds this conversion, {done} of {n_shards} shard(s) finished: a real run verifies them and builds the rest"
 
 
-def dry_run(index: str | None, downstream: str | None, p) -> dict:
+def dry_run(index: str | None, downstream: str | None, p, wfdb: str | None = None) -> dict:
     """Plan the conversion and time a sample of it; print what a real run would do. Returns the numbers."""
-    from data_prep.convert import _log, open_source, prepare
-
     p.validate()
     p.spill_base()  # the error a real run gives for a remote --out with several tasks and no --spill-dir
     with tempfile.TemporaryDirectory(prefix="himae-prep-dry-") as tmp:
         q = dataclasses.replace(p, spill_dir=tmp)  # the plan's spill layout and a remote index's copy: here
         started = time.perf_counter()
-        source = open_source(index, downstream, q)
+        source = open_source(index, downstream, q, wfdb)
         prep = prepare(source, q)
         plan_s = time.perf_counter() - started  # every task plans once, as here
         record, plan, pre = prep["record"], prep["plan"], prep["preprocess"]
@@ -210,7 +208,7 @@ def dry_run(index: str | None, downstream: str | None, p) -> dict:
     wall_s = plan_s + work_s / (p.workers * p.num_tasks)
     spill_bytes = record["n_rows"] * prep["layout"].row_bytes
     sizing = f"--samples-per-shard {sps}" if p.samples_per_shard else f"{sps} a shard from --shard-mb {p.shard_mb:g}"
-    _log(f"dry run: nothing is written to {p.out}")
+    log(f"dry run: nothing is written to {p.out}")
     print(f"  input:    {source.url}: {record['n_rows']} rows in {n_files} file(s)"
           + (f"; {len(plan.duplicates)} duplicate key(s), each a bad row" if plan.duplicates else ""))
     print(f"  segments: [{prep['channels']}, {pre.length}] ({record['length_inferred_from']}) -> "

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.hdf5_sources import BadSamplePolicy, fetch_h5, open_fetched, read_file
+from data_prep.hdf5_sources import BadSamplePolicy, H5Reader
 
 FLUSH_BYTES = int(os.environ.get("HIMAE_SPILL_FLUSH_MB", "256")) * 2**20  # segment bytes buffered per worker
 GROUP_BYTES = int(os.environ.get("HIMAE_SPILL_GROUP_MB", "512")) * 2**20  # spill a pass-2 worker loads at once
@@ -166,6 +166,11 @@ class ReadParams:
     fit_length: object  # Preprocess.fit_length
     on_bad: str
     storage_options: dict | None
+    source_reader: object = None  # fetch/open/read of one input file (WfdbReader); None: H5Reader of kind
+
+    @property
+    def reader(self):
+        return self.source_reader or H5Reader(self.kind, self.signal_keys)
 
 
 class _Chunks:
@@ -231,24 +236,25 @@ def spill_wave(task: int, wave: int, files: list[str], rows: pd.DataFrame, layou
     by_file = list(rows.groupby("path", sort=False))
     # The next file downloads (one thread, one file ahead) while this one is read: the wave's time
     # is its bytes, not its bytes plus one request latency per file.
+    reader = rp.reader
     with ThreadPoolExecutor(1) as fetcher:
         ahead = {}
 
         def fetch(i: int) -> None:
             if i < len(by_file) and i not in ahead:
-                ahead[i] = fetcher.submit(fetch_h5, by_file[i][0], rp.storage_options, downloads)
+                ahead[i] = fetcher.submit(reader.fetch, by_file[i][0], rp.storage_options, downloads)
 
         try:
             for i, (path, in_file) in enumerate(by_file):
                 fetch(i)
                 fetch(i + 1)
-                spilled += _spill_file(path, in_file, lambda i=i, path=path: open_fetched(ahead.pop(i).result(), path),
+                spilled += _spill_file(path, in_file, lambda i=i, path=path: reader.open(ahead.pop(i).result(), path),
                                        chunks, layout, rp)
         finally:
             for i, fut in ahead.items():  # an error or interrupt: drop the downloads made ahead
                 if not fut.cancel() and fut.exception() is None and fut.result() != by_file[i][0]:
                     with contextlib.suppress(OSError):
-                        os.unlink(fut.result())
+                        os.unlink(fut.result())  # a WFDB download (a folder) goes with `downloads` below
     chunks.flush()
     shutil.rmtree(downloads, ignore_errors=True)
     record = {"files": len(files), "rows": int(len(rows)), "spilled": spilled, "flushes": chunks.flushes}
@@ -266,7 +272,7 @@ def _spill_file(path: str, in_file: pd.DataFrame, opened, chunks: "_Chunks", lay
         parts.append(((SPLITS[split], int(shard)), grp, BadSamplePolicy(rp.on_bad)))
     by_part = {part: (grp, policy) for part, grp, policy in parts}
     segs: list = []
-    for part, r, seg in read_file(path, parts, rp.kind, rp.fit_length, rp.signal_keys, rp.channels, opened):
+    for part, r, seg in rp.reader.read(path, parts, rp.fit_length, rp.channels, opened):
         if r is not None:
             segs.append((r, seg))
             continue

@@ -178,6 +178,23 @@ def read_file(
             yield part, None, None
 
 
+@dataclass(frozen=True)
+class H5Reader:
+    """external_shuffle's reader for HDF5 rows: fetch (download if remote), open, read (see WfdbReader)."""
+
+    kind: str  # pretrain | downstream
+    signal_keys: tuple[str, ...]
+
+    def fetch(self, path: str, storage_options: dict | None, tmp_dir: str | None) -> str:
+        return fetch_h5(path, storage_options, tmp_dir)
+
+    def open(self, local: str, path: str):
+        return open_fetched(local, path)
+
+    def read(self, path: str, parts: list, fit_length, channels: int | None, opened) -> Iterator[tuple]:
+        return read_file(path, parts, self.kind, fit_length, self.signal_keys, channels, opened)
+
+
 def _read_rows(f, path: str, grp, kind: str, policy: BadSamplePolicy, fit_length, signal_keys: tuple[str, ...],
                channels: int | None) -> Iterator[tuple[int, np.ndarray]]:
     """The usable rows of one open file, in order; bad ones go to `policy`."""

@@ -1,0 +1,224 @@
+"""`himae-prep label`: WFDB records with beat annotations -> the labelled HDF5 that `himae-probe` reads.
+
+A window is labelled 1 when an annotation whose symbol is in `--label-symbols` (default `V`,
+PVC) falls inside it: start <= sample < start + window, at the record's own rate. Windows go in
+record order (RECORDS, else sorted names), then time order; each is cut at the record's rate and
+resampled to `--target-rate` by the conversion's own Preprocess (polyphase), in physical units,
+not normalised: the probe applies each checkpoint's recorded preprocessing itself.
+
+Output: `/ecg` (or `/ppg` for PLETH/PPG channels) [N, L] float32, `/labels` [N], `/patient_ids`
+[N], `/records` [N] and `/starts` [N] (the window's first sample in the source), attrs `fs`.
+Windows holding NaN (gaps) or a flat line are bad: counted per record, never written. Written
+record by record (memory does not grow with the records) to a temp name, then renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+
+import numpy as np
+
+from data_prep.preprocess import Preprocess
+from data_prep.storage import is_remote, json_object
+from data_prep.wfdb_sources import (HeaderCache, WfdbError, WindowSpec, add_wfdb_options, channel_files, check_formats,
+                                    list_records, patient_of, read_channel, read_header, read_subject_map, record_channels)
+from data_prep.hdf5_sources import download
+
+PPG_NAMES = ("PLETH", "PPG", "PLETH1", "PLETH2")
+
+
+def _fetch(root: str, name: str, headers: list[str], files: list[str], annotator: str, storage_options: dict | None,
+           cache: HeaderCache, tmp: str) -> str:
+    """A local base path for record `name` with its annotation file: the record itself if local."""
+    if not is_remote(root):
+        return f"{root}/{name}"
+    local = os.path.join(tmp, "rec")
+    shutil.rmtree(local, ignore_errors=True)
+    os.makedirs(local)
+    for rel in headers:
+        shutil.copy(os.path.join(cache.dir, rel + ".hea"), local)
+    for rel in files:
+        download(f"{root}/{rel}", os.path.join(local, os.path.basename(rel)), storage_options)
+    base = os.path.join(local, os.path.basename(name))
+    try:
+        download(f"{root}/{name}.{annotator}", f"{base}.{annotator}", storage_options)
+    except FileNotFoundError:
+        pass  # said below, as for a local record
+    return base
+
+
+def label_windows(root: str, out: str, spec: WindowSpec, target_rate: float | None, symbols: tuple[str, ...],
+                  annotator: str = "atr", subject_map: dict[str, int] | None = None, signal_key: str | None = None,
+                  storage_options: dict | None = None, on_bad: str = "error", log=print) -> dict:
+    """Write the labelled HDF5 `out`; returns the counts (total and per record)."""
+    folder, names = list_records(root, storage_options)
+    tmp_out = f"{out}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    try:
+        summary = _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, subject_map, signal_key,
+                         storage_options, on_bad, log)
+    except BaseException:
+        if os.path.exists(tmp_out):
+            os.unlink(tmp_out)
+        raise
+    os.replace(tmp_out, out)
+    n, positives = summary["windows"], summary["positives"]
+    log(f"[himae-prep] label: {n} windows, {positives} positive ({100 * positives / n:.1f} %) from "
+        f"{summary['records']} record(s) at {summary['fs']:g} Hz -> {out}"
+        + (f"; skipped {len(summary['skipped_records'])} record(s)" if summary["skipped_records"] else "")
+        + (f"; bad windows {summary['bad_windows']}" if sum(summary["bad_windows"].values()) else ""))
+    return summary
+
+
+def _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, subject_map, signal_key,
+           storage_options, on_bad, log) -> dict:
+    import h5py
+    import wfdb
+
+    per_record: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    bad: Counter = Counter()
+    found_symbols: Counter = Counter()
+    fs_out: float | None = None
+    with tempfile.TemporaryDirectory(prefix="himae-label-") as tmp, h5py.File(tmp_out, "w") as f:
+        cache = HeaderCache(folder, storage_options, tmp)
+        datasets: dict = {}
+        n = 0
+        for name in names:
+            try:
+                h, headers = read_header(cache, name)
+                check_formats(h, f"{folder}/{name}.hea")
+                channel = next((c for c in spec.channels if c in record_channels(h)), None)
+                if channel is None:
+                    skipped[name] = f"none of the channels {','.join(spec.channels)} (it has {','.join(record_channels(h))})"
+                    log(f"[himae-prep] label: skipped record {name}: {skipped[name]}")
+                    continue
+                fs = float(h.fs)
+                window, stride = spec.samples(fs, name)
+                pre = Preprocess(normalize="none", source_rate=fs, target_rate=target_rate if target_rate else None,
+                                 constant="keep")
+                try:
+                    length_out = pre.output_length(window)
+                except ValueError as e:
+                    raise WfdbError(f"record {name}: {e}") from None
+                rate = pre.output_rate
+                if fs_out is not None and rate != fs_out:
+                    raise WfdbError(f"record {name}: {fs:g} Hz, but earlier records are at {fs_out:g} Hz and no "
+                                    f"--target-rate brings them to one rate; pass --target-rate")
+                files = [r for r, _ in channel_files(h, channel, os.path.dirname(name))]
+                base = _fetch(folder, name, headers, files, annotator, storage_options, cache, tmp)
+                if not os.path.exists(f"{base}.{annotator}"):
+                    raise WfdbError(f"record {name}: annotation file {folder}/{name}.{annotator} does not exist "
+                                    f"(--annotator {annotator})")
+                sig = read_channel(base, name, channel, int(h.sig_len))
+                try:
+                    ann = wfdb.rdann(base, annotator)
+                except Exception as e:
+                    raise WfdbError(f"{folder}/{name}.{annotator}: not a readable annotation file "
+                                    f"({type(e).__name__}: {e})") from None
+            except WfdbError as e:
+                if on_bad == "error":
+                    raise
+                skipped[name] = str(e)
+                log(f"[himae-prep] label: skipped record {name}: {e}")
+                continue
+            fs_out = rate
+            sym = np.asarray(ann.symbol, dtype=object)
+            found_symbols.update(sym.tolist())
+            hits = np.sort(np.asarray(ann.sample, dtype=np.int64)[np.isin(sym, symbols)])
+            starts = np.arange(0, max(0, len(sig) - window) // stride + 1 if len(sig) >= window else 0) * stride
+            idx = starts[:, None] + np.arange(window)[None, :]  # [n, window]
+            x = sig[idx] if len(starts) else np.zeros((0, window))
+            finite = np.isfinite(x).all(axis=1)
+            flat = finite & (np.nanmax(x, axis=1, initial=-np.inf) == np.nanmin(x, axis=1, initial=np.inf))
+            keep = finite & ~flat
+            bad["non_finite"] += int((~finite).sum())
+            bad["constant"] += int(flat.sum())
+            starts, x = starts[keep], x[keep]
+            labels = (np.searchsorted(hits, starts + window) - np.searchsorted(hits, starts)) > 0  # any hit inside
+            y, _ = pre.apply(x[:, None, :].astype(np.float32)) if len(x) else (np.zeros((0, 1, length_out), np.float32), None)
+            if not datasets:
+                key = signal_key or ("ppg" if channel.upper() in PPG_NAMES else "ecg")
+                datasets = {
+                    key: f.create_dataset(key, (0, length_out), np.float32, maxshape=(None, length_out),
+                                          chunks=(256, length_out)),
+                    "labels": f.create_dataset("labels", (0,), np.int64, maxshape=(None,)),
+                    "patient_ids": f.create_dataset("patient_ids", (0,), np.int64, maxshape=(None,)),
+                    "records": f.create_dataset("records", (0,), h5py.string_dtype(), maxshape=(None,)),
+                    "starts": f.create_dataset("starts", (0,), np.int64, maxshape=(None,)),
+                }
+            k = len(starts)
+            for ds in datasets.values():
+                ds.resize(n + k, axis=0)
+            sig_key = next(iter(datasets))
+            datasets[sig_key][n:] = y[:, 0, :]
+            datasets["labels"][n:] = labels.astype(np.int64)
+            datasets["patient_ids"][n:] = patient_of(name, subject_map)
+            datasets["records"][n:] = [name] * k
+            datasets["starts"][n:] = starts
+            n += k
+            per_record[name] = {"channel": channel, "windows": k, "positives": int(labels.sum()),
+                                "bad": int((~keep).sum()), "fs": fs}
+            log(f"[himae-prep] label: {name} ({channel}, {fs:g} Hz): {k} windows, {int(labels.sum())} positive"
+                + (f", {int((~keep).sum())} bad (NaN or flat)" if (~keep).any() else ""))
+        if n == 0:
+            raise WfdbError(f"{root}: no usable window in {len(names)} record(s)"
+                            + (f" ({'; '.join(f'{k}: {v}' for k, v in list(skipped.items())[:3])})" if skipped else ""))
+        positives = sum(r["positives"] for r in per_record.values())
+        if positives == 0:
+            seen = ", ".join(f"{s} ({c})" for s, c in found_symbols.most_common(12))
+            raise WfdbError(f"--label-symbols {','.join(symbols)} match no annotation in {len(per_record)} record(s) "
+                            f"of {root} (their symbols: {seen}); refusing to write an all-negative file")
+        f.attrs["fs"] = fs_out
+        f.attrs["channels"] = ",".join(spec.channels)
+        f.attrs["window_s"], f.attrs["stride_s"] = spec.window_s, spec.stride_s
+        f.attrs["label_symbols"] = ",".join(symbols)
+        f.attrs["source"] = folder
+        summary = {"windows": n, "positives": positives, "records": len(per_record), "skipped_records": skipped,
+                   "bad_windows": dict(bad), "fs": fs_out, "per_record": per_record}
+        f.attrs["summary"] = json.dumps(summary)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="himae-prep label", description=__doc__.split("\n\n")[0])
+    ap.add_argument("records", metavar="DIR_OR_URL", help="a folder of WFDB records, a RECORDS file or an s3:// prefix")
+    ap.add_argument("--out", required=True, metavar="FILE.h5", help="the labelled HDF5 to write (a local file)")
+    add_wfdb_options(ap, label=True)
+    ap.add_argument("--target-rate", type=float, default=None, metavar="HZ",
+                    help="resample each window to this rate (polyphase); default: the records' rate")
+    ap.add_argument("--label-symbols", default="V", metavar="SYMS",
+                    help="annotation symbols that make a window positive, comma-separated (default: V, PVC)")
+    ap.add_argument("--annotator", default="atr", metavar="EXT", help="annotation file extension (default: atr)")
+    ap.add_argument("--signal-key", choices=["ecg", "ppg"], default=None,
+                    help="dataset name for the windows (default: ppg for PLETH/PPG channels, else ecg)")
+    ap.add_argument("--on-bad", choices=["error", "skip"], default="error",
+                    help="a record that cannot be read (missing file, unknown format, no annotations): error = stop "
+                         "with a line naming it; skip = skip it, named and counted (default: error)")
+    ap.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
+                    help="fsspec options for an s3:// source, as a JSON object (default: none)")
+    return ap
+
+
+def label_main(argv: list[str]) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        spec = WindowSpec(tuple(c.strip() for c in a.channel.split(",")), a.window_s, a.stride_s or a.window_s)
+        symbols = tuple(s.strip() for s in a.label_symbols.split(",") if s.strip())
+        if not symbols:
+            raise ValueError("--label-symbols is empty: expected annotation symbols, e.g. V")
+        if a.target_rate is not None and not (a.target_rate > 0 and np.isfinite(a.target_rate)):
+            raise ValueError(f"--target-rate {a.target_rate}: expected a positive number of Hz")
+        smap = read_subject_map(a.subject_map) if a.subject_map else None
+        label_windows(a.records, a.out, spec, a.target_rate, symbols, a.annotator, smap, a.signal_key,
+                      a.storage_options, a.on_bad)
+    except (ValueError, OSError) as e:
+        print(f"himae-prep label: error: {e}", file=sys.stderr)
+        return 1
+    return 0

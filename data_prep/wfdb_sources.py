@@ -1,0 +1,516 @@
+"""PhysioNet WFDB records (MIT-BIH, BIDMC, MIMIC-III waveforms...) as rows of windows, read with `wfdb`.
+
+One row is one window of one channel of one record: `--window-s` seconds every `--stride-s`,
+cut at the record's own rate (the conversion's Preprocess then resamples and normalises it, as
+for HDF5 input). A record is the unit that is read once, like an HDF5 file: its row `path` is the
+record's path without extension, its key `NAME:START` (START: the window's first sample at the
+record's rate). Records come from a folder (its `RECORDS` file, else every header that is not a
+segment of another), a `RECORDS` file, or an `s3://` prefix: remote headers are fetched once
+each (one GET) at planning into a local cache, and a record's signal files once each (one GET)
+when it is read; `wfdb` only ever opens local files (it would pass no storage options to fsspec).
+
+A record's channel is the first of `channels` (e.g. MLII, then V5) that it has. Multi-segment
+records (MIMIC-III layout) are read through `wfdb` as one signal: a segment that lacks the
+channel, or an empty `~` segment, is NaN, and a window touching NaN is a bad (non-finite) row.
+The patient of a record is the number in its name (`100` -> 100, `bidmc07` -> 7), or comes from
+a `--subject-map` CSV (`record,patient_id`: mitdb's 201 and 202 are one subject).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from data_prep.hdf5_sources import BadSamplePolicy, check_segment, download
+from data_prep.storage import is_remote, retrying
+
+NO_LABEL = -1
+
+
+class WfdbError(ValueError):
+    """A record that cannot be used; the message names the record or file and what was expected."""
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Which channel and which windows of each record become rows."""
+
+    channels: tuple[str, ...]  # signal names, first match wins
+    window_s: float
+    stride_s: float
+
+    def __post_init__(self) -> None:
+        if not self.channels or any(not c for c in self.channels):
+            raise ValueError(f"--channel {','.join(self.channels)!r}: expected signal names, e.g. MLII,II")
+        for name in ("window_s", "stride_s"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"--{name.replace('_', '-')}={v!r}: expected a positive number of seconds")
+
+    def samples(self, fs: float, record: str) -> tuple[int, int]:
+        """(window, stride) in samples at rate fs; a clear error when either is not whole."""
+        out = []
+        for name, sec in (("window", self.window_s), ("stride", self.stride_s)):
+            n = Fraction(sec).limit_denominator(10_000) * Fraction(fs).limit_denominator(10_000)
+            if n.denominator != 1:
+                raise WfdbError(f"record {record}: a {sec:g}-s {name} at {fs:g} Hz is {float(n):g} samples, not a "
+                                f"whole number; pick a --{name}-s that is")
+            out.append(int(n))
+        return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    """What a record's headers say, for planning: nothing of its signal is read."""
+
+    name: str  # relative to the root, without extension: "100", "p00/p000020/3000003"
+    path: str  # root + "/" + name (local path or URL): the rows' `path`
+    fs: float
+    sig_len: int
+    channel: str
+    patient: int
+    dat_files: tuple[str, ...]  # signal files (relative to the root) that hold the channel
+    headers: tuple[str, ...]  # its header and its segments' headers (relative to the root, no extension)
+
+
+# ----------------------------------------------------------------------------------------------
+# listing and headers
+
+
+def _fs(root: str, storage_options: dict | None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(root, **(storage_options or {}))
+
+
+def list_records(root: str, storage_options: dict | None = None) -> tuple[str, list[str]]:
+    """(folder, record names) for a folder, a RECORDS file or an s3:// prefix.
+
+    A RECORDS line ending in `/` is a subfolder with its own RECORDS (MIMIC-III's layout). Without
+    RECORDS: every `.hea` in the folder (not below), sorted, less those that are segments of another.
+    """
+    root = root.rstrip("/")
+    fs, p = _fs(root, storage_options)
+    info = retrying(lambda: _info(fs, p), "reading info of", root)
+    if info is None:
+        raise FileNotFoundError(f"--wfdb {root} does not exist")
+    if info.get("type") != "directory":
+        if os.path.basename(p) != "RECORDS":
+            raise WfdbError(f"--wfdb {root}: expected a folder of WFDB records, a RECORDS file or an s3:// prefix")
+        folder = root.rsplit("/", 1)[0]
+        return folder, _read_records_file(folder, fs, p.rsplit("/", 1)[0], "")
+    records_file = f"{p}/RECORDS"
+    if retrying(lambda: fs.exists(records_file), "checking", f"{root}/RECORDS"):
+        return root, _read_records_file(root, fs, p, "")
+    names = sorted(os.path.basename(f)[:-4] for f in retrying(lambda: fs.ls(p, detail=False), "listing", root)
+                   if f.endswith(".hea"))
+    if not names:
+        raise WfdbError(f"--wfdb {root}: no RECORDS file and no .hea headers in it; expected a folder of WFDB records")
+    return root, _drop_segments(root, fs, p, names)
+
+
+def _info(fs, p: str) -> dict | None:
+    try:
+        return fs.info(p)
+    except FileNotFoundError:
+        return None
+
+
+def _read_records_file(url_folder: str, fs, p: str, prefix: str) -> list[str]:
+    text = retrying(lambda: fs.cat_file(f"{p}/RECORDS"), "reading", f"{url_folder}/RECORDS").decode("utf-8", "replace")
+    names = []
+    for line in text.split():
+        if line.endswith("/"):  # a subfolder with its own RECORDS
+            names += _read_records_file(url_folder, fs, f"{p}/{line.rstrip('/')}", f"{prefix}{line}")
+        else:
+            names.append(prefix + line)
+    return names
+
+
+def _drop_segments(root: str, fs, p: str, names: list[str]) -> list[str]:
+    """Names that are not segments (or the layout) of a multi-segment record among them."""
+    segs: set[str] = set()
+    for n in names:
+        head = retrying(lambda n=n: fs.cat_file(f"{p}/{n}.hea", end=4096), "reading", f"{root}/{n}.hea")
+        first = next((ln for ln in head.decode("utf-8", "replace").splitlines() if ln and not ln.startswith("#")), "")
+        if "/" in first.split(" ")[0]:  # "name/n_segments ...": a multi-segment header lists its segments
+            segs |= {ln.split()[0] for ln in head.decode("utf-8", "replace").splitlines()[1:] if ln and ln[0] != "#"}
+    return [n for n in names if n not in segs]
+
+
+class HeaderCache:
+    """Local copies of a remote source's headers, fetched once each (one GET); local sources are read in place."""
+
+    def __init__(self, root: str, storage_options: dict | None, cache_dir: str | None):
+        self.root, self.storage_options = root, storage_options or {}
+        self.remote = is_remote(root)
+        key = hashlib.sha256(root.encode()).hexdigest()[:12]
+        self.dir = os.path.join(cache_dir or tempfile.gettempdir(), f"wfdb-headers-{key}") if self.remote else root
+
+    def local(self, rel_no_ext: str) -> str:
+        """The local path (no extension) of a header; fetched first if remote and not cached."""
+        base = os.path.join(self.dir, rel_no_ext)
+        if self.remote and not os.path.exists(base + ".hea"):
+            os.makedirs(os.path.dirname(base), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".hea-", dir=os.path.dirname(base))
+            os.close(fd)
+            try:
+                download(f"{self.root}/{rel_no_ext}.hea", tmp, self.storage_options)
+                os.replace(tmp, base + ".hea")
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        return base
+
+
+def read_header(cache: HeaderCache, name: str) -> tuple[object, list[str]]:
+    """(wfdb's header of record `name`, with its segments' headers, and the names of those header
+    files relative to the root); WfdbError naming the file otherwise."""
+    import wfdb
+
+    where = f"{cache.root}/{name}.hea"
+    headers = [name]
+    try:
+        base = cache.local(name)
+        h = wfdb.rdheader(base, rd_segments=False)
+        if getattr(h, "seg_name", None):
+            folder = os.path.dirname(name)
+            for s in h.seg_name:
+                if s != "~":
+                    headers.append(f"{folder}/{s}" if folder else s)
+                    cache.local(headers[-1])
+            h = wfdb.rdheader(base, rd_segments=True)
+    except FileNotFoundError as e:
+        raise WfdbError(f"{where}: header not found ({os.path.basename(str(e.filename or e))} is missing)") from None
+    except WfdbError:
+        raise
+    except Exception as e:  # wfdb's parser raises many types on a malformed header
+        raise WfdbError(f"{where}: not a readable WFDB header ({type(e).__name__}: {e})") from None
+    return h, headers
+
+
+def _segments(h) -> list:
+    """[(segment header or None for '~', length)]: one entry for a single-segment record."""
+    if getattr(h, "seg_name", None):
+        return [(s, n) for s, n in zip(h.segments, h.seg_len) if n]  # the layout (length 0) holds no samples
+    return [(h, h.sig_len)]
+
+
+def record_channels(h) -> list[str]:
+    names: list[str] = []
+    for s, _ in _segments(h):
+        for c in (s.sig_name or []) if s is not None else []:
+            if c not in names:
+                names.append(c)
+    return names
+
+
+def check_formats(h, where: str) -> None:
+    from wfdb.io._signal import DAT_FMTS
+
+    for s, _ in _segments(h):
+        for fmt in (s.fmt or []) if s is not None else []:
+            if str(fmt) not in DAT_FMTS:
+                raise WfdbError(f"{where}: signal format {fmt!r} is not a WFDB format ({', '.join(DAT_FMTS)})")
+
+
+def channel_files(h, channel: str, folder: str) -> list[tuple[str, int]]:
+    """[(signal file relative to the root, bytes its header implies)] of the segments holding `channel`."""
+    from wfdb.io._signal import BYTES_PER_SAMPLE
+
+    out = []
+    for s, n in _segments(h):
+        if s is None or channel not in (s.sig_name or []):
+            continue
+        i = s.sig_name.index(channel)
+        fname = s.file_name[i]
+        n_in_file = sum(1 for f in s.file_name if f == fname)
+        per = BYTES_PER_SAMPLE.get(str(s.fmt[i]), 0)
+        offset = int((s.byte_offset or [0] * len(s.file_name))[i] or 0)
+        want = offset + int(n * n_in_file * per) if per else 0  # 0: compressed, size unknown
+        rel = f"{folder}/{fname}" if folder else fname
+        if rel not in [r for r, _ in out]:
+            out.append((rel, want))
+    return out
+
+
+def patient_of(name: str, subject_map: dict[str, int] | None) -> int:
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    if subject_map is not None:
+        for k in (name, base):
+            if k in subject_map:
+                return subject_map[k]
+    digits = re.findall(r"\d+", base)
+    if not digits:
+        raise WfdbError(f"record {name}: its name holds no number to use as the patient id; give a --subject-map CSV "
+                        f"(columns record,patient_id)")
+    return int("".join(digits))
+
+
+def read_subject_map(path: str) -> dict[str, int]:
+    """record -> patient id from a CSV with columns record,patient_id."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--subject-map {path} does not exist") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"--subject-map {path}: not a readable CSV ({e})") from None
+    if not {"record", "patient_id"} <= set(df.columns):
+        raise ValueError(f"--subject-map {path}: header {list(df.columns)}; expected columns record,patient_id")
+    out = {}
+    for i, (r, pid) in enumerate(zip(df["record"].str.strip(), df["patient_id"].str.strip()), start=2):
+        if not re.fullmatch(r"-?\d+", pid):
+            raise ValueError(f"--subject-map {path}: line {i}: patient_id {pid!r} is not an integer")
+        out[r] = int(pid)
+    return out
+
+
+def add_wfdb_options(ap, label: bool = False) -> None:
+    """--channel, --window-s, --stride-s, --subject-map: shared by --wfdb and `himae-prep label`."""
+    ap.add_argument("--channel", default=None if not label else "MLII", metavar="NAMES",
+                    help="with --wfdb: the signal to read, by name, with alternatives in order (MLII,V5: MLII, else "
+                         "V5); a record with none of them is skipped, named and counted" +
+                         (" (default: MLII)" if label else " (required with --wfdb)"))
+    ap.add_argument("--window-s", type=float, default=10.0, metavar="S",
+                    help="window length in seconds; it must be a whole number of samples at the records' rate "
+                         "(default: 10)")
+    ap.add_argument("--stride-s", type=float, default=None, metavar="S",
+                    help="seconds between window starts (default: --window-s: consecutive windows)")
+    ap.add_argument("--subject-map", default=None, metavar="CSV",
+                    help="CSV with columns record,patient_id (e.g. mitdb's 201 and 202 are one subject) (default: "
+                         "the number in the record's name)")
+
+
+# ----------------------------------------------------------------------------------------------
+# the source: records -> rows of windows
+
+
+class WfdbSource:
+    """WFDB records as the conversion's row source (same interface as IndexSource).
+
+    Records that cannot be used (none of the channels; an unreadable header, an unknown signal
+    format, a missing signal file) are named and counted in `skipped_records`; under on_bad
+    "error" all but a missing channel stop the job with that line.
+    """
+
+    kind = "pretrain"
+
+    def __init__(self, root: str, spec: WindowSpec, storage_options: dict | None = None, chunk_rows: int = 1_000_000,
+                 cache_dir: str | None = None, subject_map: dict[str, int] | None = None, on_bad: str = "error"):
+        self.spec, self.storage_options, self.chunk_rows = spec, storage_options or {}, chunk_rows
+        self.url, names = list_records(root, storage_options)
+        self.cache = HeaderCache(self.url, storage_options, cache_dir)
+        self.skipped_records: dict[str, str] = {}
+        self.skipped: Counter = Counter()
+        self.records: list[RecordInfo] = []
+        sizes = _file_sizes(self.url, self.storage_options)
+        for name in names:
+            try:
+                self.records.append(self._plan_record(name, subject_map, sizes))
+            except WfdbError as e:
+                reason = "record_no_channel" if "has none of the channels" in str(e) else "record_unreadable"
+                if on_bad == "error" and reason != "record_no_channel":
+                    raise
+                self.skipped_records[name] = str(e)
+                self.skipped[reason] += 1
+        self._sizes = sizes
+        if not self.records:
+            why = "; ".join(list(self.skipped_records.values())[:3])
+            raise WfdbError(f"--wfdb {self.url}: none of its {len(names)} record(s) is usable ({why})")
+        rates = Counter(r.fs for r in self.records)
+        self.rate = rates.most_common(1)[0][0]
+        for r in [r for r in self.records if r.fs != self.rate]:  # one conversion, one input rate
+            msg = (f"record {r.name}: {r.fs:g} Hz, but the other records of {self.url} are at {self.rate:g} Hz; convert "
+                   f"records of each rate separately")
+            if on_bad == "error":
+                raise WfdbError(msg)
+            self.skipped_records[r.name] = msg
+            self.skipped["record_other_rate"] += 1
+        self.records = [r for r in self.records if r.fs == self.rate]
+        self.window, self.stride = spec.samples(self.rate, self.records[0].name)
+        self.shape = (1, self.window)
+        pids: dict[int, str] = {}
+        for r in self.records:
+            other = pids.setdefault(r.patient, r.name)
+            if subject_map is None and other != r.name and _base(other) != _base(r.name) and \
+                    re.sub(r"\d", "", _base(other)) != re.sub(r"\d", "", _base(r.name)):
+                raise WfdbError(f"records {other} and {r.name} both give patient id {r.patient} from their names; "
+                                f"give a --subject-map CSV (columns record,patient_id)")
+
+    def _plan_record(self, name: str, subject_map: dict[str, int] | None, sizes: dict[str, int]) -> RecordInfo:
+        h, headers = read_header(self.cache, name)
+        where = f"{self.url}/{name}.hea"
+        check_formats(h, where)
+        have = record_channels(h)
+        channel = next((c for c in self.spec.channels if c in have), None)
+        if channel is None:
+            raise WfdbError(f"record {name} has none of the channels {','.join(self.spec.channels)} (it has "
+                            f"{','.join(have) or 'none'})")
+        folder = os.path.dirname(name)
+        files = channel_files(h, channel, folder)
+        for rel, want in files:
+            if rel not in sizes:
+                raise WfdbError(f"{where} names {self.url}/{rel}, which does not exist")
+            if want and sizes[rel] < want:
+                raise WfdbError(f"{self.url}/{rel}: {sizes[rel]} bytes, shorter than the {want} its header implies "
+                                f"({h.sig_len} samples); truncated?")
+        return RecordInfo(name, f"{self.url}/{name}", float(h.fs), int(h.sig_len), channel,
+                          patient_of(name, subject_map), tuple(r for r, _ in files), tuple(headers))
+
+    def fingerprint(self) -> list:
+        """Every record's signal files (size) and the record list: a changed file changes the plan."""
+        return [[r.name, r.channel, [[f, self._sizes.get(f)] for f in r.dat_files]] for r in self.records]
+
+    def starts(self, r: RecordInfo) -> np.ndarray:
+        n = (r.sig_len - self.window) // self.stride + 1 if r.sig_len >= self.window else 0
+        return np.arange(n, dtype=np.int64) * self.stride
+
+    def chunks(self) -> Iterator[pd.DataFrame]:
+        row, buf = 0, []
+        for r in self.records:
+            s = self.starts(r)
+            if not len(s):
+                continue
+            buf.append(pd.DataFrame({
+                "row": np.arange(row, row + len(s), dtype=np.int64), "path": np.full(len(s), r.path, dtype=object),
+                "key": np.array([f"{r.name}:{x}" for x in s], dtype=object),
+                "patient": np.full(len(s), r.patient, np.int64), "label": np.full(len(s), NO_LABEL, np.int8),
+            }))
+            row += len(s)
+            if sum(map(len, buf)) >= self.chunk_rows:
+                yield pd.concat(buf, ignore_index=True)
+                buf = []
+        if buf:
+            yield pd.concat(buf, ignore_index=True)
+        if row == 0:
+            raise WfdbError(f"--wfdb {self.url}: no record is as long as one {self.spec.window_s:g}-s window")
+
+    def reader(self) -> "WfdbReader":
+        return WfdbReader(self.url, {r.path: r for r in self.records}, self.window, self.cache.dir)
+
+    def describe(self) -> dict:
+        """For the plan record and the manifest: what was read, and which records were not."""
+        return {"records": len(self.records), "channels": sorted(Counter(r.channel for r in self.records).items()),
+                "rate": self.rate, "window_s": self.spec.window_s, "stride_s": self.spec.stride_s,
+                "skipped_records": dict(list(sorted(self.skipped_records.items()))[:100])}
+
+
+def _base(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+def _file_sizes(root: str, storage_options: dict | None) -> dict[str, int]:
+    """file (relative to root) -> bytes, for every file under root: one listing (remote) or a walk (local)."""
+    fs, p = _fs(root, storage_options)
+    if is_remote(root):
+        found = retrying(lambda: fs.find(p, detail=True), "listing", root)
+        return {k[len(p) + 1:]: int(v.get("size") or 0) for k, v in found.items() if k.startswith(p + "/")}
+    out = {}
+    for dirpath, _, files in os.walk(p):
+        rel = os.path.relpath(dirpath, p)
+        for f in files:
+            with contextlib.suppress(OSError):
+                out[f if rel == "." else f"{rel}/{f}"] = os.path.getsize(os.path.join(dirpath, f))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# reading one record's channel
+
+
+def read_channel(base: str, name: str, channel: str, sig_len: int) -> np.ndarray:
+    """The physical signal [sig_len] float64 of `channel` of the local record `base` (NaN in gaps)."""
+    import wfdb
+
+    try:
+        rec = wfdb.rdrecord(base, channel_names=[channel], physical=True)
+    except FileNotFoundError as e:
+        raise WfdbError(f"record {name}: signal file {os.path.basename(str(e.filename or e))} is missing") from None
+    except Exception as e:
+        raise WfdbError(f"record {name}: cannot read channel {channel} ({type(e).__name__}: {e}); is a signal file "
+                        f"shorter than its header says ({sig_len} samples)?") from None
+    sig = None if rec.p_signal is None else np.asarray(rec.p_signal[:, 0], dtype=np.float64)
+    if sig is None or len(sig) != sig_len:
+        got = 0 if sig is None else len(sig)
+        raise WfdbError(f"record {name}: channel {channel} has {got} samples, its header says {sig_len}")
+    return sig
+
+
+@dataclass(frozen=True)
+class WfdbReader:
+    """external_shuffle's reader for WFDB rows (picklable: pool workers get it): fetch, open, read."""
+
+    root: str
+    records: dict  # path -> RecordInfo
+    window: int
+    header_dir: str  # the local copies of a remote source's headers
+
+    def fetch(self, path: str, storage_options: dict | None, tmp_dir: str | None) -> str:
+        """A local base path of record `path`: itself, or a folder with its cached headers and its
+        signal files downloaded (one GET each)."""
+        r = self.records[path]
+        if not is_remote(self.root):
+            return path
+        local = tempfile.mkdtemp(prefix=".rec-", dir=tmp_dir)
+        try:
+            for rel in r.headers:  # segments sit in the record's folder, as wfdb expects
+                shutil.copy(os.path.join(self.header_dir, rel + ".hea"), local)
+            for rel in r.dat_files:
+                download(f"{self.root}/{rel}", os.path.join(local, os.path.basename(rel)), storage_options)
+        except BaseException:
+            shutil.rmtree(local, ignore_errors=True)
+            raise
+        return os.path.join(local, os.path.basename(r.name))
+
+    def open(self, local: str, path: str) -> np.ndarray:
+        """The record's channel as [sig_len] float64; a download is removed once read."""
+        r = self.records[path]
+        try:
+            return read_channel(local, r.name, r.channel, r.sig_len)
+        finally:
+            if local != path:
+                shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+
+    def read(self, path: str, parts: list, fit_length, channels: int | None, opened) -> Iterator[tuple]:
+        """Yield (part, row, window [1, W] float32) for usable rows, (part, None, None) after each part;
+        see hdf5_sources.read_file."""
+        name = self.records[path].name
+        try:
+            sig = opened()
+        except (WfdbError, FileNotFoundError) as e:
+            for part, grp, policy in parts:
+                for r in grp["row"]:
+                    policy.reject("unreadable_record", f"{e} (window row {int(r) + 1})")
+                yield part, None, None
+            return
+        for part, grp, policy in parts:
+            for r, k in zip(grp["row"].to_numpy(), grp["key"].to_numpy()):
+                start = int(str(k).rsplit(":", 1)[1])
+                seg = check_segment(sig[start:start + self.window], lambda k=k: f"record {name} window {k!r}",
+                                    self.window, policy, channels)
+                if seg is None:
+                    continue
+                seg, note = fit_length(seg)
+                if seg is None:
+                    policy.reject(note, f"record {name} window {k!r}: length {self.window}, expected the data's")
+                    continue
+                if note:
+                    policy.noted[note] += 1
+                yield part, int(r), seg
+            yield part, None, None
+
+
+__all__ = ["WfdbError", "WindowSpec", "WfdbSource", "WfdbReader", "read_channel", "read_header", "list_records",
+           "read_subject_map", "patient_of", "HeaderCache", "BadSamplePolicy"]
