@@ -282,7 +282,7 @@ def add_wfdb_options(ap, label: bool = False) -> None:
     ap.add_argument("--channel", default=None if not label else "MLII", metavar="NAMES",
                     help="with --wfdb: the signal to read, by name, with alternatives in order (MLII,V5: MLII, else "
                          "V5); a record with none of them is skipped, named and counted" +
-                         (" (default: MLII)" if label else " (required with --wfdb)"))
+                         (" (default: MLII)" if label else " (default: none; required with --wfdb)"))
     ap.add_argument("--window-s", type=float, default=10.0, metavar="S",
                     help="window length in seconds; it must be a whole number of samples at the records' rate "
                          "(default: 10)")
