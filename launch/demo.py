@@ -1,4 +1,7 @@
-"""`himae-demo`: the whole system end to end on the embedded synthetic PVC cohort, as a user runs it.
+"""`himae-demo`: the whole system end to end, as a user runs it: on the embedded synthetic PVC cohort, or
+with `--real DIR` on real PhysioNet ECG (launch/demo_real.py).
+
+It stands above the three jobs: it runs their CLIs as subprocesses and reads their outputs.
 
 cohort (`himae-synth`: a downstream cohort in the seed's shape and a pretraining cohort of other
 patients) -> `himae-prep` shards of the pretraining cohort only -> 2-rank DeepSpeed pretraining
@@ -32,7 +35,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd: list[str], env: dict | None = None) -> None:
+def run_cli(cmd: list[str], env: dict | None = None) -> None:
     print("[himae-demo] $", " ".join(cmd[2:] if cmd[1] == "-m" else cmd), flush=True)
     subprocess.run(cmd, env=env, check=True)
 
@@ -51,7 +54,7 @@ def pretrain(shards: Path, run_dir: Path, nproc: int, steps: int, micro_batch: i
         "--steps", str(steps), "--micro-batch", str(micro_batch), "--lr", str(lr), "--num-workers", "0",
         "--log-every", str(max(1, steps // 10)), "--seed", str(seed), "--save-every", str(save_every),
     ]
-    _run(cmd, env)
+    run_cli(cmd, env)
     return run_dir
 
 
@@ -86,11 +89,17 @@ def verdict(res: dict, full: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="himae-demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", default=None, help="default himae_demo_run (himae_demo_full with --full)")
+    ap.add_argument("--workdir", default=None, help="default himae_demo_run (himae_demo_full with --full, himae_demo_real with --real)")
     ap.add_argument("--full", action="store_true",
                     help=f"the science run, 22 min on 2 idle CPU cores: {FULL['steps']} steps on a pretraining cohort "
                          f"at scale {FULL['pretrain_scale']}, MiniRocket with {FULL['minirocket_kernels']} kernels, "
                          f"label efficiency at {FULL['label_fractions']} of the training patients")
+    ap.add_argument("--real", default=None, metavar="DIR",
+                    help="the real benchmark: DIR holds PhysioNet's bidmc/ and mitdb/ in WFDB form; pretrain on bidmc "
+                         "lead II, probe PVC on mitdb (30 min on 2 idle CPU cores; outputs in himae_demo_real)")
+    ap.add_argument("--rate", type=float, default=None, help="with --real: the model's sampling rate in Hz (default 100)")
+    ap.add_argument("--stride-s", type=float, default=None,
+                    help="with --real: seconds between pretraining windows' starts (default 2)")
     ap.add_argument("--scale", type=float, default=None, help="the downstream cohort's size vs the authors' 55,861 segments")
     ap.add_argument("--pretrain-scale", type=float, default=None, help="the pretraining cohort's size, likewise")
     ap.add_argument("--steps", type=int, default=None, help="pretraining optimizer steps")
@@ -105,19 +114,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="seed of the cohort, the trainer and the probe")
     a = ap.parse_args(argv)
-    recipe = dict(FULL if a.full else FAST)
+    if a.real is not None and a.full:
+        ap.error("--real and --full are two different runs: give one")
+    if a.real is None and (a.rate is not None or a.stride_s is not None):
+        ap.error("--rate and --stride-s go with --real")
+    if a.real is not None and (a.scale is not None or a.pretrain_scale is not None):
+        ap.error("--scale and --pretrain-scale size the synthetic cohorts; --real reads its data from DIR")
+    from launch.demo_real import REAL, run_real
+
+    recipe = dict(REAL if a.real else FULL if a.full else FAST)
     for k in recipe:
-        if getattr(a, k) is not None:
+        if getattr(a, k, None) is not None:
             recipe[k] = getattr(a, k)
+    kind = " (--real)" if a.real else " (--full)" if a.full else ""
+    print(f"[himae-demo] recipe{kind}: " + ", ".join(f"{k} {v}" for k, v in recipe.items()), flush=True)
+    if a.real:
+        run_real(Path(a.real), Path(a.workdir or "himae_demo_real"), recipe, a.nproc, a.random_baselines, a.n_boot,
+                 a.seed)
+        return
     work, t0 = Path(a.workdir or ("himae_demo_full" if a.full else "himae_demo_run")), time.time()
     py = sys.executable
-    print(f"[himae-demo] recipe{' (--full)' if a.full else ''}: " + ", ".join(f"{k} {v}" for k, v in recipe.items()),
-          flush=True)
 
     cohort, shards, run_dir, probe_out = work / "cohort", work / "shards", work / "run", work / "probe"
-    _run([py, "-m", "data_prep.synth_cohort", "--out", str(cohort), "--scale", str(recipe["scale"]),
+    run_cli([py, "-m", "data_prep.synth_cohort", "--out", str(cohort), "--scale", str(recipe["scale"]),
           "--pretrain-scale", str(recipe["pretrain_scale"]), "--seed", str(a.seed), "--segments-per-shard", "2000"])
-    _run([py, "-m", "data_prep.convert", "--index", str(cohort / "pretrain_index.csv"), "--out", str(shards),
+    run_cli([py, "-m", "data_prep.convert", "--index", str(cohort / "pretrain_index.csv"), "--out", str(shards),
           "--workers", "2", "--samples-per-shard", "250"])
     t_train = time.time()
     pretrain(shards, run_dir, a.nproc, recipe["steps"], recipe["micro_batch"], recipe["lr"], a.seed,
@@ -130,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     label_flag = (["--label-fractions", recipe["label_fractions"], "--label-draws", str(recipe["label_draws"])]
                   if recipe["label_fractions"] else [])
     t_probe = time.time()
-    _run([py, "-m", "probes.evaluate", "--run", str(run_dir), "--h5", str(cohort / "downstream.h5"),
+    run_cli([py, "-m", "probes.evaluate", "--run", str(run_dir), "--h5", str(cohort / "downstream.h5"),
           "--out", str(probe_out), "--random-baselines", str(a.random_baselines), "--n-boot", str(a.n_boot),
           "--minirocket-kernels", str(recipe["minirocket_kernels"]), "--seed", str(a.seed), *manifest_flag, *label_flag])
     t_probe = time.time() - t_probe
