@@ -95,11 +95,12 @@ def _fs(root: str, storage_options: dict | None):
     return fsspec.core.url_to_fs(root, **(storage_options or {}))
 
 
-def list_records(root: str, storage_options: dict | None = None) -> tuple[str, list[str]]:
+def list_records(root: str, storage_options: dict | None = None, cache_dir: str | None = None) -> tuple[str, list[str]]:
     """(folder, record names) for a folder, a RECORDS file or an s3:// prefix.
 
     A RECORDS line ending in `/` is a subfolder with its own RECORDS (MIMIC-III's layout). Without
-    RECORDS: every `.hea` in the folder (not below), sorted, less those that are segments of another.
+    RECORDS: every `.hea` in the folder (not below), sorted, less those that are segments of another
+    (remote headers go into the HeaderCache at `cache_dir`, so each is fetched once).
     """
     root = root.rstrip("/")
     fs, p = _fs(root, storage_options)
@@ -109,16 +110,15 @@ def list_records(root: str, storage_options: dict | None = None) -> tuple[str, l
     if info.get("type") != "directory":
         if os.path.basename(p) != "RECORDS":
             raise WfdbError(f"--wfdb {root}: expected a folder of WFDB records, a RECORDS file or an s3:// prefix")
-        folder = root.rsplit("/", 1)[0]
-        return folder, _read_records_file(folder, fs, p.rsplit("/", 1)[0], "")
-    records_file = f"{p}/RECORDS"
-    if retrying(lambda: fs.exists(records_file), "checking", f"{root}/RECORDS"):
+        folder = root.rsplit("/", 1)[0] if "/" in root else "."
+        return folder, _read_records_file(folder, fs, p.rsplit("/", 1)[0] if "/" in p else ".", "")
+    if retrying(lambda: fs.exists(f"{p}/RECORDS"), "checking", f"{root}/RECORDS"):
         return root, _read_records_file(root, fs, p, "")
     names = sorted(os.path.basename(f)[:-4] for f in retrying(lambda: fs.ls(p, detail=False), "listing", root)
                    if f.endswith(".hea"))
     if not names:
         raise WfdbError(f"--wfdb {root}: no RECORDS file and no .hea headers in it; expected a folder of WFDB records")
-    return root, _drop_segments(root, fs, p, names)
+    return root, _drop_segments(HeaderCache(root, storage_options, cache_dir), names)
 
 
 def _info(fs, p: str) -> dict | None:
@@ -129,7 +129,8 @@ def _info(fs, p: str) -> dict | None:
 
 
 def _read_records_file(url_folder: str, fs, p: str, prefix: str) -> list[str]:
-    text = retrying(lambda: fs.cat_file(f"{p}/RECORDS"), "reading", f"{url_folder}/RECORDS").decode("utf-8", "replace")
+    where = f"{url_folder}/{prefix}RECORDS"
+    text = retrying(lambda: fs.cat_file(f"{p}/RECORDS"), "reading", where).decode("utf-8", "replace")
     names = []
     for line in text.split():
         if line.endswith("/"):  # a subfolder with its own RECORDS
@@ -139,14 +140,14 @@ def _read_records_file(url_folder: str, fs, p: str, prefix: str) -> list[str]:
     return names
 
 
-def _drop_segments(root: str, fs, p: str, names: list[str]) -> list[str]:
+def _drop_segments(cache: "HeaderCache", names: list[str]) -> list[str]:
     """Names that are not segments (or the layout) of a multi-segment record among them."""
     segs: set[str] = set()
     for n in names:
-        head = retrying(lambda n=n: fs.cat_file(f"{p}/{n}.hea", end=4096), "reading", f"{root}/{n}.hea")
-        first = next((ln for ln in head.decode("utf-8", "replace").splitlines() if ln and not ln.startswith("#")), "")
-        if "/" in first.split(" ")[0]:  # "name/n_segments ...": a multi-segment header lists its segments
-            segs |= {ln.split()[0] for ln in head.decode("utf-8", "replace").splitlines()[1:] if ln and ln[0] != "#"}
+        with open(cache.local(n) + ".hea", "rb") as fh:
+            lines = [ln for ln in fh.read().decode("utf-8", "replace").splitlines() if ln and not ln.startswith("#")]
+        if lines and "/" in lines[0].split(" ")[0]:  # "name/n_segments ...": a multi-segment header lists its segments
+            segs |= {ln.split()[0] for ln in lines[1:]}
     return [n for n in names if n not in segs]
 
 
@@ -236,10 +237,12 @@ def channel_files(h, channel: str, folder: str) -> list[tuple[str, int]]:
             continue
         i = s.sig_name.index(channel)
         fname = s.file_name[i]
-        n_in_file = sum(1 for f in s.file_name if f == fname)
-        per = BYTES_PER_SAMPLE.get(str(s.fmt[i]), 0)
+        in_file = [j for j, f in enumerate(s.file_name) if f == fname]
+        spf = sum(int((s.samps_per_frame or [1] * len(s.file_name))[j] or 1) for j in in_file)
+        fmts = {str(s.fmt[j]) for j in in_file}
+        per = BYTES_PER_SAMPLE.get(fmts.pop(), 0) if len(fmts) == 1 else 0
         offset = int((s.byte_offset or [0] * len(s.file_name))[i] or 0)
-        want = offset + int(n * n_in_file * per) if per else 0  # 0: compressed, size unknown
+        want = offset + int(n * spf * per) if per else 0  # 0: compressed or mixed formats: size not checked
         rel = f"{folder}/{fname}" if folder else fname
         if rel not in [r for r, _ in out]:
             out.append((rel, want))
@@ -310,7 +313,7 @@ class WfdbSource:
     def __init__(self, root: str, spec: WindowSpec, storage_options: dict | None = None, chunk_rows: int = 1_000_000,
                  cache_dir: str | None = None, subject_map: dict[str, int] | None = None, on_bad: str = "error"):
         self.spec, self.storage_options, self.chunk_rows = spec, storage_options or {}, chunk_rows
-        self.url, names = list_records(root, storage_options)
+        self.url, names = list_records(root, storage_options, cache_dir)
         self.cache = HeaderCache(self.url, storage_options, cache_dir)
         self.skipped_records: dict[str, str] = {}
         self.skipped: Counter = Counter()
@@ -370,8 +373,14 @@ class WfdbSource:
                           patient_of(name, subject_map), tuple(r for r, _ in files), tuple(headers))
 
     def fingerprint(self) -> list:
-        """Every record's signal files (size) and the record list: a changed file changes the plan."""
-        return [[r.name, r.channel, [[f, self._sizes.get(f)] for f in r.dat_files]] for r in self.records]
+        """Every record's headers (sha256) and signal files (size), and the record list: a changed file
+        changes the plan, and a re-run over an output made from other data is refused."""
+        def sha(rel: str) -> str:
+            with open(os.path.join(self.cache.dir, rel + ".hea"), "rb") as fh:
+                return hashlib.sha256(fh.read()).hexdigest()[:16]
+
+        return [[r.name, r.channel, [sha(h) for h in r.headers], [[f, self._sizes.get(f)] for f in r.dat_files]]
+                for r in self.records]
 
     def starts(self, r: RecordInfo) -> np.ndarray:
         n = (r.sig_len - self.window) // self.stride + 1 if r.sig_len >= self.window else 0
