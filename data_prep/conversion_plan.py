@@ -97,7 +97,8 @@ class ConvertParams:
         if kind == "downstream":
             d["signal_key"] = self.signal_key
         if self.channel is not None:
-            d.update(channel=self.channel, window_s=self.window_s, stride_s=self.stride_s or self.window_s,
+            d.update(channel=self.channel, window_s=self.window_s,
+                     stride_s=self.stride_s if self.stride_s is not None else self.window_s,
                      subject_map=self.subject_map)
         return d
 
@@ -125,14 +126,16 @@ def open_source(index: str | None, downstream: str | None, p: ConvertParams, wfd
     if wfdb is not None:
         from data_prep.wfdb_sources import WfdbSource, WindowSpec, read_subject_map
 
-        spec = WindowSpec(tuple(c.strip() for c in (p.channel or "").split(",")), p.window_s, p.stride_s or p.window_s)
+        spec = WindowSpec(tuple(c.strip() for c in (p.channel or "").split(",")), p.window_s,
+                          p.stride_s if p.stride_s is not None else p.window_s)
         smap = read_subject_map(p.subject_map) if p.subject_map else None
         source = WfdbSource(wfdb, spec, p.storage_options, chunk, cache_dir=p.spill_home(), subject_map=smap,
                             on_bad=p.on_bad)
         for name, why in list(source.skipped_records.items())[:20]:
             log(f"skipped record {name}: {why}")
         if len(source.skipped_records) > 20:
-            log(f"... and {len(source.skipped_records) - 20} more skipped record(s) (listed in plan.json)")
+            log(f"... and {len(source.skipped_records) - 20} more skipped record(s) (counted in the manifest; the first "
+                f"100 named in plan.json)")
         return source
     if index:
         return IndexSource(index, p.storage_options, chunk, cache_dir=p.spill_home())
@@ -193,7 +196,9 @@ def prepare(source, p: ConvertParams) -> dict:
         raise
     sps = p.samples_per_shard or shard_samples(p.shard_mb, channels, pre.output_length(), p.dtype)
     plan = make_plan(source, stats, sps, p.val_fraction, p.seed, dups)
-    fingerprint = {"index": source.fingerprint(), "files": file_fingerprints(stats.files, p.storage_options)}
+    # a WFDB source's fingerprint covers its files itself (its rows' paths are records, not files)
+    files = [] if hasattr(source, "records") else stats.files
+    fingerprint = {"index": source.fingerprint(), "files": file_fingerprints(files, p.storage_options)}
     record = {
         "format": FORMAT, "kind": source.kind, "options": p.byte_options(source.kind, sps),
         "source": {"url": source.url, "fingerprint": _sha(fingerprint), "n_files": len(stats.files),

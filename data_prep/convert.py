@@ -301,7 +301,7 @@ def _spill(source, prep: dict, rp: ReadParams, p: ConvertParams) -> None:
             batch = todo[b:b + p.workers]
             rows = rows_for_files(source, plan, {f for w in batch for f in waves[w]})
             for w in batch:
-                yield p.task_index, w, waves[w], rows[rows["path"].isin(set(waves[w]))], layout, rp
+                yield p.task_index, w, waves[w], rows[rows["path"].isin(set(waves[w]))], layout, rp.for_files(waves[w])
 
     fn = _spill_in_worker if p.workers > 1 else shuffle.spill_wave
     with tqdm(total=rows_todo, unit="row", unit_scale=True, desc="himae-prep read", disable=None) as bar:

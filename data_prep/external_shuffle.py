@@ -24,6 +24,7 @@ midway is read again, and its chunks, named by wave and flush, are rewritten wit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -172,12 +173,19 @@ class ReadParams:
     def reader(self):
         return self.source_reader or H5Reader(self.kind, self.signal_keys)
 
+    def for_files(self, files: list[str]) -> "ReadParams":
+        """These params for a job that reads only `files`: a reader that knows every record of a large
+        source is cut to those, so what is pickled to a worker does not grow with the source."""
+        if self.source_reader is None or not hasattr(self.source_reader, "subset"):
+            return self
+        return dataclasses.replace(self, source_reader=self.source_reader.subset(files))
+
 
 class _Chunks:
     """Pass-1 buffers per group, flushed to chunk files every FLUSH_BYTES of segments."""
 
     def __init__(self, layout: SpillLayout, task: int, wave: int) -> None:
-        self.layout, self.task, self.wave, self.flushes = layout, task, wave, 0
+        self.layout, self.task, self.wave, self.flushes, self.spilled = layout, task, wave, 0, 0
         self.rows: dict = defaultdict(list)  # group -> [DataFrame of good rows]
         self.segs: dict = defaultdict(list)  # group -> [segment [C, L]]
         self.counts: dict = defaultdict(dict)  # group -> {shard: {"rows", "skipped", "noted"}}
@@ -228,15 +236,25 @@ def spill_wave(task: int, wave: int, files: list[str], rows: pd.DataFrame, layou
     for old in Path(layout.root).glob(f"*-g*/t{task}-w{wave}-f*.npz"):  # a killed try of this wave: its
         old.unlink(missing_ok=True)  # flushes are rewritten, and none of a different count may stay
     chunks = _Chunks(layout, task, wave)
-    spilled = 0
     downloads = os.path.join(layout.root, "downloads", f"t{task}-w{wave}")  # remote files while read
     shutil.rmtree(downloads, ignore_errors=True)  # what a killed try of this wave left
     os.makedirs(downloads, exist_ok=True)
     rows = rows.sort_values(["path", "key"], kind="stable")
     by_file = list(rows.groupby("path", sort=False))
-    # The next file downloads (one thread, one file ahead) while this one is read: the wave's time
-    # is its bytes, not its bytes plus one request latency per file.
     reader = rp.reader
+    try:
+        _spill_files(by_file, reader, downloads, chunks, layout, rp)
+    finally:
+        shutil.rmtree(downloads, ignore_errors=True)  # an error too: whole records must not stay in the spill
+    chunks.flush()
+    record = {"files": len(files), "rows": int(len(rows)), "spilled": chunks.spilled, "flushes": chunks.flushes}
+    _save_atomic(layout.marker(task, wave), lambda fh: fh.write(json.dumps(record).encode()), task)
+    return chunks.spilled
+
+
+def _spill_files(by_file: list, reader, downloads: str, chunks: "_Chunks", layout: SpillLayout, rp: ReadParams) -> None:
+    """Read each file of a wave once, in order, into the chunk buffers. The next file downloads (one thread, one
+    file ahead) while this one is read: the wave's time is its bytes, not its bytes plus one request latency per file."""
     with ThreadPoolExecutor(1) as fetcher:
         ahead = {}
 
@@ -248,18 +266,13 @@ def spill_wave(task: int, wave: int, files: list[str], rows: pd.DataFrame, layou
             for i, (path, in_file) in enumerate(by_file):
                 fetch(i)
                 fetch(i + 1)
-                spilled += _spill_file(path, in_file, lambda i=i, path=path: reader.open(ahead.pop(i).result(), path),
-                                       chunks, layout, rp)
+                chunks.spilled += _spill_file(path, in_file, lambda i=i, path=path: reader.open(ahead.pop(i).result(),
+                                                                                                 path), chunks, layout, rp)
         finally:
             for i, fut in ahead.items():  # an error or interrupt: drop the downloads made ahead
                 if not fut.cancel() and fut.exception() is None and fut.result() != by_file[i][0]:
                     with contextlib.suppress(OSError):
-                        os.unlink(fut.result())  # a WFDB download (a folder) goes with `downloads` below
-    chunks.flush()
-    shutil.rmtree(downloads, ignore_errors=True)
-    record = {"files": len(files), "rows": int(len(rows)), "spilled": spilled, "flushes": chunks.flushes}
-    _save_atomic(layout.marker(task, wave), lambda fh: fh.write(json.dumps(record).encode()), task)
-    return spilled
+                        os.unlink(fut.result())  # a WFDB download (a folder) goes with `downloads`
 
 
 def _spill_file(path: str, in_file: pd.DataFrame, opened, chunks: "_Chunks", layout: SpillLayout,

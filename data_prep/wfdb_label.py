@@ -25,12 +25,26 @@ from collections import Counter
 import numpy as np
 
 from data_prep.preprocess import Preprocess
-from data_prep.storage import is_remote, json_object
+from data_prep.storage import StorageError, is_remote, json_object
 from data_prep.wfdb_sources import (HeaderCache, WfdbError, WindowSpec, add_wfdb_options, channel_files, check_formats,
-                                    list_records, patient_of, read_channel, read_header, read_subject_map, record_channels)
+                                    check_patients, list_records, patient_of, read_channel, read_header, read_subject_map, record_channels)
 from data_prep.hdf5_sources import download
 
 PPG_NAMES = ("PLETH", "PPG", "PLETH1", "PLETH2")
+BLOCK = 1024  # windows cut, resampled and written at once
+
+
+def _datasets(f, key: str, length: int) -> dict:
+    """The output's resizable datasets; "signal" is written as `key` (/ecg or /ppg)."""
+    import h5py
+
+    return {
+        "signal": f.create_dataset(key, (0, length), np.float32, maxshape=(None, length), chunks=(256, length)),
+        "labels": f.create_dataset("labels", (0,), np.int64, maxshape=(None,)),
+        "patient_ids": f.create_dataset("patient_ids", (0,), np.int64, maxshape=(None,)),
+        "records": f.create_dataset("records", (0,), h5py.string_dtype(), maxshape=(None,)),
+        "starts": f.create_dataset("starts", (0,), np.int64, maxshape=(None,)),
+    }
 
 
 def _fetch(root: str, name: str, headers: list[str], files: list[str], annotator: str, storage_options: dict | None,
@@ -38,6 +52,14 @@ def _fetch(root: str, name: str, headers: list[str], files: list[str], annotator
     """A local base path for record `name` with its annotation file: the record itself if local."""
     if not is_remote(root):
         return f"{root}/{name}"
+    try:
+        return _download_record(root, name, headers, files, annotator, storage_options, cache, tmp)
+    except FileNotFoundError as e:
+        raise WfdbError(f"record {name}: {e.filename or e} does not exist") from None
+
+
+def _download_record(root: str, name: str, headers: list[str], files: list[str], annotator: str,
+                     storage_options: dict | None, cache: HeaderCache, tmp: str) -> str:
     local = os.path.join(tmp, "rec")
     shutil.rmtree(local, ignore_errors=True)
     os.makedirs(local)
@@ -57,12 +79,15 @@ def label_windows(root: str, out: str, spec: WindowSpec, target_rate: float | No
                   annotator: str = "atr", subject_map: dict[str, int] | None = None, signal_key: str | None = None,
                   storage_options: dict | None = None, on_bad: str = "error", log=print) -> dict:
     """Write the labelled HDF5 `out`; returns the counts (total and per record)."""
-    folder, names = list_records(root, storage_options)
+    if is_remote(out):
+        raise ValueError(f"--out {out}: expected a local file (write it here, then copy it where it belongs)")
     tmp_out = f"{out}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:
-        summary = _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, subject_map, signal_key,
-                         storage_options, on_bad, log)
+        with tempfile.TemporaryDirectory(prefix="himae-label-") as tmp:
+            folder, names = list_records(root, storage_options, tmp)  # remote headers: fetched once, into tmp
+            summary = _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, subject_map,
+                             signal_key, storage_options, on_bad, log, tmp)
     except BaseException:
         if os.path.exists(tmp_out):
             os.unlink(tmp_out)
@@ -77,7 +102,7 @@ def label_windows(root: str, out: str, spec: WindowSpec, target_rate: float | No
 
 
 def _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, subject_map, signal_key,
-           storage_options, on_bad, log) -> dict:
+           storage_options, on_bad, log, tmp) -> dict:
     import h5py
     import wfdb
 
@@ -86,8 +111,9 @@ def _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, 
     bad: Counter = Counter()
     found_symbols: Counter = Counter()
     fs_out: float | None = None
-    with tempfile.TemporaryDirectory(prefix="himae-label-") as tmp, h5py.File(tmp_out, "w") as f:
-        cache = HeaderCache(folder, storage_options, tmp)
+    patients: list[tuple[str, int]] = []
+    with h5py.File(tmp_out, "w") as f:
+        cache = HeaderCache(folder, storage_options, tmp)  # list_records' headers: the same folder
         datasets: dict = {}
         n = 0
         for name in names:
@@ -117,6 +143,7 @@ def _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, 
                     raise WfdbError(f"record {name}: annotation file {folder}/{name}.{annotator} does not exist "
                                     f"(--annotator {annotator})")
                 sig = read_channel(base, name, channel, int(h.sig_len))
+                pid = patient_of(name, subject_map)
                 try:
                     ann = wfdb.rdann(base, annotator)
                 except Exception as e:
@@ -132,41 +159,40 @@ def _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, 
             sym = np.asarray(ann.symbol, dtype=object)
             found_symbols.update(sym.tolist())
             hits = np.sort(np.asarray(ann.sample, dtype=np.int64)[np.isin(sym, symbols)])
-            starts = np.arange(0, max(0, len(sig) - window) // stride + 1 if len(sig) >= window else 0) * stride
-            idx = starts[:, None] + np.arange(window)[None, :]  # [n, window]
-            x = sig[idx] if len(starts) else np.zeros((0, window))
-            finite = np.isfinite(x).all(axis=1)
-            flat = finite & (np.nanmax(x, axis=1, initial=-np.inf) == np.nanmin(x, axis=1, initial=np.inf))
-            keep = finite & ~flat
-            bad["non_finite"] += int((~finite).sum())
-            bad["constant"] += int(flat.sum())
-            starts, x = starts[keep], x[keep]
-            labels = (np.searchsorted(hits, starts + window) - np.searchsorted(hits, starts)) > 0  # any hit inside
-            y, _ = pre.apply(x[:, None, :].astype(np.float32)) if len(x) else (np.zeros((0, 1, length_out), np.float32), None)
-            if not datasets:
-                key = signal_key or ("ppg" if channel.upper() in PPG_NAMES else "ecg")
-                datasets = {
-                    key: f.create_dataset(key, (0, length_out), np.float32, maxshape=(None, length_out),
-                                          chunks=(256, length_out)),
-                    "labels": f.create_dataset("labels", (0,), np.int64, maxshape=(None,)),
-                    "patient_ids": f.create_dataset("patient_ids", (0,), np.int64, maxshape=(None,)),
-                    "records": f.create_dataset("records", (0,), h5py.string_dtype(), maxshape=(None,)),
-                    "starts": f.create_dataset("starts", (0,), np.int64, maxshape=(None,)),
-                }
-            k = len(starts)
-            for ds in datasets.values():
-                ds.resize(n + k, axis=0)
-            sig_key = next(iter(datasets))
-            datasets[sig_key][n:] = y[:, 0, :]
-            datasets["labels"][n:] = labels.astype(np.int64)
-            datasets["patient_ids"][n:] = patient_of(name, subject_map)
-            datasets["records"][n:] = [name] * k
-            datasets["starts"][n:] = starts
-            n += k
-            per_record[name] = {"channel": channel, "windows": k, "positives": int(labels.sum()),
-                                "bad": int((~keep).sum()), "fs": fs}
-            log(f"[himae-prep] label: {name} ({channel}, {fs:g} Hz): {k} windows, {int(labels.sum())} positive"
-                + (f", {int((~keep).sum())} bad (NaN or flat)" if (~keep).any() else ""))
+            patients.append((name, pid))
+            n_win = (len(sig) - window) // stride + 1 if len(sig) >= window else 0
+            k = n_bad = n_pos = 0
+            for b in range(0, n_win, BLOCK):  # a block of windows at a time: memory is BLOCK windows, not the record's
+                starts = np.arange(b, min(n_win, b + BLOCK), dtype=np.int64) * stride
+                x = sig[starts[:, None] + np.arange(window)[None, :]]  # [n, window] float64
+                finite = np.isfinite(x).all(axis=1)
+                flat = finite & (np.nanmax(x, axis=1, initial=-np.inf) == np.nanmin(x, axis=1, initial=np.inf))
+                keep = finite & ~flat
+                bad["non_finite"] += int((~finite).sum())
+                bad["constant"] += int(flat.sum())
+                n_bad += int((~keep).sum())
+                starts, x = starts[keep], x[keep]
+                if not len(x):
+                    continue
+                labels = (np.searchsorted(hits, starts + window) - np.searchsorted(hits, starts)) > 0  # any hit inside
+                y, _ = pre.apply(x[:, None, :].astype(np.float32))  # [n, 1, length_out], cut at fs, then resampled
+                datasets = datasets or _datasets(f, signal_key or ("ppg" if channel.upper() in PPG_NAMES else "ecg"),
+                                                 length_out)
+                m = len(starts)
+                for ds in datasets.values():
+                    ds.resize(n + m, axis=0)
+                datasets["signal"][n:] = y[:, 0, :]
+                datasets["labels"][n:] = labels.astype(np.int64)
+                datasets["patient_ids"][n:] = pid
+                datasets["records"][n:] = [name] * m
+                datasets["starts"][n:] = starts
+                n, k, n_pos = n + m, k + m, n_pos + int(labels.sum())
+            per_record[name] = {"channel": channel, "windows": k, "positives": n_pos, "bad": n_bad, "fs": fs}
+            log(f"[himae-prep] label: {name} ({channel}, {fs:g} Hz): {k} windows, {n_pos} positive"
+                + (f", {n_bad} bad (NaN or flat)" if n_bad else ""))
+        if subject_map is None:
+            check_patients(patients)
+
         if n == 0:
             raise WfdbError(f"{root}: no usable window in {len(names)} record(s)"
                             + (f" ({'; '.join(f'{k}: {v}' for k, v in list(skipped.items())[:3])})" if skipped else ""))
@@ -209,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 def label_main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     try:
-        spec = WindowSpec(tuple(c.strip() for c in a.channel.split(",")), a.window_s, a.stride_s or a.window_s)
+        spec = WindowSpec(tuple(c.strip() for c in a.channel.split(",")), a.window_s,
+                          a.stride_s if a.stride_s is not None else a.window_s)
         symbols = tuple(s.strip() for s in a.label_symbols.split(",") if s.strip())
         if not symbols:
             raise ValueError("--label-symbols is empty: expected annotation symbols, e.g. V")
@@ -218,7 +245,7 @@ def label_main(argv: list[str]) -> int:
         smap = read_subject_map(a.subject_map) if a.subject_map else None
         label_windows(a.records, a.out, spec, a.target_rate, symbols, a.annotator, smap, a.signal_key,
                       a.storage_options, a.on_bad)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, StorageError) as e:
         print(f"himae-prep label: error: {e}", file=sys.stderr)
         return 1
     return 0

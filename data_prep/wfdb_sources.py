@@ -19,6 +19,7 @@ a `--subject-map` CSV (`record,patient_id`: mitdb's 201 and 202 are one subject)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -83,6 +84,7 @@ class RecordInfo:
     patient: int
     dat_files: tuple[str, ...]  # signal files (relative to the root) that hold the channel
     headers: tuple[str, ...]  # its header and its segments' headers (relative to the root, no extension)
+    dat_ids: tuple = ()  # (size, mtime or ETag) of each signal file, for the source's fingerprint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,6 +135,10 @@ def _read_records_file(url_folder: str, fs, p: str, prefix: str) -> list[str]:
     text = retrying(lambda: fs.cat_file(f"{p}/RECORDS"), "reading", where).decode("utf-8", "replace")
     names = []
     for line in text.split():
+        parts = line.rstrip("/").split("/")
+        if line.startswith("/") or any(x in ("", ".", "..") for x in parts):
+            raise WfdbError(f"{where}: line {line!r} is not a record name or subfolder below {url_folder} (no /, ., "
+                            f".. parts)")
         if line.endswith("/"):  # a subfolder with its own RECORDS
             names += _read_records_file(url_folder, fs, f"{p}/{line.rstrip('/')}", f"{prefix}{line}")
         else:
@@ -151,17 +157,27 @@ def _drop_segments(cache: "HeaderCache", names: list[str]) -> list[str]:
     return [n for n in names if n not in segs]
 
 
+_OPENED: set[str] = set()  # header cache folders this process has opened (and emptied once)
+
+
 class HeaderCache:
-    """Local copies of a remote source's headers, fetched once each (one GET); local sources are read in place."""
+    """Local copies of a remote source's headers, fetched once each (one GET) by this process; local
+    sources are read in place. The folder is this process's own (in the conversion's spill folder, removed
+    with it), so no run reads a header another run fetched, perhaps before the header changed."""
 
     def __init__(self, root: str, storage_options: dict | None, cache_dir: str | None):
         self.root, self.storage_options = root, storage_options or {}
         self.remote = is_remote(root)
         key = hashlib.sha256(root.encode()).hexdigest()[:12]
-        self.dir = os.path.join(cache_dir or tempfile.gettempdir(), f"wfdb-headers-{key}") if self.remote else root
+        self.dir = (os.path.join(cache_dir or tempfile.gettempdir(), f"wfdb-headers-{key}-{os.getpid()}")
+                    if self.remote else root)
+        if self.remote and self.dir not in _OPENED:  # once per process: a dead run's, whose pid this one reuses
+            shutil.rmtree(self.dir, ignore_errors=True)
+            _OPENED.add(self.dir)
 
     def local(self, rel_no_ext: str) -> str:
-        """The local path (no extension) of a header; fetched first if remote and not cached."""
+        """The local path (no extension) of a header; fetched first if remote and not cached. A missing
+        header is FileNotFoundError; a storage failure (after retries) passes through as it is."""
         base = os.path.join(self.dir, rel_no_ext)
         if self.remote and not os.path.exists(base + ".hea"):
             os.makedirs(os.path.dirname(base), exist_ok=True)
@@ -183,22 +199,36 @@ def read_header(cache: HeaderCache, name: str) -> tuple[object, list[str]]:
 
     where = f"{cache.root}/{name}.hea"
     headers = [name]
+
+    def parse(base: str, rd_segments: bool):
+        try:
+            return wfdb.rdheader(base, rd_segments=rd_segments)
+        except FileNotFoundError as e:
+            raise WfdbError(f"{where}: header {os.path.basename(str(e.filename or e))} not found") from None
+        except Exception as e:  # wfdb's parser raises many types on a malformed header
+            raise WfdbError(f"{where}: not a readable WFDB header ({type(e).__name__}: {e})") from None
+
     try:
-        base = cache.local(name)
-        h = wfdb.rdheader(base, rd_segments=False)
+        base = cache.local(name)  # download errors (StorageError, PermissionError) are not bad records
+        h = parse(base, False)
         if getattr(h, "seg_name", None):
             folder = os.path.dirname(name)
             for s in h.seg_name:
                 if s != "~":
+                    if "/" in s or s in (".", ".."):
+                        raise WfdbError(f"{where}: segment name {s!r} is not a record in its folder")
                     headers.append(f"{folder}/{s}" if folder else s)
                     cache.local(headers[-1])
-            h = wfdb.rdheader(base, rd_segments=True)
+            h = parse(base, True)
     except FileNotFoundError as e:
         raise WfdbError(f"{where}: header not found ({os.path.basename(str(e.filename or e))} is missing)") from None
-    except WfdbError:
-        raise
-    except Exception as e:  # wfdb's parser raises many types on a malformed header
-        raise WfdbError(f"{where}: not a readable WFDB header ({type(e).__name__}: {e})") from None
+    if not h.fs or not (h.fs > 0 and math.isfinite(h.fs)):
+        raise WfdbError(f"{where}: no sampling rate in the header (got {h.fs!r}); expected a rate in Hz")
+    if h.sig_len is None or h.sig_len < 0:
+        raise WfdbError(f"{where}: no sample count in the header; expected the record's length in samples")
+    for s, n in _segments(h):
+        if s is not None and (s.sig_len is None or (getattr(h, "seg_name", None) and s.sig_len != n)):
+            raise WfdbError(f"{where}: segment {s.record_name} has {s.sig_len} samples, the record's header says {n}")
     return h, headers
 
 
@@ -250,16 +280,22 @@ def channel_files(h, channel: str, folder: str) -> list[tuple[str, int]]:
 
 
 def patient_of(name: str, subject_map: dict[str, int] | None) -> int:
-    base = name.rstrip("/").rsplit("/", 1)[-1]
+    """The record's subject: from --subject-map (by full name, then base name); else the nearest folder named
+    `p` + digits (PhysioNet's MIMIC-III/IV layouts: p00/p000020/3000003 -> 20); else the number that ends the
+    record's name (`100` -> 100, `bidmc07` -> 7). Anything else is one line asking for a --subject-map."""
+    parts = name.rstrip("/").split("/")
     if subject_map is not None:
-        for k in (name, base):
+        for k in (name, parts[-1]):
             if k in subject_map:
                 return subject_map[k]
-    digits = re.findall(r"\d+", base)
-    if not digits:
-        raise WfdbError(f"record {name}: its name holds no number to use as the patient id; give a --subject-map CSV "
-                        f"(columns record,patient_id)")
-    return int("".join(digits))
+    for folder in reversed(parts[:-1]):
+        if re.fullmatch(r"p\d{1,18}", folder):
+            return int(folder[1:])
+    m = re.fullmatch(r"[A-Za-z_-]*(\d{1,18})", parts[-1])
+    if not m:
+        raise WfdbError(f"record {name}: its name is not letters then a number (e.g. 100, bidmc07), so it gives no "
+                        f"patient id; give a --subject-map CSV (columns record,patient_id)")
+    return int(m.group(1))
 
 
 def read_subject_map(path: str) -> dict[str, int]:
@@ -274,8 +310,10 @@ def read_subject_map(path: str) -> dict[str, int]:
         raise ValueError(f"--subject-map {path}: header {list(df.columns)}; expected columns record,patient_id")
     out = {}
     for i, (r, pid) in enumerate(zip(df["record"].str.strip(), df["patient_id"].str.strip()), start=2):
-        if not re.fullmatch(r"-?\d+", pid):
-            raise ValueError(f"--subject-map {path}: line {i}: patient_id {pid!r} is not an integer")
+        if not re.fullmatch(r"-?\d{1,18}", pid):
+            raise ValueError(f"--subject-map {path}: line {i}: patient_id {pid!r} is not an integer of at most 18 digits")
+        if r in out:
+            raise ValueError(f"--subject-map {path}: line {i}: record {r!r} is listed twice")
         out[r] = int(pid)
     return out
 
@@ -293,7 +331,7 @@ def add_wfdb_options(ap, label: bool = False) -> None:
                     help="seconds between window starts (default: --window-s: consecutive windows)")
     ap.add_argument("--subject-map", default=None, metavar="CSV",
                     help="CSV with columns record,patient_id (e.g. mitdb's 201 and 202 are one subject) (default: "
-                         "the number in the record's name)")
+                         "the p<digits> folder of PhysioNet's MIMIC layouts, else the number ending the record's name)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,17 +356,13 @@ class WfdbSource:
         self.skipped_records: dict[str, str] = {}
         self.skipped: Counter = Counter()
         self.records: list[RecordInfo] = []
-        sizes = _file_sizes(self.url, self.storage_options)
+        listing = _Listing(self.url, self.storage_options)
         for name in names:
             try:
-                self.records.append(self._plan_record(name, subject_map, sizes))
+                self.records.append(self._plan_record(name, subject_map, listing))
             except WfdbError as e:
                 reason = "record_no_channel" if "has none of the channels" in str(e) else "record_unreadable"
-                if on_bad == "error" and reason != "record_no_channel":
-                    raise
-                self.skipped_records[name] = str(e)
-                self.skipped[reason] += 1
-        self._sizes = sizes
+                self._skip(name, reason, str(e), on_bad == "error" and reason != "record_no_channel")
         if not self.records:
             why = "; ".join(list(self.skipped_records.values())[:3])
             raise WfdbError(f"--wfdb {self.url}: none of its {len(names)} record(s) is usable ({why})")
@@ -337,22 +371,26 @@ class WfdbSource:
         for r in [r for r in self.records if r.fs != self.rate]:  # one conversion, one input rate
             msg = (f"record {r.name}: {r.fs:g} Hz, but the other records of {self.url} are at {self.rate:g} Hz; convert "
                    f"records of each rate separately")
-            if on_bad == "error":
-                raise WfdbError(msg)
-            self.skipped_records[r.name] = msg
-            self.skipped["record_other_rate"] += 1
+            self._skip(r.name, "record_other_rate", msg, on_bad == "error")
         self.records = [r for r in self.records if r.fs == self.rate]
         self.window, self.stride = spec.samples(self.rate, self.records[0].name)
         self.shape = (1, self.window)
-        pids: dict[int, str] = {}
-        for r in self.records:
-            other = pids.setdefault(r.patient, r.name)
-            if subject_map is None and other != r.name and _base(other) != _base(r.name) and \
-                    re.sub(r"\d", "", _base(other)) != re.sub(r"\d", "", _base(r.name)):
-                raise WfdbError(f"records {other} and {r.name} both give patient id {r.patient} from their names; "
-                                f"give a --subject-map CSV (columns record,patient_id)")
+        for r in [r for r in self.records if r.sig_len < self.window]:  # no window: named, not silently empty
+            self._skip(r.name, "record_too_short", f"record {r.name}: {r.sig_len} samples, shorter than one "
+                                                   f"{spec.window_s:g}-s window ({self.window})", False)
+        self.records = [r for r in self.records if r.sig_len >= self.window]
+        if not self.records:
+            raise WfdbError(f"--wfdb {self.url}: no record is as long as one {self.spec.window_s:g}-s window")
+        if subject_map is None:
+            check_patients([(r.name, r.patient) for r in self.records])
 
-    def _plan_record(self, name: str, subject_map: dict[str, int] | None, sizes: dict[str, int]) -> RecordInfo:
+    def _skip(self, name: str, reason: str, message: str, fatal: bool) -> None:
+        if fatal:
+            raise WfdbError(message)
+        self.skipped_records[name] = message
+        self.skipped[reason] += 1
+
+    def _plan_record(self, name: str, subject_map: dict[str, int] | None, listing: "_Listing") -> RecordInfo:
         h, headers = read_header(self.cache, name)
         where = f"{self.url}/{name}.hea"
         check_formats(h, where)
@@ -363,23 +401,26 @@ class WfdbSource:
                             f"{','.join(have) or 'none'})")
         folder = os.path.dirname(name)
         files = channel_files(h, channel, folder)
+        ids = []
         for rel, want in files:
-            if rel not in sizes:
+            found = listing.info(rel)
+            if found is None:
                 raise WfdbError(f"{where} names {self.url}/{rel}, which does not exist")
-            if want and sizes[rel] < want:
-                raise WfdbError(f"{self.url}/{rel}: {sizes[rel]} bytes, shorter than the {want} its header implies "
+            if want and found[0] < want:
+                raise WfdbError(f"{self.url}/{rel}: {found[0]} bytes, shorter than the {want} its header implies "
                                 f"({h.sig_len} samples); truncated?")
+            ids.append(found)
         return RecordInfo(name, f"{self.url}/{name}", float(h.fs), int(h.sig_len), channel,
-                          patient_of(name, subject_map), tuple(r for r, _ in files), tuple(headers))
+                          patient_of(name, subject_map), tuple(r for r, _ in files), tuple(headers), tuple(ids))
 
     def fingerprint(self) -> list:
-        """Every record's headers (sha256) and signal files (size), and the record list: a changed file
-        changes the plan, and a re-run over an output made from other data is refused."""
+        """Every record's headers (sha256 of their bytes) and signal files (size and mtime or ETag): a
+        changed file changes the plan, and a re-run over an output made from other data is refused."""
         def sha(rel: str) -> str:
             with open(os.path.join(self.cache.dir, rel + ".hea"), "rb") as fh:
                 return hashlib.sha256(fh.read()).hexdigest()[:16]
 
-        return [[r.name, r.channel, [sha(h) for h in r.headers], [[f, self._sizes.get(f)] for f in r.dat_files]]
+        return [[r.name, r.channel, [sha(h) for h in r.headers], list(zip(r.dat_files, r.dat_ids))]
                 for r in self.records]
 
     def starts(self, r: RecordInfo) -> np.ndarray:
@@ -403,8 +444,6 @@ class WfdbSource:
                 buf = []
         if buf:
             yield pd.concat(buf, ignore_index=True)
-        if row == 0:
-            raise WfdbError(f"--wfdb {self.url}: no record is as long as one {self.spec.window_s:g}-s window")
 
     def reader(self) -> "WfdbReader":
         return WfdbReader(self.url, {r.path: r for r in self.records}, self.window, self.cache.dir)
@@ -420,19 +459,50 @@ def _base(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 
 
-def _file_sizes(root: str, storage_options: dict | None) -> dict[str, int]:
-    """file (relative to root) -> bytes, for every file under root: one listing (remote) or a walk (local)."""
-    fs, p = _fs(root, storage_options)
-    if is_remote(root):
-        found = retrying(lambda: fs.find(p, detail=True), "listing", root)
-        return {k[len(p) + 1:]: int(v.get("size") or 0) for k, v in found.items() if k.startswith(p + "/")}
-    out = {}
-    for dirpath, _, files in os.walk(p):
-        rel = os.path.relpath(dirpath, p)
-        for f in files:
-            with contextlib.suppress(OSError):
-                out[f if rel == "." else f"{rel}/{f}"] = os.path.getsize(os.path.join(dirpath, f))
-    return out
+class _Listing:
+    """(size, mtime or ETag) of files below the root, listing one folder at a time (remote: one LIST
+    per folder, the last folder kept): memory is one folder's, not the whole source's."""
+
+    def __init__(self, root: str, storage_options: dict | None):
+        self.root, self.remote = root, is_remote(root)
+        self.fs, self.path = _fs(root, storage_options)
+        self.folder: str | None = None
+        self.files: dict[str, tuple] = {}
+
+    def info(self, rel: str) -> tuple | None:
+        if not self.remote:
+            try:
+                st = os.stat(os.path.join(self.path, rel))
+            except OSError:
+                return None
+            return int(st.st_size), int(st.st_mtime_ns)
+        folder = os.path.dirname(rel)
+        if folder != self.folder:
+            where = f"{self.path}/{folder}" if folder else self.path
+
+            def ls() -> list:
+                try:
+                    return self.fs.ls(where, detail=True)
+                except FileNotFoundError:
+                    return []
+
+            self.files = {os.path.basename(i["name"]): (int(i.get("size") or 0), str(i.get("ETag") or i.get("mtime") or
+                                                                                         i.get("LastModified") or ""))
+                          for i in retrying(ls, "listing", f"{self.root}/{folder}")}
+            self.folder = folder
+        return self.files.get(os.path.basename(rel))
+
+
+def check_patients(records: list[tuple[str, int]]) -> None:
+    """Records whose names give one patient id but differ in more than the number's padding (`a7`, `b7`)
+    are probably two subjects: one line asking for a --subject-map rather than a silent merge."""
+    seen: dict[int, str] = {}
+    for name, pid in records:
+        other = seen.setdefault(pid, name)
+        if other != name and re.sub(r"\d", "", _base(other)) != re.sub(r"\d", "", _base(name)) and \
+                not re.search(r"(^|/)p\d+/", name):
+            raise WfdbError(f"records {other} and {name} both give patient id {pid} from their names; give a "
+                            f"--subject-map CSV (columns record,patient_id)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,6 +535,10 @@ class WfdbReader:
     records: dict  # path -> RecordInfo
     window: int
     header_dir: str  # the local copies of a remote source's headers
+
+    def subset(self, paths: list[str]) -> "WfdbReader":
+        """This reader for the given records only (what one wave's job needs)."""
+        return dataclasses.replace(self, records={p: self.records[p] for p in paths if p in self.records})
 
     def fetch(self, path: str, storage_options: dict | None, tmp_dir: str | None) -> str:
         """A local base path of record `path`: itself, or a folder with its cached headers and its

@@ -474,3 +474,32 @@ def test_wfdb_records_from_s3_read_each_file_once_and_equal_the_local_shards(tmp
     gets = Counter(key.rsplit("/", 1)[1] for kind, key, _ in reqs if kind == "GET" and key.startswith("mitdb-like/"))
     assert gets == Counter({**{f"{n}.hea": 1 for n in names}, **{f"{n}.dat": 1 for n in names}, "RECORDS": 1})
     assert not (tmp_path / "spill").exists() or not any((tmp_path / "spill").rglob("*.dat"))
+
+
+def test_wfdb_label_export_from_s3_equals_the_local_one(tmp_path):
+    """`himae-prep label` on an s3:// prefix without RECORDS: each header, signal and annotation file one
+    GET, and the same HDF5 datasets as from the local folder."""
+    import h5py
+
+    from data_prep.wfdb_label import label_windows
+    from data_prep.wfdb_sources import WindowSpec
+    from tests.s3_loopback import S3Loopback
+    from tests.wfdb_inputs import real, record_subset
+
+    src = record_subset(real("mitdb"), tmp_path / "mitdb", ["106", "119"], (".hea", ".dat", ".atr"))
+    spec = WindowSpec(("MLII", "V5"), 10.0, 10.0)
+    local = label_windows(str(src), str(tmp_path / "local.h5"), spec, 100.0, ("V",), log=lambda m: None)
+    with S3Loopback() as s3:
+        fs = s3.fs()
+        for p in sorted(src.iterdir()):
+            fs.put_file(str(p), f"{s3.bucket}/mitdb/{p.name}")
+        s3.reset()
+        remote = label_windows(f"s3://{s3.bucket}/mitdb", str(tmp_path / "remote.h5"), spec, 100.0, ("V",),
+                               storage_options=s3.opts, log=lambda m: None)
+        reqs = s3.requests()
+    assert remote["per_record"] == local["per_record"] and local["windows"] == 360 and local["positives"] == 98 + 159
+    with h5py.File(tmp_path / "local.h5") as a, h5py.File(tmp_path / "remote.h5") as b:
+        for k in ("ecg", "labels", "patient_ids", "records", "starts"):
+            assert np.array_equal(a[k][()], b[k][()]), k
+    gets = Counter(key.rsplit("/", 1)[1] for kind, key, _ in reqs if kind == "GET")
+    assert gets == Counter({f"{n}.{e}": 1 for n in ("106", "119") for e in ("hea", "dat", "atr")})

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from data_prep.convert import ConvertParams, convert_wfdb, main as prep_main
+from data_prep.convert import ConvertParams, convert, convert_wfdb, main as prep_main
 from data_prep.shard_format import read_shard_blocks
 from tests.wfdb_inputs import real, record_subset, write_multisegment, write_record
 
@@ -117,6 +117,13 @@ def test_wfdb_shards_resample_125_to_100_hz_and_are_byte_identical_for_any_worke
                   normalize="none", dtype="float32", val_fraction=0.34)
     one = convert_wfdb(str(bidmc), ConvertParams(str(tmp_path / "one"), **common))
     two = convert_wfdb(str(bidmc), ConvertParams(str(tmp_path / "two"), workers=2, max_rows=100, **common))
+    for task in (0, 1, 0, 1):  # two tasks, each run twice (the second run builds its shards), then --finalize
+        convert(None, None, ConvertParams(str(tmp_path / "tasks"), num_tasks=2, task_index=task, **common),
+                wfdb=str(bidmc))
+    tasks = convert(None, None, ConvertParams(str(tmp_path / "tasks"), num_tasks=2, **common), finalize_only=True,
+                    wfdb=str(bidmc))
+    assert [s["sha256"] for sp in one["splits"].values() for s in sp["shards"]] == \
+        [s["sha256"] for sp in tasks["splits"].values() for s in sp["shards"]]
     assert one["n_samples"] == 3 * ((60001 - 1250) // 625 + 1) == 3 * 95
     assert [s["sha256"] for sp in one["splits"].values() for s in sp["shards"]] == \
         [s["sha256"] for sp in two["splits"].values() for s in sp["shards"]]
@@ -156,6 +163,14 @@ def test_a_multisegment_record_with_a_gap_and_a_segment_without_the_channel(tmp_
                          "--val-fraction", "0", "--out", str(out2)]) == 0
     m2 = json.loads((out2 / "manifest.json").read_text())
     assert m2["source"]["wfdb"]["channels"] == [["PLETH", 1]] and m2["n_samples"] == 5 + 2  # [0, 2500) and [2800, 4050)
+    # without RECORDS the folder's headers are listed, and the segments and the layout are not records
+    (folder / "RECORDS").unlink()
+    out3 = tmp_path / "listed"
+    assert prep_main_ok(["--wfdb", str(folder), "--channel", "II", "--window-s", "4", "--normalize", "none", "--dtype",
+                         "float32", "--on-bad", "skip", "--val-fraction", "0", "--out", str(out3)]) == 0
+    m3 = json.loads((out3 / "manifest.json").read_text())
+    assert m3["source"]["wfdb"]["records"] == 1 and m3["n_samples"] == 9
+    assert _shard_windows(out3).keys() == got.keys()
 
 
 def prep_main_ok(argv: list[str]) -> int:
@@ -260,3 +275,71 @@ def test_flags_that_go_with_wfdb(tmp_path, capsys):
     smap.write_text("record,patient\n1,2\n")
     code, _, err = _prep(["label", str(tmp_path), "--subject-map", str(smap), "--out", str(tmp_path / "x.h5")], capsys)
     assert code == 1 and "expected columns record,patient_id" in _error_line(err)
+
+
+def test_flat_lines_are_counted_as_bad_windows_and_a_records_file_names_the_records(tmp_path, capsys):
+    """A flat stretch (sensor off) makes its window bad: dropped and counted as `constant` in the shards'
+    manifest, and as a bad window in the labelled export, which is written from a RECORDS file's records."""
+    folder = tmp_path / "recs"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    x = np.round(rng.standard_normal(3000) * 200) / 200
+    x[1000:2000] = 0.5  # window 1 of 3 is a flat line
+    write_record(folder, "r7", {"II": x}, 100)
+    write_record(folder, "r8", {"II": np.round(rng.standard_normal(2000) * 200) / 200}, 100)
+    wfdb.wrann("r7", "atr", np.array([50, 1500, 2500]), np.array(["V", "V", "N"]), write_dir=str(folder))
+    wfdb.wrann("r8", "atr", np.array([10]), np.array(["N"]), write_dir=str(folder))
+    (folder / "RECORDS").write_text("r8\nr7\n")  # not sorted: RECORDS' order is the export's
+    code, _, _ = _prep(["--wfdb", str(folder / "RECORDS"), "--channel", "II", "--val-fraction", "0", "--out",
+                        str(tmp_path / "s")], capsys)
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert code == 0 and m["n_rows"] == 5 and m["skipped"] == {"constant": 1} and m["n_samples"] == 4
+    out = tmp_path / "l.h5"
+    code, text, _ = _prep(["label", str(folder / "RECORDS"), "--channel", "II", "--out", str(out)], capsys)
+    assert code == 0 and "r7 (II, 100 Hz): 2 windows, 1 positive, 1 bad (NaN or flat)" in text
+    with h5py.File(out) as f:
+        assert list(f["records"].asstr()[()]) == ["r8", "r8", "r7", "r7"]
+        assert list(f["starts"][()]) == [0, 1000, 0, 2000] and list(f["labels"][()]) == [0, 0, 1, 0]
+        assert list(f["patient_ids"][()]) == [8, 8, 7, 7] and f.attrs["fs"] == 100.0
+        np.testing.assert_allclose(f["ecg"][2], x[:1000], atol=1e-6)  # no resampling asked: the mV as stored
+
+
+def test_headers_without_counts_records_files_that_climb_out_and_records_of_another_rate(tmp_path, capsys):
+    folder = tmp_path / "recs"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for name, fs, n in (("r1", 100, 3000), ("r2", 100, 3000), ("r3", 250, 7500), ("r4", 100, 500)):
+        write_record(folder, name, {"II": np.round(rng.standard_normal(n) * 200) / 200}, fs)
+    args = ["--wfdb", str(folder), "--channel", "II", "--val-fraction", "0"]
+    code, _, err = _prep(args + ["--out", str(tmp_path / "a")], capsys)
+    assert code == 1 and "record r3: 250 Hz, but the other records" in _error_line(err)
+    code, out, _ = _prep(args + ["--on-bad", "skip", "--out", str(tmp_path / "b")], capsys)
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert code == 0 and m["skipped"] == {"record_other_rate": 1, "record_too_short": 1} and m["n_samples"] == 6
+    assert "skipped record r4: record r4: 500 samples, shorter than one 10-s window (1000)" in out
+    hea = folder / "r2.hea"
+    hea.write_text(hea.read_text().replace("r2 1 100 3000", "r2 1 100"))  # the sample count is optional in WFDB
+    code, _, err = _prep(args + ["--out", str(tmp_path / "c")], capsys)
+    assert code == 1 and "r2.hea: no sample count in the header" in _error_line(err)
+    (folder / "RECORDS").write_text("r1\n../recs/r2\n")
+    code, _, err = _prep(args + ["--out", str(tmp_path / "d")], capsys)
+    assert code == 1 and "RECORDS: line '../recs/r2' is not a record name" in _error_line(err)
+    code, _, err = _prep(["--wfdb", str(folder), "--channel", "II", "--stride-s", "0", "--out", str(tmp_path / "e")],
+                         capsys)
+    assert code == 1 and "--stride-s=0.0: expected a positive number of seconds" in _error_line(err)
+    code, _, err = _prep(["label", str(folder), "--channel", "II", "--out", "s3://bucket/x.h5"], capsys)
+    assert code == 1 and "--out s3://bucket/x.h5: expected a local file" in _error_line(err)
+
+
+def test_patient_ids_from_names_mimic_folders_and_the_subject_map():
+    from data_prep.wfdb_sources import WfdbError, check_patients, patient_of
+
+    assert patient_of("100", None) == 100 and patient_of("bidmc07", None) == 7
+    assert patient_of("p00/p000020/3000003", None) == 20  # MIMIC-III: the subject's folder, not the stay
+    assert patient_of("files/p1000/p10000032/s40689238/40689238", None) == 10000032  # MIMIC-IV-ECG
+    assert patient_of("202", {"202": 201}) == 201
+    with pytest.raises(WfdbError, match="gives no patient id; give a --subject-map"):
+        patient_of("a1b23", None)
+    check_patients([("p00/p000020/3000003", 20), ("p00/p000020/3000005", 20), ("bidmc7", 7), ("bidmc07", 7)])
+    with pytest.raises(WfdbError, match="records a7 and b7 both give patient id 7"):
+        check_patients([("a7", 7), ("b7", 7)])

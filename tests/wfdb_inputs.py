@@ -17,6 +17,8 @@ def real(db: str) -> Path:
     """The real database folder, or a skip that says where it was looked for (CI has it)."""
     path = REAL / db
     if not (path / ("RECORDS" if db == "mitdb" else "bidmc01.hea")).exists():
+        if os.environ.get("CI"):  # CI has ../shared/real: a skip there would hide every real-data test
+            pytest.fail(f"real PhysioNet data not found at {path} under CI")
         pytest.skip(f"real PhysioNet data not found at {path} (set HIMAE_REAL_DATA to the folder holding mitdb/ and "
                     f"bidmc/)")
     return path
