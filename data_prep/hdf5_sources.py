@@ -226,16 +226,24 @@ def _read_rows(f, path: str, grp, kind: str, policy: BadSamplePolicy, fit_length
                 continue
             items.append((int(r), where, np.asarray(arr)))
     for r, where, arr in items:
-        seg = check_segment(arr, where, None, policy, channels)
-        if seg is None:
-            continue
-        seg, note = fit_length(seg)
-        if seg is None:
-            policy.reject(note, f"{where()}: segment has length {arr.shape[-1]}, expected the data's length")
-            continue
-        if note:
-            policy.noted[note] += 1
-        yield r, seg
+        seg = checked_segment(arr, where, policy, fit_length, channels)
+        if seg is not None:
+            yield r, seg
+
+
+def checked_segment(arr: np.ndarray, where: Callable[[], str], policy: BadSamplePolicy, fit_length,
+                    channels: int | None, expected_length: int | None = None) -> np.ndarray | None:
+    """check_segment, then the length policy: a segment [C, L] float32 to spill, or None (counted by policy)."""
+    seg = check_segment(arr, where, expected_length, policy, channels)
+    if seg is None:
+        return None
+    seg, note = fit_length(seg)
+    if seg is None:
+        policy.reject(note, f"{where()}: segment has length {arr.shape[-1]}, expected the data's length")
+        return None
+    if note:
+        policy.noted[note] += 1
+    return seg
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from data_prep.hdf5_sources import BadSamplePolicy, check_segment, download
+from data_prep.hdf5_sources import checked_segment, download
 from data_prep.storage import is_remote, retrying
 
 NO_LABEL = -1
@@ -581,19 +581,9 @@ class WfdbReader:
         for part, grp, policy in parts:
             for r, k in zip(grp["row"].to_numpy(), grp["key"].to_numpy()):
                 start = int(str(k).rsplit(":", 1)[1])
-                seg = check_segment(sig[start:start + self.window], lambda k=k: f"record {name} window {k!r}",
-                                    self.window, policy, channels)
-                if seg is None:
-                    continue
-                seg, note = fit_length(seg)
-                if seg is None:
-                    policy.reject(note, f"record {name} window {k!r}: length {self.window}, expected the data's")
-                    continue
-                if note:
-                    policy.noted[note] += 1
-                yield part, int(r), seg
+                seg = checked_segment(sig[start:start + self.window], lambda k=k: f"record {name} window {k!r}",
+                                      policy, fit_length, channels, self.window)
+                if seg is not None:
+                    yield part, int(r), seg
             yield part, None, None
 
-
-__all__ = ["WfdbError", "WindowSpec", "WfdbSource", "WfdbReader", "read_channel", "read_header", "list_records",
-           "read_subject_map", "patient_of", "HeaderCache", "BadSamplePolicy"]
