@@ -131,6 +131,9 @@ def open_source(index: str | None, downstream: str | None, p: ConvertParams, wfd
         smap = read_subject_map(p.subject_map) if p.subject_map else None
         source = WfdbSource(wfdb, spec, p.storage_options, chunk, cache_dir=p.spill_home(), subject_map=smap,
                             on_bad=p.on_bad)
+        if source.unmatched_subjects:
+            log(f"--subject-map {p.subject_map}: {len(source.unmatched_subjects)} row(s) name no record of "
+                f"{source.url} (e.g. {', '.join(source.unmatched_subjects[:3])})")
         for name, why in list(source.skipped_records.items())[:20]:
             log(f"skipped record {name}: {why}")
         if len(source.skipped_records) > 20:
@@ -201,8 +204,8 @@ def prepare(source, p: ConvertParams) -> dict:
     fingerprint = {"index": source.fingerprint(), "files": file_fingerprints(files, p.storage_options)}
     record = {
         "format": FORMAT, "kind": source.kind, "options": p.byte_options(source.kind, sps),
-        "source": {"url": source.url, "fingerprint": _sha(fingerprint), "n_files": len(stats.files),
-                   **({"wfdb": source.describe()} if hasattr(source, "describe") else {})},
+        "source": {"url": source.url, "fingerprint": _sha(fingerprint), "n_files": len(stats.files)},
+        **({"wfdb": source.describe()} if hasattr(source, "describe") else {}),  # records read and skipped
         "channels": channels, "length_inferred_from": how, "preprocess": pre.to_dict(),
         "n_rows": stats.n_rows, "split": plan.to_dict(),
         "n_shards": {"train": plan.n_shards("train"), "val": plan.n_shards("val")},

@@ -386,7 +386,7 @@ def finalize(source, p: ConvertParams, prep: dict | None = None, known: dict | N
         raise ValueError(f"no usable training samples in {source.url} (skipped: {dict(skipped)})")
     manifest = {
         **{k: record[k] for k in ("format", "kind", "options", "source", "channels", "length_inferred_from",
-                                  "preprocess", "n_rows", "split", "plan_id")},
+                                  "preprocess", "n_rows", "split", "plan_id") + (("wfdb",) if "wfdb" in record else ())},
         "length": pre.output_length(), "dtype": p.dtype, "block_size": p.block_size, "members": MEMBERS, "on_bad": p.on_bad,
         "n_samples": n, "splits": splits, "skipped": dict(skipped), "noted": dict(noted),
     }
@@ -581,7 +581,14 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["label"]:
         from data_prep.wfdb_label import label_main
 
-        sys.exit(label_main(argv[1:]))
+        with _stop_on_signals():
+            try:
+                status = label_main(argv[1:])
+            except Interrupted as e:  # label's temp file and folder are gone by now (finally blocks)
+                print(f"himae-prep label: interrupted by {signal.Signals(e.signum).name}; no partial file is left: run "
+                      f"the same command again", file=sys.stderr, flush=True)
+                status = 128 + e.signum
+        sys.exit(status)
     if argv[:1] == ["verify"]:  # a subcommand; every other first word keeps its old meaning (flags)
         from data_prep.verify import verify_main
 

@@ -26,9 +26,10 @@ import numpy as np
 
 from data_prep.preprocess import Preprocess
 from data_prep.storage import StorageError, is_remote, json_object
-from data_prep.wfdb_sources import (HeaderCache, WfdbError, WindowSpec, add_wfdb_options, channel_files, check_formats,
-                                    check_patients, list_records, patient_of, read_channel, read_header, read_subject_map, record_channels)
 from data_prep.hdf5_sources import download
+from data_prep.wfdb_sources import (HeaderCache, WfdbError, WindowSpec, add_wfdb_options, channel_files, check_formats,
+                                    check_patients, list_records, patient_of, read_channel, read_header,
+                                    read_subject_map, record_channels, unmatched_subjects)
 
 PPG_NAMES = ("PLETH", "PPG", "PLETH1", "PLETH2")
 BLOCK = 1024  # windows cut, resampled and written at once
@@ -77,15 +78,23 @@ def _download_record(root: str, name: str, headers: list[str], files: list[str],
 
 def label_windows(root: str, out: str, spec: WindowSpec, target_rate: float | None, symbols: tuple[str, ...],
                   annotator: str = "atr", subject_map: dict[str, int] | None = None, signal_key: str | None = None,
-                  storage_options: dict | None = None, on_bad: str = "error", log=print) -> dict:
+                  storage_options: dict | None = None, on_bad: str = "error", log=print, overwrite: bool = False) -> dict:
     """Write the labelled HDF5 `out`; returns the counts (total and per record)."""
     if is_remote(out):
         raise ValueError(f"--out {out}: expected a local file (write it here, then copy it where it belongs)")
+    if out.endswith(os.sep) or os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder; expected the path of the HDF5 file to write")
+    if os.path.lexists(out) and not overwrite:
+        raise ValueError(f"--out {out} exists; pass --overwrite to replace it, or choose another path")
     tmp_out = f"{out}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(prefix="himae-label-") as tmp:
             folder, names = list_records(root, storage_options, tmp)  # remote headers: fetched once, into tmp
+            if unmatched_subjects(subject_map, names):
+                extra = unmatched_subjects(subject_map, names)
+                log(f"[himae-prep] label: the subject map has {len(extra)} row(s) naming no record of {folder} "
+                    f"(e.g. {', '.join(extra[:3])})")
             summary = _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, subject_map,
                              signal_key, storage_options, on_bad, log, tmp)
     except BaseException:
@@ -144,6 +153,13 @@ def _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, 
                                     f"(--annotator {annotator})")
                 sig = read_channel(base, name, channel, int(h.sig_len))
                 pid = patient_of(name, subject_map)
+                with open(f"{base}.{annotator}", "rb") as fh:
+                    fh.seek(0, os.SEEK_END)
+                    size = fh.tell()
+                    fh.seek(max(0, size - 2))
+                    if size < 2 or fh.read(2) != b"\x00\x00":  # MIT format ends with a zero word
+                        raise WfdbError(f"{folder}/{name}.{annotator}: {size} bytes without the end-of-file marker "
+                                        f"of a WFDB annotation file; truncated?")
                 try:
                     ann = wfdb.rdann(base, annotator)
                 except Exception as e:
@@ -194,7 +210,9 @@ def _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, 
             check_patients(patients)
 
         if n == 0:
+            short = [k for k, r in per_record.items() if r["windows"] == 0 and r["bad"] == 0]
             raise WfdbError(f"{root}: no usable window in {len(names)} record(s)"
+                            + (f"; {len(short)} are shorter than one {spec.window_s:g}-s window" if short else "")
                             + (f" ({'; '.join(f'{k}: {v}' for k, v in list(skipped.items())[:3])})" if skipped else ""))
         positives = sum(r["positives"] for r in per_record.values())
         if positives == 0:
@@ -224,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--annotator", default="atr", metavar="EXT", help="annotation file extension (default: atr)")
     ap.add_argument("--signal-key", choices=["ecg", "ppg"], default=None,
                     help="dataset name for the windows (default: ppg for PLETH/PPG channels, else ecg)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --out file (default: off: an existing file is refused)")
     ap.add_argument("--on-bad", choices=["error", "skip"], default="error",
                     help="a record that cannot be read (missing file, unknown format, no annotations): error = stop "
                          "with a line naming it; skip = skip it, named and counted (default: error)")
@@ -244,7 +264,7 @@ def label_main(argv: list[str]) -> int:
             raise ValueError(f"--target-rate {a.target_rate}: expected a positive number of Hz")
         smap = read_subject_map(a.subject_map) if a.subject_map else None
         label_windows(a.records, a.out, spec, a.target_rate, symbols, a.annotator, smap, a.signal_key,
-                      a.storage_options, a.on_bad)
+                      a.storage_options, a.on_bad, overwrite=a.overwrite)
     except (ValueError, OSError, StorageError) as e:
         print(f"himae-prep label: error: {e}", file=sys.stderr)
         return 1

@@ -68,6 +68,9 @@ class WindowSpec:
             if n.denominator != 1:
                 raise WfdbError(f"record {record}: a {sec:g}-s {name} at {fs:g} Hz is {float(n):g} samples, not a "
                                 f"whole number; pick a --{name}-s that is")
+            if n < 1:
+                raise WfdbError(f"record {record}: a {sec:g}-s {name} at {fs:g} Hz is {float(n):g} samples; expected "
+                                f"at least one")
             out.append(int(n))
         return out[0], out[1]
 
@@ -132,6 +135,8 @@ def _info(fs, p: str) -> dict | None:
 
 def _read_records_file(url_folder: str, fs, p: str, prefix: str) -> list[str]:
     where = f"{url_folder}/{prefix}RECORDS"
+    if prefix.count("/") > 8:
+        raise WfdbError(f"{where}: subfolders nest deeper than 8 levels (a link loop?)")
     text = retrying(lambda: fs.cat_file(f"{p}/RECORDS"), "reading", where).decode("utf-8", "replace")
     names = []
     for line in text.split():
@@ -143,6 +148,14 @@ def _read_records_file(url_folder: str, fs, p: str, prefix: str) -> list[str]:
             names += _read_records_file(url_folder, fs, f"{p}/{line.rstrip('/')}", f"{prefix}{line}")
         else:
             names.append(prefix + line)
+    if not prefix:
+        seen: set[str] = set()
+        for n in names:
+            if n in seen:
+                raise WfdbError(f"{where}: record {n} is listed twice")
+            seen.add(n)
+        if not names:
+            raise WfdbError(f"{where} lists no record")
     return names
 
 
@@ -150,8 +163,14 @@ def _drop_segments(cache: "HeaderCache", names: list[str]) -> list[str]:
     """Names that are not segments (or the layout) of a multi-segment record among them."""
     segs: set[str] = set()
     for n in names:
-        with open(cache.local(n) + ".hea", "rb") as fh:
-            lines = [ln for ln in fh.read().decode("utf-8", "replace").splitlines() if ln and not ln.startswith("#")]
+        try:
+            with open(cache.local(n) + ".hea", "rb") as fh:
+                lines = [ln for ln in fh.read(1 << 20).decode("utf-8", "replace").splitlines()
+                         if ln and not ln.startswith("#")]
+        except OSError:
+            if cache.remote:
+                raise
+            continue  # a local header that is not a readable file: read_header names it (or skips it) later
         if lines and "/" in lines[0].split(" ")[0]:  # "name/n_segments ...": a multi-segment header lists its segments
             segs |= {ln.split()[0] for ln in lines[1:]}
     return [n for n in names if n not in segs]
@@ -222,14 +241,56 @@ def read_header(cache: HeaderCache, name: str) -> tuple[object, list[str]]:
             h = parse(base, True)
     except FileNotFoundError as e:
         raise WfdbError(f"{where}: header not found ({os.path.basename(str(e.filename or e))} is missing)") from None
-    if not h.fs or not (h.fs > 0 and math.isfinite(h.fs)):
-        raise WfdbError(f"{where}: no sampling rate in the header (got {h.fs!r}); expected a rate in Hz")
-    if h.sig_len is None or h.sig_len < 0:
-        raise WfdbError(f"{where}: no sample count in the header; expected the record's length in samples")
+    _check_record_line(base + ".hea", where)
+    if not h.fs or not (0 < h.fs <= MAX_RATE):
+        raise WfdbError(f"{where}: sampling rate {h.fs!r} Hz; expected a rate in (0, {MAX_RATE:g}] Hz")
+    if not h.sig_len or h.sig_len < 0:
+        raise WfdbError(f"{where}: sample count {h.sig_len!r} (0 or none: unknown to WFDB); expected the record's "
+                        f"length in samples")
+    multi = bool(getattr(h, "seg_name", None))
+    if multi and sum(h.seg_len) != h.sig_len:
+        raise WfdbError(f"{where}: its segments hold {sum(h.seg_len)} samples, the record line says {h.sig_len}")
     for s, n in _segments(h):
-        if s is not None and (s.sig_len is None or (getattr(h, "seg_name", None) and s.sig_len != n)):
+        if s is None:
+            continue
+        if s.sig_len is None or (multi and s.sig_len != n):
             raise WfdbError(f"{where}: segment {s.record_name} has {s.sig_len} samples, the record's header says {n}")
+        if len(s.sig_name or []) != s.n_sig:
+            raise WfdbError(f"{cache.root}/{s.record_name}.hea: says {s.n_sig} signals but describes "
+                            f"{len(s.sig_name or [])}")
+        if multi and s.fs != h.fs:
+            raise WfdbError(f"{where}: segment {s.record_name} is at {s.fs:g} Hz, the record at {h.fs:g} Hz")
     return h, headers
+
+
+MAX_RATE = 1e6  # Hz: above any physiological waveform
+
+
+def _check_record_line(path: str, where: str) -> None:
+    """The header's record line as WFDB defines it (`name[/segments] n_sig [fs[/counter[(base)]] [length ...]]`):
+    wfdb's parser falls back to 250 Hz where it cannot read the rate (a negative or `nan` one), so the rate
+    and the counts are checked here, in the text."""
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(1 << 16).decode("utf-8", "replace")
+    except OSError as e:
+        raise WfdbError(f"{where}: cannot read the header ({e.strerror or e})") from None
+    line = next((ln.split("#", 1)[0].split() for ln in text.splitlines() if ln.split("#", 1)[0].strip()), [])
+    fields = {"signal count": line[1] if len(line) > 1 else None,
+              "rate": re.split(r"[/(]", line[2])[0] if len(line) > 2 else "250",  # WFDB's default when absent
+              "sample count": line[3] if len(line) > 3 else None}
+    if fields["signal count"] is None or not fields["signal count"].isdigit():
+        raise WfdbError(f"{where}: record line {' '.join(line)!r}: expected 'name n_signals [rate [samples]]'")
+    try:
+        ok = 0 < float(fields["rate"]) <= MAX_RATE
+    except ValueError:
+        ok = False
+    if not ok:
+        raise WfdbError(f"{where}: record line {' '.join(line)!r}: rate {fields['rate']!r}; expected a rate in "
+                        f"(0, {MAX_RATE:g}] Hz")
+    if fields["sample count"] is not None and not fields["sample count"].isdigit():
+        raise WfdbError(f"{where}: record line {' '.join(line)!r}: sample count {fields['sample count']!r}; "
+                        f"expected a whole number")
 
 
 def _segments(h) -> list:
@@ -298,6 +359,12 @@ def patient_of(name: str, subject_map: dict[str, int] | None) -> int:
     return int(m.group(1))
 
 
+def unmatched_subjects(subject_map: dict[str, int] | None, names: list[str]) -> list[str]:
+    """Subject-map rows that name no record (by full or base name): said, since they change nothing."""
+    known = set(names) | {n.rsplit("/", 1)[-1] for n in names}
+    return sorted(k for k in (subject_map or {}) if k not in known)
+
+
 def read_subject_map(path: str) -> dict[str, int]:
     """record -> patient id from a CSV with columns record,patient_id."""
     try:
@@ -352,6 +419,7 @@ class WfdbSource:
                  cache_dir: str | None = None, subject_map: dict[str, int] | None = None, on_bad: str = "error"):
         self.spec, self.storage_options, self.chunk_rows = spec, storage_options or {}, chunk_rows
         self.url, names = list_records(root, storage_options, cache_dir)
+        self.unmatched_subjects = unmatched_subjects(subject_map, names)
         self.cache = HeaderCache(self.url, storage_options, cache_dir)
         self.skipped_records: dict[str, str] = {}
         self.skipped: Counter = Counter()
@@ -455,10 +523,6 @@ class WfdbSource:
                 "skipped_records": dict(list(sorted(self.skipped_records.items()))[:100])}
 
 
-def _base(name: str) -> str:
-    return name.rsplit("/", 1)[-1]
-
-
 class _Listing:
     """(size, mtime or ETag) of files below the root, listing one folder at a time (remote: one LIST
     per folder, the last folder kept): memory is one folder's, not the whole source's."""
@@ -499,7 +563,7 @@ def check_patients(records: list[tuple[str, int]]) -> None:
     seen: dict[int, str] = {}
     for name, pid in records:
         other = seen.setdefault(pid, name)
-        if other != name and re.sub(r"\d", "", _base(other)) != re.sub(r"\d", "", _base(name)) and \
+        if other != name and re.sub(r"\d", "", other) != re.sub(r"\d", "", name) and \
                 not re.search(r"(^|/)p\d+/", name):
             raise WfdbError(f"records {other} and {name} both give patient id {pid} from their names; give a "
                             f"--subject-map CSV (columns record,patient_id)")
@@ -510,7 +574,27 @@ def check_patients(records: list[tuple[str, int]]) -> None:
 
 
 def read_channel(base: str, name: str, channel: str, sig_len: int) -> np.ndarray:
-    """The physical signal [sig_len] float64 of `channel` of the local record `base` (NaN in gaps)."""
+    """The physical signal [sig_len] float64 of `channel` of the local record `base` (NaN in gaps).
+
+    A multi-segment record is assembled here, segment by segment, each read by the channel's *name*:
+    wfdb's own assembly of a fixed-layout record reads every segment by the first segment's channel
+    index, so a segment that lacks the channel would give another channel's samples.
+    """
+    import wfdb
+
+    h = wfdb.rdheader(base, rd_segments=True)
+    if not getattr(h, "seg_name", None):
+        return _read_segment(base, name, channel, sig_len)
+    out = np.full(sig_len, np.nan)
+    folder, start = os.path.dirname(base), 0
+    for seg, n in zip(h.segments, h.seg_len):
+        if seg is not None and n and channel in (seg.sig_name or []):
+            out[start:start + n] = _read_segment(os.path.join(folder, seg.record_name), name, channel, n)
+        start += n
+    return out
+
+
+def _read_segment(base: str, name: str, channel: str, sig_len: int) -> np.ndarray:
     import wfdb
 
     try:

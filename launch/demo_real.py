@@ -84,7 +84,7 @@ def run_real(root: Path, work: Path, recipe: dict, nproc: int, random_baselines:
     manifest = json.loads((shards / "manifest.json").read_text())
     print(f"\n[himae-demo] pretrained {recipe['steps']} steps x {nproc} ranks x {recipe['micro_batch']} at {rate:g} Hz on "
           f"{manifest['n_samples']} windows (10 s every {recipe['stride_s']:g} s) of bidmc lead II, "
-          f"{manifest['source']['wfdb']['records']} ICU patients; probed PVC on {res['n_segments']} mitdb windows "
+          f"{manifest['wfdb']['records']} ICU patients; probed PVC on {res['n_segments']} mitdb windows "
           f"({res['n_pvc']} with a V beat) of {res['n_patients']} other subjects")
     print((probe_out / "table.txt").read_text())
     print("\n" + verdict(res, full=True))

@@ -128,7 +128,7 @@ def test_wfdb_shards_resample_125_to_100_hz_and_are_byte_identical_for_any_worke
     assert [s["sha256"] for sp in one["splits"].values() for s in sp["shards"]] == \
         [s["sha256"] for sp in two["splits"].values() for s in sp["shards"]]
     assert one["preprocess"]["source_rate"] == 125.0 and one["length"] == 1000
-    assert one["source"]["wfdb"]["records"] == 3 and one["split"]["by"] == "patient"
+    assert one["wfdb"]["records"] == 3 and one["split"]["by"] == "patient"
     got = _shard_windows(tmp_path / "one")
     assert len(got) == 285
     sig = {n: wfdb.rdrecord(str(bidmc / n), channel_names=["II"]).p_signal[:, 0] for n in ("bidmc01", "bidmc02", "bidmc03")}
@@ -162,14 +162,14 @@ def test_a_multisegment_record_with_a_gap_and_a_segment_without_the_channel(tmp_
     assert prep_main_ok(["--wfdb", str(folder), "--channel", "ECG,PLETH", "--window-s", "4", "--on-bad", "skip",
                          "--val-fraction", "0", "--out", str(out2)]) == 0
     m2 = json.loads((out2 / "manifest.json").read_text())
-    assert m2["source"]["wfdb"]["channels"] == [["PLETH", 1]] and m2["n_samples"] == 5 + 2  # [0, 2500) and [2800, 4050)
+    assert m2["wfdb"]["channels"] == [["PLETH", 1]] and m2["n_samples"] == 5 + 2  # [0, 2500) and [2800, 4050)
     # without RECORDS the folder's headers are listed, and the segments and the layout are not records
     (folder / "RECORDS").unlink()
     out3 = tmp_path / "listed"
     assert prep_main_ok(["--wfdb", str(folder), "--channel", "II", "--window-s", "4", "--normalize", "none", "--dtype",
                          "float32", "--on-bad", "skip", "--val-fraction", "0", "--out", str(out3)]) == 0
     m3 = json.loads((out3 / "manifest.json").read_text())
-    assert m3["source"]["wfdb"]["records"] == 1 and m3["n_samples"] == 9
+    assert m3["wfdb"]["records"] == 1 and m3["n_samples"] == 9
     assert _shard_windows(out3).keys() == got.keys()
 
 
@@ -201,7 +201,7 @@ def test_a_short_dat_is_one_line_or_a_counted_skip(bidmc_pair, tmp_path, capsys)
     assert code == 0 and "skipped record bidmc02" in out
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert m["skipped"] == {"record_unreadable": 1} and m["n_samples"] == 48
-    assert "bidmc02" in m["source"]["wfdb"]["skipped_records"]
+    assert "bidmc02" in m["wfdb"]["skipped_records"]
 
 
 def test_a_header_naming_a_missing_dat_and_an_unknown_format(bidmc_pair, tmp_path, capsys):
@@ -320,7 +320,7 @@ def test_headers_without_counts_records_files_that_climb_out_and_records_of_anot
     hea = folder / "r2.hea"
     hea.write_text(hea.read_text().replace("r2 1 100 3000", "r2 1 100"))  # the sample count is optional in WFDB
     code, _, err = _prep(args + ["--out", str(tmp_path / "c")], capsys)
-    assert code == 1 and "r2.hea: no sample count in the header" in _error_line(err)
+    assert code == 1 and "r2.hea: sample count None (0 or none: unknown to WFDB)" in _error_line(err)
     (folder / "RECORDS").write_text("r1\n../recs/r2\n")
     code, _, err = _prep(args + ["--out", str(tmp_path / "d")], capsys)
     assert code == 1 and "RECORDS: line '../recs/r2' is not a record name" in _error_line(err)
@@ -343,3 +343,88 @@ def test_patient_ids_from_names_mimic_folders_and_the_subject_map():
     check_patients([("p00/p000020/3000003", 20), ("p00/p000020/3000005", 20), ("bidmc7", 7), ("bidmc07", 7)])
     with pytest.raises(WfdbError, match="records a7 and b7 both give patient id 7"):
         check_patients([("a7", 7), ("b7", 7)])
+
+
+def test_a_fixed_layout_record_reads_each_segment_by_the_channels_name(tmp_path):
+    """A segment without II is NaN, not its PLETH; a `~` gap is NaN too: the 8 windows touching them are
+    counted as non-finite, the 20 inside segments 1 and 3 are their II samples."""
+    from tests.wfdb_inputs import write_fixed_layout
+
+    folder = tmp_path / "fixed"
+    want = write_fixed_layout(folder)
+    out = tmp_path / "s"
+    assert prep_main_ok(["--wfdb", str(folder), "--channel", "II", "--window-s", "1", "--normalize", "none", "--dtype",
+                         "float32", "--on-bad", "skip", "--val-fraction", "0", "--subject-map", str(_smap(tmp_path)),
+                         "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["n_rows"] == 28 and m["skipped"] == {"non_finite": 8} and m["n_samples"] == 20
+    for key, x in _shard_windows(out).items():
+        s = int(key.split(":")[1])
+        seg0 = 0 if s < 1000 else 1800
+        np.testing.assert_allclose(x[0], want["II"][seg0][s - seg0:s - seg0 + 100], atol=1e-6)
+
+
+def _smap(tmp_path: Path) -> Path:
+    p = tmp_path / "subjects.csv"
+    p.write_text("record,patient_id\nfx01,1\n")
+    return p
+
+
+def test_malformed_rates_tiny_windows_cut_annotations_and_an_existing_out(tmp_path, capsys):
+    mitdb = record_subset(real("mitdb"), tmp_path / "m", ["100", "119"], (".hea", ".dat", ".atr"))
+    hea = mitdb / "100.hea"
+    good = hea.read_text()
+    hea.write_text(good.replace("100 2 360 650000", "100 2 -360 650000"))  # wfdb alone would read 250 Hz
+    code, _, err = _prep(["--wfdb", str(mitdb), "--channel", "MLII", "--out", str(tmp_path / "a")], capsys)
+    assert code == 1 and "100.hea: record line '100 2 -360 650000': rate '-360'" in _error_line(err)
+    hea.write_text(good)
+    code, _, err = _prep(["--wfdb", str(mitdb), "--channel", "MLII", "--window-s", "1e-9", "--out",
+                          str(tmp_path / "b")], capsys)
+    assert code == 1 and "a 1e-09-s window at 360 Hz is 0 samples; expected at least one" in _error_line(err)
+    atr = mitdb / "119.atr"
+    atr.write_bytes(atr.read_bytes()[:120])  # annotations stop early: later windows would read as negative
+    out = tmp_path / "l.h5"
+    code, _, err = _prep(["label", str(mitdb), "--out", str(out)], capsys)
+    assert code == 1 and "119.atr: 120 bytes without the end-of-file marker" in _error_line(err)
+    shutil.copy(real("mitdb") / "119.atr", atr)
+    out.write_bytes(b"precious")
+    code, _, err = _prep(["label", str(mitdb), "--out", str(out)], capsys)
+    assert code == 1 and "exists; pass --overwrite" in _error_line(err) and out.read_bytes() == b"precious"
+    code, _, _ = _prep(["label", str(mitdb), "--out", str(out), "--overwrite"], capsys)
+    assert code == 0 and h5py.is_hdf5(out)
+    code, _, err = _prep(["label", str(mitdb), "--out", str(tmp_path)], capsys)
+    assert code == 1 and "is a folder; expected the path of the HDF5 file" in _error_line(err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_label_interrupted_says_so_in_one_line_and_leaves_nothing(tmp_path, sig):
+    """SIGTERM/SIGINT while `himae-prep label` writes: exit 128+signal, one line, no temp file, no temp folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    mitdb = real("mitdb")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "l.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep.convert", "label", str(mitdb), "--channel", "MLII,V5",
+                             "--target-rate", "100", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("l.h5.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the export ended before it could be interrupted"
+        proc.send_signal(getattr(signal, sig))
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + getattr(signal, sig)
+    assert _error_line(stderr) == (f"himae-prep label: interrupted by {sig}; no partial file is left: run the same "
+                                   f"command again")
+    assert list(tmp_path.iterdir()) == [tmp] and list(tmp.iterdir()) == []

@@ -69,3 +69,23 @@ def write_multisegment(folder: Path, name: str = "ms01", fs: float = 125.0) -> d
     m.wrheader(write_dir=str(folder))
     (folder / "RECORDS").write_text(f"{name}\n")
     return {"II": {0: s1["II"], 4050: s3["II"]}, "sig_len": 6550}
+
+
+def write_fixed_layout(folder: Path, name: str = "fx01", fs: float = 100.0) -> dict:
+    """A fixed-layout multi-segment record (no layout header): segment 1 holds II and PLETH (1,000 samples),
+    a `~` gap of 300, segment 2 only PLETH (500), segment 3 II and PLETH again (1,000). wfdb itself would read
+    segment 2's PLETH as II (it reads every segment by the first one's channel index)."""
+    import wfdb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    sig = {k: {c: np.round(rng.standard_normal(n) * 200) / 200 for c in chans}
+           for k, n, chans in (("1", 1000, ("II", "PLETH")), ("2", 500, ("PLETH",)), ("3", 1000, ("II", "PLETH")))}
+    for k, chans in sig.items():
+        write_record(folder, f"{name}_{k}", chans, fs)
+    m = wfdb.MultiRecord(record_name=name, fs=fs, n_sig=2, sig_len=2800,
+                         seg_name=[f"{name}_1", "~", f"{name}_2", f"{name}_3"], seg_len=[1000, 300, 500, 1000])
+    m.n_seg = 4
+    m.wrheader(write_dir=str(folder))
+    (folder / "RECORDS").write_text(f"{name}\n")
+    return {"II": {0: sig["1"]["II"], 1800: sig["3"]["II"]}}
