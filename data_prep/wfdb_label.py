@@ -15,6 +15,7 @@ record by record (memory does not grow with the records) to a temp name, then re
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -88,6 +89,8 @@ def label_windows(root: str, out: str, spec: WindowSpec, target_rate: float | No
         raise ValueError(f"--out {out} exists; pass --overwrite to replace it, or choose another path")
     tmp_out = f"{out}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    for stale in glob.glob(glob.escape(out) + ".tmp-*"):  # what a killed run (kill -9) left
+        os.unlink(stale)
     try:
         with tempfile.TemporaryDirectory(prefix="himae-label-") as tmp:
             folder, names = list_records(root, storage_options, tmp)  # remote headers: fetched once, into tmp
@@ -131,7 +134,8 @@ def _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, 
                 check_formats(h, f"{folder}/{name}.hea")
                 channel = next((c for c in spec.channels if c in record_channels(h)), None)
                 if channel is None:
-                    skipped[name] = f"none of the channels {','.join(spec.channels)} (it has {','.join(record_channels(h))})"
+                    skipped[name] = (f"none of the channels {','.join(spec.channels)} (it has "
+                                     f"{','.join(record_channels(h))})")
                     log(f"[himae-prep] label: skipped record {name}: {skipped[name]}")
                     continue
                 fs = float(h.fs)

@@ -10,10 +10,11 @@ each (one GET) at planning into a local cache, and a record's signal files once 
 when it is read; `wfdb` only ever opens local files (it would pass no storage options to fsspec).
 
 A record's channel is the first of `channels` (e.g. MLII, then V5) that it has. Multi-segment
-records (MIMIC-III layout) are read through `wfdb` as one signal: a segment that lacks the
-channel, or an empty `~` segment, is NaN, and a window touching NaN is a bad (non-finite) row.
-The patient of a record is the number in its name (`100` -> 100, `bidmc07` -> 7), or comes from
-a `--subject-map` CSV (`record,patient_id`: mitdb's 201 and 202 are one subject).
+records (MIMIC-III layout) are assembled into one signal segment by segment, each read by `wfdb`
+by the channel's name: a segment that lacks the channel, or an empty `~` segment, is NaN, and a
+window touching NaN is a bad (non-finite) row. The patient of a record comes from a
+`--subject-map` CSV (`record,patient_id`: mitdb's 201 and 202 are one subject), else from its
+`p<digits>` folder (MIMIC layouts), else from the number ending its name (`bidmc07` -> 7).
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def _drop_segments(cache: "HeaderCache", names: list[str]) -> list[str]:
             if cache.remote:
                 raise
             continue  # a local header that is not a readable file: read_header names it (or skips it) later
-        if lines and "/" in lines[0].split(" ")[0]:  # "name/n_segments ...": a multi-segment header lists its segments
+        if lines and "/" in lines[0].split()[0]:  # "name/n_segments ...": a multi-segment header lists its segments
             segs |= {ln.split()[0] for ln in lines[1:]}
     return [n for n in names if n not in segs]
 
