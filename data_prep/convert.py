@@ -585,8 +585,8 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 status = label_main(argv[1:])
             except Interrupted as e:  # label's temp file and folder are gone by now (finally blocks)
-                print(f"himae-prep label: interrupted by {signal.Signals(e.signum).name}; no partial file is left: run "
-                      f"the same command again", file=sys.stderr, flush=True)
+                print(f"himae-prep label: interrupted by {signal.Signals(e.signum).name}; no partial file is left",
+                      file=sys.stderr, flush=True)
                 status = 128 + e.signum
         sys.exit(status)
     if argv[:1] == ["verify"]:  # a subcommand; every other first word keeps its old meaning (flags)

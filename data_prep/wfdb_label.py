@@ -77,6 +77,16 @@ def _download_record(root: str, name: str, headers: list[str], files: list[str],
     return base
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def label_windows(root: str, out: str, spec: WindowSpec, target_rate: float | None, symbols: tuple[str, ...],
                   annotator: str = "atr", subject_map: dict[str, int] | None = None, signal_key: str | None = None,
                   storage_options: dict | None = None, on_bad: str = "error", log=print, overwrite: bool = False) -> dict:
@@ -89,8 +99,10 @@ def label_windows(root: str, out: str, spec: WindowSpec, target_rate: float | No
         raise ValueError(f"--out {out} exists; pass --overwrite to replace it, or choose another path")
     tmp_out = f"{out}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    for stale in glob.glob(glob.escape(out) + ".tmp-*"):  # what a killed run (kill -9) left
-        os.unlink(stale)
+    for stale in glob.glob(glob.escape(out) + ".tmp-*"):  # what a killed run (kill -9) left; a live run's stays
+        pid = stale.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            os.unlink(stale)
     try:
         with tempfile.TemporaryDirectory(prefix="himae-label-") as tmp:
             folder, names = list_records(root, storage_options, tmp)  # remote headers: fetched once, into tmp

@@ -167,7 +167,7 @@ def _drop_segments(cache: "HeaderCache", names: list[str]) -> list[str]:
         try:
             with open(cache.local(n) + ".hea", "rb") as fh:
                 lines = [ln for ln in fh.read(1 << 20).decode("utf-8", "replace").splitlines()
-                         if ln and not ln.startswith("#")]
+                         if ln.strip() and not ln.lstrip().startswith("#")]
         except OSError:
             if cache.remote:
                 raise
@@ -257,8 +257,8 @@ def read_header(cache: HeaderCache, name: str) -> tuple[object, list[str]]:
         if s.sig_len is None or (multi and s.sig_len != n):
             raise WfdbError(f"{where}: segment {s.record_name} has {s.sig_len} samples, the record's header says {n}")
         if len(s.sig_name or []) != s.n_sig:
-            raise WfdbError(f"{cache.root}/{s.record_name}.hea: says {s.n_sig} signals but describes "
-                            f"{len(s.sig_name or [])}")
+            seg_hea = "/".join(x for x in (cache.root, os.path.dirname(name), s.record_name) if x) + ".hea"
+            raise WfdbError(f"{seg_hea}: says {s.n_sig} signals but describes {len(s.sig_name or [])}")
         if multi and s.fs != h.fs:
             raise WfdbError(f"{where}: segment {s.record_name} is at {s.fs:g} Hz, the record at {h.fs:g} Hz")
     return h, headers
@@ -590,7 +590,8 @@ def read_channel(base: str, name: str, channel: str, sig_len: int) -> np.ndarray
     folder, start = os.path.dirname(base), 0
     for seg, n in zip(h.segments, h.seg_len):
         if seg is not None and n and channel in (seg.sig_name or []):
-            out[start:start + n] = _read_segment(os.path.join(folder, seg.record_name), name, channel, n)
+            out[start:start + n] = _read_segment(os.path.join(folder, seg.record_name),
+                                                 f"{name} (segment {seg.record_name})", channel, n)
         start += n
     return out
 

@@ -163,8 +163,11 @@ def test_a_multisegment_record_with_a_gap_and_a_segment_without_the_channel(tmp_
                          "--val-fraction", "0", "--out", str(out2)]) == 0
     m2 = json.loads((out2 / "manifest.json").read_text())
     assert m2["wfdb"]["channels"] == [["PLETH", 1]] and m2["n_samples"] == 5 + 2  # [0, 2500) and [2800, 4050)
-    # without RECORDS the folder's headers are listed, and the segments and the layout are not records
+    # without RECORDS the folder's headers are listed, and the segments and the layout are not records (a blank
+    # line before a record line is valid WFDB)
     (folder / "RECORDS").unlink()
+    hea = folder / "ms01.hea"
+    hea.write_text("  \n# a comment\n" + hea.read_text())
     out3 = tmp_path / "listed"
     assert prep_main_ok(["--wfdb", str(folder), "--channel", "II", "--window-s", "4", "--normalize", "none", "--dtype",
                          "float32", "--on-bad", "skip", "--val-fraction", "0", "--out", str(out3)]) == 0
@@ -390,8 +393,11 @@ def test_malformed_rates_tiny_windows_cut_annotations_and_an_existing_out(tmp_pa
     out.write_bytes(b"precious")
     code, _, err = _prep(["label", str(mitdb), "--out", str(out)], capsys)
     assert code == 1 and "exists; pass --overwrite" in _error_line(err) and out.read_bytes() == b"precious"
+    (tmp_path / "l.h5.tmp-999999999").write_bytes(b"a killed run's")  # no such process: removed
+    (tmp_path / "l.h5.tmp-notes").write_bytes(b"the user's")  # not a run's: kept
     code, _, _ = _prep(["label", str(mitdb), "--out", str(out), "--overwrite"], capsys)
     assert code == 0 and h5py.is_hdf5(out)
+    assert sorted(p.name for p in tmp_path.glob("l.h5*")) == ["l.h5", "l.h5.tmp-notes"]
     code, _, err = _prep(["label", str(mitdb), "--out", str(tmp_path)], capsys)
     assert code == 1 and "is a folder; expected the path of the HDF5 file" in _error_line(err)
 
@@ -425,6 +431,5 @@ def test_label_interrupted_says_so_in_one_line_and_leaves_nothing(tmp_path, sig)
             proc.kill()
             proc.wait()
     assert proc.returncode == 128 + getattr(signal, sig)
-    assert _error_line(stderr) == (f"himae-prep label: interrupted by {sig}; no partial file is left: run the same "
-                                   f"command again")
+    assert _error_line(stderr) == f"himae-prep label: interrupted by {sig}; no partial file is left"
     assert list(tmp_path.iterdir()) == [tmp] and list(tmp.iterdir()) == []
