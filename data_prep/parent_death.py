@@ -35,3 +35,14 @@ def exit_with_parent(sig: int = signal.SIGKILL, poll_s: float = 1.0) -> None:
         os.kill(os.getpid(), sig)
 
     threading.Thread(target=watch, name="parent-death-watch", daemon=True).start()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

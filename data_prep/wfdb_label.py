@@ -28,6 +28,7 @@ import numpy as np
 from data_prep.preprocess import Preprocess
 from data_prep.storage import StorageError, is_remote, json_object
 from data_prep.hdf5_sources import download
+from data_prep.parent_death import pid_alive
 from data_prep.wfdb_sources import (HeaderCache, WfdbError, WindowSpec, add_wfdb_options, channel_files, check_formats,
                                     check_patients, list_records, patient_of, read_channel, read_header,
                                     read_subject_map, record_channels, unmatched_subjects)
@@ -77,16 +78,6 @@ def _download_record(root: str, name: str, headers: list[str], files: list[str],
     return base
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def label_windows(root: str, out: str, spec: WindowSpec, target_rate: float | None, symbols: tuple[str, ...],
                   annotator: str = "atr", subject_map: dict[str, int] | None = None, signal_key: str | None = None,
                   storage_options: dict | None = None, on_bad: str = "error", log=print, overwrite: bool = False) -> dict:
@@ -101,7 +92,7 @@ def label_windows(root: str, out: str, spec: WindowSpec, target_rate: float | No
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for stale in glob.glob(glob.escape(out) + ".tmp-*"):  # what a killed run (kill -9) left; a live run's stays
         pid = stale.rsplit(".tmp-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             os.unlink(stale)
     try:
         with tempfile.TemporaryDirectory(prefix="himae-label-") as tmp:

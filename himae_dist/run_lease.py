@@ -22,22 +22,13 @@ import uuid
 from pathlib import Path
 
 from data_prep.atomic_write import atomic_path
+from data_prep.parent_death import pid_alive
 
 LEASE = ".himae_lease.json"
 
 
 class LeaseHeld(ValueError):
     pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLease:
@@ -69,7 +60,7 @@ class RunLease:
         age = time.time() - float(held.get("heartbeat") or self._mtime())
         if age > self.stale_after * float(held.get("interval_s") or self.interval_s):
             return f"its heartbeat is {age:.0f} s old"
-        if held.get("host") == socket.gethostname() and not _pid_alive(int(held.get("pid") or 0)):
+        if held.get("host") == socket.gethostname() and not pid_alive(int(held.get("pid") or 0)):
             return f"pid {held.get('pid')} is no longer running on this host"
         if self.run_id != "none" and held.get("run_id") == self.run_id and int(held.get("attempt", -1)) < self.attempt:
             return f"it was written by attempt {held.get('attempt')} of this torchrun job ({self.run_id})"
