@@ -139,8 +139,7 @@ def run_task(source, p: ConvertParams, prep: dict | None = None) -> dict:
     def finished() -> bool:
         return out.exists(MANIFEST) and json.loads(out.read_text(MANIFEST)).get("plan_id") == record["plan_id"]
 
-    rp = ReadParams(source.kind, _signal_keys(p), prep["channels"], prep["preprocess"].fit_length, p.on_bad,
-                    p.storage_options, source.reader() if hasattr(source, "reader") else None)
+    rp = ReadParams(source.reader(), prep["channels"], prep["preprocess"].fit_length, p.on_bad, p.storage_options)
     if todo or (p.num_tasks > 1 and not finished()):  # the other tasks' shards need this task's spill too
         _spill(source, prep, rp, p)
     if not todo:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.conversion_plan import check_against_existing, log, open_source, prepare
-from data_prep.hdf5_sources import BadSamplePolicy, H5Reader
+from data_prep.hdf5_sources import BadSamplePolicy
 from data_prep.shard_format import MANIFEST, PARTS, PLAN, Block, write_shard_tar
 from data_prep.storage import Folder, is_remote
 
@@ -97,8 +97,7 @@ def time_sample(source, prep: dict, p, tmp: str, n: int = SAMPLE_ROWS) -> Sample
     """Convert up to n rows of one input file as the job would, timing each stage. Bad rows are
     counted (and the first one kept), never raised: the dry run reports them."""
     pre, channels = prep["preprocess"], prep["channels"]
-    keys = tuple(k.strip() for k in p.signal_key.split("+"))
-    reader = source.reader() if hasattr(source, "reader") else H5Reader(source.kind, keys)
+    reader = source.reader()
     path, rows = _sample_rows(source, prep["file_rows"], n)
     policy = _FirstBad("skip")
     t0 = time.perf_counter()

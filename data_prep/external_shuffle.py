@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.hdf5_sources import BadSamplePolicy, H5Reader
+from data_prep.hdf5_sources import BadSamplePolicy
 
 FLUSH_BYTES = int(os.environ.get("HIMAE_SPILL_FLUSH_MB", "256")) * 2**20  # segment bytes buffered per worker
 GROUP_BYTES = int(os.environ.get("HIMAE_SPILL_GROUP_MB", "512")) * 2**20  # spill a pass-2 worker loads at once
@@ -161,24 +161,18 @@ def _save_atomic(path: Path, write, task: int) -> None:
 
 @dataclass(frozen=True)
 class ReadParams:
-    kind: str  # pretrain | downstream
-    signal_keys: tuple[str, ...]
+    reader: object  # fetch/open/read of one input file: the source's (H5Reader, WfdbReader)
     channels: int
     fit_length: object  # Preprocess.fit_length
     on_bad: str
     storage_options: dict | None
-    source_reader: object = None  # fetch/open/read of one input file (WfdbReader); None: H5Reader of kind
-
-    @property
-    def reader(self):
-        return self.source_reader or H5Reader(self.kind, self.signal_keys)
 
     def for_files(self, files: list[str]) -> "ReadParams":
         """These params for a job that reads only `files`: a reader that knows every record of a large
         source is cut to those, so what is pickled to a worker does not grow with the source."""
-        if self.source_reader is None or not hasattr(self.source_reader, "subset"):
+        if not hasattr(self.reader, "subset"):  # an HDF5 reader knows no files
             return self
-        return dataclasses.replace(self, source_reader=self.source_reader.subset(files))
+        return dataclasses.replace(self, reader=self.reader.subset(files))
 
 
 class _Chunks:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.atomic_write import atomic_path
-from data_prep.hdf5_sources import BadSamplePolicy, check_labels, check_patient_ids, download
+from data_prep.hdf5_sources import BadSamplePolicy, H5Reader, check_labels, check_patient_ids, download
 from data_prep.storage import is_remote, retrying
 
 INDEX_COLUMNS = ("local_path", "global_idx")
@@ -118,6 +118,10 @@ class IndexSource:
 
     def fingerprint(self) -> list:
         return self._fingerprint
+
+    def reader(self) -> H5Reader:
+        """How pass 1 fetches, opens and reads one of the index's HDF5 files."""
+        return H5Reader(self.kind, ())  # a pretraining row is its group's normalized_waveform: no signal keys
 
     def chunks(self) -> Iterator[pd.DataFrame]:
         try:
@@ -235,6 +239,10 @@ class DownstreamSource:
     def fingerprint(self) -> list:
         st = os.stat(self.url)
         return [st.st_size, st.st_mtime_ns]
+
+    def reader(self) -> H5Reader:
+        """How pass 1 reads this file's signal datasets."""
+        return H5Reader(self.kind, tuple(self.signal_keys))
 
     def chunks(self) -> Iterator[pd.DataFrame]:
         import h5py
