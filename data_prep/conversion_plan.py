@@ -22,6 +22,7 @@ from data_prep.index_plan import DownstreamSource, IndexSource, find_duplicate_r
 from data_prep.preprocess import Preprocess
 from data_prep.shard_format import DTYPES, FORMAT, MANIFEST, PLAN
 from data_prep.storage import Folder, file_fingerprints, is_remote
+from data_prep.wfdb_sources import WindowSpec
 
 @dataclass(frozen=True)
 class ConvertParams:
@@ -88,6 +89,10 @@ class ConvertParams:
         if self.on_bad not in ("error", "skip"):
             bad("on_bad", "error or skip")
 
+    def window_spec(self) -> WindowSpec:
+        """WFDB only: the channel and windows the flags ask for."""
+        return WindowSpec.from_flags(self.channel, self.window_s, self.stride_s)
+
     def byte_options(self, kind: str, samples_per_shard: int) -> dict:
         """The options that decide the shards' bytes (not workers, tasks or memory); samples_per_shard
         is the one in effect (given, or made from --shard-mb)."""
@@ -97,9 +102,8 @@ class ConvertParams:
         if kind == "downstream":
             d["signal_key"] = self.signal_key
         if self.channel is not None:
-            d.update(channel=self.channel, window_s=self.window_s,
-                     stride_s=self.stride_s if self.stride_s is not None else self.window_s,
-                     subject_map=self.subject_map)
+            spec = self.window_spec()
+            d.update(channel=self.channel, window_s=spec.window_s, stride_s=spec.stride_s, subject_map=self.subject_map)
         return d
 
 
@@ -124,10 +128,9 @@ def open_source(index: str | None, downstream: str | None, p: ConvertParams, wfd
                          "(WFDB records)")
     chunk = min(p.max_rows, 1_000_000)
     if wfdb is not None:
-        from data_prep.wfdb_sources import WfdbSource, WindowSpec, read_subject_map
+        from data_prep.wfdb_sources import WfdbSource, read_subject_map
 
-        spec = WindowSpec(tuple(c.strip() for c in (p.channel or "").split(",")), p.window_s,
-                          p.stride_s if p.stride_s is not None else p.window_s)
+        spec = p.window_spec()
         smap = read_subject_map(p.subject_map) if p.subject_map else None
         source = WfdbSource(wfdb, spec, p.storage_options, chunk, cache_dir=p.spill_home(), subject_map=smap,
                             on_bad=p.on_bad)

@@ -262,8 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 def label_main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     try:
-        spec = WindowSpec(tuple(c.strip() for c in a.channel.split(",")), a.window_s,
-                          a.stride_s if a.stride_s is not None else a.window_s)
+        spec = WindowSpec.from_flags(a.channel, a.window_s, a.stride_s)
         symbols = tuple(s.strip() for s in a.label_symbols.split(",") if s.strip())
         if not symbols:
             raise ValueError("--label-symbols is empty: expected annotation symbols, e.g. V")

@@ -61,6 +61,12 @@ class WindowSpec:
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"--{name.replace('_', '-')}={v!r}: expected a positive number of seconds")
 
+    @classmethod
+    def from_flags(cls, channel: str | None, window_s: float, stride_s: float | None) -> "WindowSpec":
+        """From --channel (comma-separated alternatives), --window-s and --stride-s (None: consecutive windows)."""
+        return cls(tuple(c.strip() for c in (channel or "").split(",")), window_s,
+                   stride_s if stride_s is not None else window_s)
+
     def samples(self, fs: float, record: str) -> tuple[int, int]:
         """(window, stride) in samples at rate fs; a clear error when either is not whole."""
         out = []
