@@ -29,9 +29,9 @@ from data_prep.preprocess import Preprocess
 from data_prep.storage import StorageError, is_remote, json_object
 from data_prep.hdf5_sources import download
 from data_prep.parent_death import pid_alive
-from data_prep.wfdb_sources import (HeaderCache, WfdbError, WindowSpec, add_wfdb_options, channel_files, check_formats,
-                                    check_patients, list_records, patient_of, read_channel, read_header,
-                                    read_subject_map, record_channels, unmatched_subjects)
+from data_prep.wfdb_sources import (HeaderCache, NoChannel, WfdbError, WindowSpec, add_wfdb_options, channel_files,
+                                    check_patients, list_records, open_record, patient_of, read_channel,
+                                    read_subject_map, unmatched_subjects)
 
 PPG_NAMES = ("PLETH", "PPG", "PLETH1", "PLETH2")
 BLOCK = 1024  # windows cut, resampled and written at once
@@ -133,13 +133,11 @@ def _write(names, folder, root, tmp_out, spec, target_rate, symbols, annotator, 
         n = 0
         for name in names:
             try:
-                h, headers = read_header(cache, name)
-                check_formats(h, f"{folder}/{name}.hea")
-                channel = next((c for c in spec.channels if c in record_channels(h)), None)
-                if channel is None:
-                    skipped[name] = (f"none of the channels {','.join(spec.channels)} (it has "
-                                     f"{','.join(record_channels(h))})")
-                    log(f"[himae-prep] label: skipped record {name}: {skipped[name]}")
+                try:
+                    h, headers, channel = open_record(cache, name, spec.channels)
+                except NoChannel as e:
+                    skipped[name] = str(e)
+                    log(f"[himae-prep] label: skipped record {name}: {e}")
                     continue
                 fs = float(h.fs)
                 window, stride = spec.samples(fs, name)

@@ -45,6 +45,10 @@ class WfdbError(ValueError):
     """A record that cannot be used; the message names the record or file and what was expected."""
 
 
+class NoChannel(WfdbError):
+    """A record with none of the channels asked for: a selection, always skipped, never an error."""
+
+
 @dataclass(frozen=True)
 class WindowSpec:
     """Which channel and which windows of each record become rows."""
@@ -316,6 +320,19 @@ def record_channels(h) -> list[str]:
     return names
 
 
+def open_record(cache: HeaderCache, name: str, channels: tuple[str, ...]) -> tuple[object, list[str], str]:
+    """(header, its header files, the first of `channels` it has) of record `name`, its signal formats
+    checked; NoChannel when it has none of them, WfdbError for a bad header."""
+    h, headers = read_header(cache, name)
+    check_formats(h, f"{cache.root}/{name}.hea")
+    have = record_channels(h)
+    channel = next((c for c in channels if c in have), None)
+    if channel is None:
+        raise NoChannel(f"record {name} has none of the channels {','.join(channels)} (it has "
+                        f"{','.join(have) or 'none'})")
+    return h, headers, channel
+
+
 def check_formats(h, where: str) -> None:
     from wfdb.io._signal import DAT_FMTS
 
@@ -435,9 +452,10 @@ class WfdbSource:
         for name in names:
             try:
                 self.records.append(self._plan_record(name, subject_map, listing))
+            except NoChannel as e:
+                self._skip(name, "record_no_channel", str(e), False)
             except WfdbError as e:
-                reason = "record_no_channel" if "has none of the channels" in str(e) else "record_unreadable"
-                self._skip(name, reason, str(e), on_bad == "error" and reason != "record_no_channel")
+                self._skip(name, "record_unreadable", str(e), on_bad == "error")
         if not self.records:
             why = "; ".join(list(self.skipped_records.values())[:3])
             raise WfdbError(f"--wfdb {self.url}: none of its {len(names)} record(s) is usable ({why})")
@@ -466,14 +484,8 @@ class WfdbSource:
         self.skipped[reason] += 1
 
     def _plan_record(self, name: str, subject_map: dict[str, int] | None, listing: "_Listing") -> RecordInfo:
-        h, headers = read_header(self.cache, name)
+        h, headers, channel = open_record(self.cache, name, self.spec.channels)
         where = f"{self.url}/{name}.hea"
-        check_formats(h, where)
-        have = record_channels(h)
-        channel = next((c for c in self.spec.channels if c in have), None)
-        if channel is None:
-            raise WfdbError(f"record {name} has none of the channels {','.join(self.spec.channels)} (it has "
-                            f"{','.join(have) or 'none'})")
         folder = os.path.dirname(name)
         files = channel_files(h, channel, folder)
         ids = []
