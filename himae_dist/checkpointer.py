@@ -3,8 +3,9 @@ weights, pruning (as torchtitan's CheckpointManager: the training loop only call
 `save` and `finish`).
 
 Which checkpoint a start loads (`plan_resume`, `--resume`): auto, the newest complete one in
---out; never, none (an --out that holds checkpoints is refused, so a run is never mixed with an
-older one's files); PATH, that tag folder. A torchrun restart (attempt > 0) of the same job
+--out whose files check out (`checkpoint_files`: damaged newer ones are named and skipped);
+never, none (an --out that holds checkpoints is refused, so a run is never mixed with an older
+one's files); PATH, that tag folder. A torchrun restart (attempt > 0) of the same job
 always goes on from its own newest checkpoint. `--init-from WEIGHTS` gives a fresh start (step 0,
 its own schedule) the weights of any checkpoint `load_himae` reads (`init_weights`).
 
@@ -31,6 +32,7 @@ from himae_dist import run_state, weights_export
 from himae_dist.bn_sync import digest as bn_digest
 from himae_dist.bn_sync import restore_batchnorm_stats, sync_batchnorm_stats
 from himae_dist.checkpoint import load_himae, save_weights
+from himae_dist.checkpoint_files import RUN_STATE, CheckpointFileError, load_weights_only, tag_problem
 from himae_dist.config import TrainConfig, lr_lambda, resolved
 from himae_dist.guards import check_weights_finite
 from himae_dist.model import HiMAE
@@ -70,34 +72,62 @@ def _plain(v):
 def plan_resume(ckpt_dir: Path, mode: str, restart: bool = False) -> Path | None:
     """Not collective (rank 0, or a dry run): the checkpoint tag folder this start loads under
     --resume `mode`, or None for step 0; a ValueError says why the start is refused and what to do.
-    `restart`: a later attempt of the same torchrun job, which goes on from its own checkpoints."""
+    `restart`: a later attempt of the same torchrun job, which goes on from its own checkpoints.
+    Every tag considered is checked first (`checkpoint_files.tag_problem`): auto skips a damaged one,
+    saying which and why, for the newest good one; a damaged PATH is refused naming the file."""
     tags = run_state.complete_tags(ckpt_dir)
-    newest = ckpt_dir / tags[-1] if tags else None
     out = ckpt_dir.parent
-    if mode == "auto":
-        return newest
+    if mode == "auto" or (mode == "never" and (not tags or restart)):
+        return _newest_good(ckpt_dir, tags)
     if mode == "never":
-        if newest is None or restart:
-            return newest
-        raise ValueError(f"--resume never: --out {out} already holds checkpoints (newest {newest.name}); pick a "
+        raise ValueError(f"--resume never: --out {out} already holds checkpoints (newest {tags[-1]}); pick a "
                          f"fresh --out for a new run, remove {ckpt_dir} to start over there, or --resume auto to "
                          f"continue it")
     chosen = Path(mode)
-    if not (chosen / run_state.RUN_STATE).is_file():
+    if not (chosen / RUN_STATE).is_file():
         found = run_state.complete_tags(chosen)
         hint = (f" such as {chosen / found[-1]}" if found else
-                f" (its {run_state.RUN_STATE} is written last: a folder without it was never completely saved)")
+                f" (its {RUN_STATE} is written last: a folder without it was never completely saved)")
         raise ValueError(f"--resume {mode}: not a complete checkpoint tag folder; expected auto, never or a tag "
                          f"folder{hint}")
-    chosen_tag = chosen.name if run_state.is_tag(chosen.name) else run_state.tag_for(
-        torch.load(chosen / run_state.RUN_STATE, map_location="cpu", weights_only=True)["step"])
+    state, problem = _checked(chosen)
+    if problem:
+        raise ValueError(f"--resume {mode}: {problem}")
+    chosen_tag = chosen.name if run_state.is_tag(chosen.name) else run_state.tag_for(state["step"])
     newer = [t for t in tags if (ckpt_dir / t).resolve() != chosen.resolve() and t >= chosen_tag]
-    if newer and restart:
-        return ckpt_dir / newer[-1]  # this job's own saves since it resumed `chosen`
+    if newer and restart:  # this job's own saves since it resumed `chosen`
+        return _newest_good(ckpt_dir, newer, fallback=chosen)
     if newer:
         raise ValueError(f"--resume {mode}: --out {out} holds later checkpoints {newer}, which a restart would "
                          f"resume instead; move them out of {ckpt_dir}, or resume into a fresh --out")
     return chosen
+
+
+def _checked(tag_dir: Path) -> tuple[dict | None, str | None]:
+    """(its run state, why it must not be resumed from or None)."""
+    try:
+        state = load_weights_only(tag_dir / RUN_STATE, map_location="cpu")
+    except CheckpointFileError as e:
+        return None, str(e)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return None, f"{tag_dir / RUN_STATE}: not a run state (expected a dict with an integer 'step')"
+    return state, tag_problem(tag_dir, state)
+
+
+def _newest_good(ckpt_dir: Path, tags: list[str], fallback: Path | None = None) -> Path | None:
+    """The newest of `tags` that checks out (each damaged newer one named in a warning), else
+    `fallback`; None when there are no tags. Only damaged ones: refused (a fresh start would bury them)."""
+    skipped = []
+    for t in reversed(tags):
+        _, problem = _checked(ckpt_dir / t)
+        if problem is None:
+            return ckpt_dir / t
+        print(f"[himae-train] warning: not resuming from {ckpt_dir / t}: {problem}", flush=True)
+        skipped.append(t)
+    if skipped and fallback is None:
+        raise ValueError(f"no checkpoint in {ckpt_dir} can be resumed from ({', '.join(skipped)}: damaged, see the "
+                         f"warnings above); move them out of {ckpt_dir} to start over, or --resume a good copy")
+    return fallback
 
 
 def read_init_weights(cfg: TrainConfig) -> tuple[dict, str]:

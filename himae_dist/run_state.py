@@ -4,7 +4,7 @@ DeepSpeed 0.19.8 writes `latest` and the model states from global rank 0 only an
 `client_state` from one rank. So: rank 0 picks the checkpoint and broadcasts it; every rank
 proves it can see it (node-local `--out` on several nodes is refused, not silently split);
 every rank's loader and RNG state is gathered into `himae_run_state.pt`, written by rank 0 after
-all of DeepSpeed's files, atomically. A tag folder without that file is half-written and is
+all of DeepSpeed's files, atomically, with their sizes and sha256 (`checkpoint_files`). A tag folder without that file is half-written and is
 never resumed from. `latest` (DeepSpeed's pointer, read by `load_himae`) is rewritten after it.
 """
 
@@ -25,8 +25,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.atomic_write import atomic_path
-
-RUN_STATE = "himae_run_state.pt"
+from himae_dist.checkpoint_files import RUN_STATE, file_records
 _TAG = re.compile(r"^step(\d{7})$")
 
 
@@ -74,13 +73,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_run_state(ckpt_dir: Path, step: int, loader: dict, schedule: dict, rank: int, extra: dict | None = None) -> None:
-    """Collective: gather every rank's loader + RNG state (+ extra); rank 0 writes them, then `latest`."""
+    """Collective: gather every rank's loader + RNG state (+ extra); rank 0 writes them with the size and
+    sha256 of every file in the tag folder (each rank's save returned before the gather), then `latest`."""
     mine = {"rank": rank, "loader": loader, "rng": rng_state(), **(extra or {})}
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, mine)
     if rank == 0:
         tag = tag_for(step)
-        obj = {"step": step, "schedule": schedule, "ranks": ranks}
+        obj = {"step": step, "schedule": schedule, "ranks": ranks, "files": file_records(ckpt_dir / tag)}
         with atomic_path(ckpt_dir / tag / RUN_STATE) as tmp:
             torch.save(obj, tmp)
         with atomic_path(ckpt_dir / "latest") as tmp:

@@ -31,6 +31,7 @@ from data_prep.atomic_write import atomic_path
 from data_prep.parent_death import exit_with_parent
 from data_prep.storage import StorageError
 from himae_dist import fault_injection, run_state
+from himae_dist.checkpoint_files import use_weights_only_loading
 from himae_dist.checkpointer import Checkpointer, init_weights
 from himae_dist.config import (ConfigError, TrainConfig, deepspeed_config, lr_lambda, parse_cli, resolved,
                                schedule_params)
@@ -99,6 +100,7 @@ def build_engine(deepspeed, cfg: TrainConfig, model: HiMAE, device: torch.device
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ds = deepspeed_config(cfg, world)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
+    use_weights_only_loading(engine)  # a resume unpickles nothing (checkpoint_files)
     return engine, optimizer, scheduler, ds
 
 

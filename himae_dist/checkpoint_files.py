@@ -1,0 +1,110 @@
+"""A checkpoint tag folder's files as untrusted input: read weights-only, checked against their records.
+
+Anyone who can write --out (or hand over a tag folder for --resume PATH) controls these files.
+DeepSpeed 0.19.8 reads its own files through `TorchCheckpointEngine.load`, which unpickles
+(`torch.load(weights_only=False)`): a planted file runs code before anything is checked.
+`WeightsOnlyCheckpointEngine` replaces that engine on every trainer's DeepSpeed engine; it reads
+with `weights_only=True` and allows exactly the non-tensor types DeepSpeed's own files hold
+(`DEEPSPEED_TYPES`, ZeRO stages 1-2). Anything else is refused with one line naming the file.
+
+Damage is caught before DeepSpeed reads anything: each save records every file's size and sha256
+in the run state (`file_records`), and `tag_problem` compares them (and reads every file
+weights-only), so `--resume auto` can skip a damaged tag for the newest good one. The records are
+a check against damage (a truncated copy, a full disk, bit rot), not against an attacker who
+rewrites the run state too; weights-only reading is what stops code from running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+RUN_STATE = "himae_run_state.pt"  # every rank's loader and RNG state (run_state), written after the files
+
+
+def deepspeed_types() -> list[type]:
+    """The classes (besides tensors and plain containers) that DeepSpeed 0.19.8's ZeRO 1-2 optimizer
+    files pickle; found with `torch.serialization.get_unsafe_globals_in_checkpoint` on real saves."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file that cannot be read weights-only; the message names it."""
+
+
+def load_weights_only(path: str | os.PathLike, map_location=None) -> object:
+    """torch.load(path) with weights_only=True and DeepSpeed's own types allowed, nothing else."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (a refused type, a truncated or corrupt file: named, one line)
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointFileError(f"{path}: cannot be read as a weights-only checkpoint file ({type(e).__name__}: "
+                                  f"{reason}); it holds something other than tensors and DeepSpeed's own types, or "
+                                  f"is damaged") from None
+
+
+def use_weights_only_loading(engine) -> None:
+    """Make a DeepSpeed engine read every checkpoint file through `load_weights_only`."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_weights_only(path, map_location)
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:  # another engine: our override would not hold
+        raise RuntimeError(f"expected DeepSpeed's TorchCheckpointEngine, got {type(engine.checkpoint_engine).__name__}")
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)  # as DeepSpeed builds its own
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_records(tag_dir: Path) -> dict[str, dict]:
+    """{file name: {"bytes", "sha256"}} of every file in a tag folder but the run state (after every
+    rank's save returned)."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != RUN_STATE}
+
+
+def tag_problem(tag_dir: Path, state: dict) -> str | None:
+    """Why this tag folder must not be resumed from (one line naming the file), or None.
+
+    Checks the files against the run state's records (a run state written before records were kept
+    has none: only the reading below), then reads each DeepSpeed file weights-only."""
+    records = state.get("files")
+    present = sorted(p.name for p in tag_dir.iterdir() if p.is_file() and p.name != RUN_STATE)
+    if records is not None:
+        if not isinstance(records, dict):
+            return f"{tag_dir / RUN_STATE}: its 'files' record is a {type(records).__name__}, expected a dict"
+        for name in present:
+            if name not in records:
+                return f"{tag_dir / name}: not a file this checkpoint saved (its run state lists {sorted(records)})"
+        for name, rec in sorted(records.items()):
+            f = tag_dir / name
+            if not f.is_file():
+                return f"{f}: missing (the run state recorded it at save)"
+            size = f.stat().st_size
+            if size != rec.get("bytes"):
+                return f"{f}: {size} bytes, but {rec.get('bytes')} were saved (truncated or replaced)"
+            if _sha256(f) != rec.get("sha256"):
+                return f"{f}: sha256 differs from the one recorded at save (damaged or replaced)"
+    for name in present:
+        if name.endswith(".pt"):
+            try:
+                load_weights_only(tag_dir / name, map_location="cpu")
+            except CheckpointFileError as e:
+                return str(e)
+    return None
