@@ -13,6 +13,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -242,6 +243,46 @@ def file_fingerprints(paths: list[str], storage_options: dict | None = None) -> 
             if p in listed:
                 i = listed[p]
                 out[p] = [int(i.get("size") or 0), str(i.get("ETag") or i.get("LastModified") or i.get("mtime") or "")]
+    return out
+
+
+# Substrings of credential-like option names (fsspec/s3fs/botocore/adlfs/gcsfs spellings): key, secret,
+# aws_secret_access_key, aws_session_token, token, password, account_key, sas_token, connection_string...
+_SECRET_NAME_PARTS = ("key", "secret", "token", "password", "passwd", "credential", "connection_string", "auth")
+REDACTED = "<redacted>"
+
+
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/@]*@", re.IGNORECASE)
+
+
+def redact_secrets(value: object) -> object:
+    """A copy of `value` (storage options, or a config holding them) with every value under a
+    credential-like key, at any depth, and the password of a URL (scheme://user:PASSWORD@host)
+    replaced by REDACTED: what a log, a file or W&B may show."""
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(rf"\1:{REDACTED}@", value)
+    if isinstance(value, dict):
+        return {k: (REDACTED if isinstance(k, str) and any(part in k.lower() for part in _SECRET_NAME_PARTS)
+                    and v is not None else redact_secrets(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_secrets(v) for v in value)
+    return value
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line as a log or W&B may record it: --storage-options' credentials and URL passwords redacted."""
+    out, flag = [], "--storage-options"
+    for i, arg in enumerate(argv):
+        value, prefix = (arg, "") if i and argv[i - 1] == flag else (None, "")
+        if arg.startswith(flag + "="):
+            value, prefix = arg[len(flag) + 1:], flag + "="
+        if value is None:
+            out.append(redact_secrets(arg))
+            continue
+        try:
+            out.append(prefix + json.dumps(redact_secrets(json.loads(value))))
+        except ValueError:
+            out.append(prefix + REDACTED)
     return out
 
 

@@ -21,7 +21,7 @@ import math
 import typing
 from dataclasses import dataclass
 
-from data_prep.storage import json_object
+from data_prep.storage import json_object, redact_secrets
 from himae_dist.model import DEFAULT_CHANNELS
 
 
@@ -414,6 +414,12 @@ def _merge(base: dict, over: dict) -> None:
             base[k] = v
 
 
+def config_record(cfg: TrainConfig) -> dict:
+    """The config as printed, saved (config.json) and sent to W&B: credentials in --storage-options
+    and passwords in URLs redacted (`data_prep.storage.redact_secrets`)."""
+    return redact_secrets(dataclasses.asdict(cfg))
+
+
 def resolved(cfg: TrainConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=2, default=list)
+    return json.dumps(config_record(cfg), indent=2, default=list)
 

@@ -11,11 +11,15 @@ import dataclasses
 import json
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from data_prep.storage import redact_argv
+from himae_dist.config import config_record
 
 
 @dataclasses.dataclass
@@ -133,11 +137,14 @@ def _peak_mem_mb(device: torch.device) -> float:
 def _wandb(cfg):
     if cfg.wandb == "off":
         return None
-    import dataclasses
-
     import wandb
 
-    return wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.out, mode=cfg.wandb)
+    argv = sys.argv  # W&B records the command line too (the run's metadata): the redacted one
+    sys.argv = redact_argv(argv)
+    try:
+        return wandb.init(project=cfg.wandb_project, config=config_record(cfg), dir=cfg.out, mode=cfg.wandb)
+    finally:
+        sys.argv = argv
 
 
 def _plt():

@@ -20,7 +20,6 @@ instead, for parity with its numbers, and says so in every output.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 from data_prep.hdf5_sources import BadSamplePolicy, DownstreamSet, check_labels, check_patient_ids, read_downstream
 from data_prep.preprocess import Preprocess
 from data_prep.atomic_write import atomic_path, write_json_atomic
-from data_prep.storage import Folder, StorageError, is_remote
+from data_prep.storage import Folder, StorageError, is_remote, json_object
 from himae_dist.checkpoint import load_himae
 from probes import seed_protocol
 from probes.features import FeatureCache
@@ -255,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "local or an s3:// (fsspec) URL of one file; repeatable")
     ap.add_argument("--run", action="append", default=[], metavar="RUN_DIR",
                     help="a trainer --out folder or its s3:// export: probe every weights/step_*.pt in it; repeatable")
-    ap.add_argument("--storage-options", type=json.loads, default=None,
+    ap.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
                     help='fsspec options for s3:// checkpoints as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
     ap.add_argument("--random-baselines", type=int, default=3, metavar="K",
                     help="random-init encoders (seeds 0..K-1, BatchNorm statistics per --bn-stats); 0 = none")

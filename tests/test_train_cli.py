@@ -117,8 +117,10 @@ def test_dry_run_reports_the_plan_and_writes_nothing(tmp_path, tiny_shards, caps
     before = sorted(os.walk(out))
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")
-    dry_run(parse_config(["--data", str(tiny_shards), "--out", str(out), "--steps", "30", "--micro-batch", "16"]))
+    dry_run(parse_config(["--data", str(tiny_shards), "--out", str(out), "--steps", "30", "--micro-batch", "16",
+                          "--storage-options", '{"secret": "SECRET-DRY"}']))
     text = capsys.readouterr().out
+    assert "SECRET-DRY" not in text and '"secret": "<redacted>"' in text  # the resolved config, redacted
     assert "global batch 64 = --micro-batch 16 x --grad-accum 1 x 4 rank(s)" in text
     assert f"{30 * 64 / n_train:.2f} epochs of the train split" in text and f"{n_train} segments" in text
     assert f"{len(m.shards('train'))} train shard(s)" in text and m.shards("train")[0].name in text

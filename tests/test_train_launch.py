@@ -15,7 +15,12 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_slurm_script_trains_with_the_zero_stage_it_says(tiny_shards, tmp_path):
+SECRETS = {"key": "AKIA-SECRET-1", "secret": "SECRET-2", "client_kwargs": {"aws_session_token": "SECRET-3"}}
+
+
+def test_slurm_script_trains_with_the_zero_stage_it_says_and_keeps_secrets_out(tiny_shards, tmp_path):
+    """...and credentials in --storage-options reach no output: stdout, stderr, config.json, checkpoints,
+    the offline W&B run (its config and recorded command line)."""
     port = free_port()
     env = dict(os.environ, SRUN="env", SLURM_NNODES="1", SLURM_JOB_ID="t1", HEAD_NODE="127.0.0.1",
                MASTER_PORT=str(port), GPUS_PER_NODE="2", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
@@ -23,7 +28,8 @@ def test_slurm_script_trains_with_the_zero_stage_it_says(tiny_shards, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(["bash", str(ROOT / "launch" / "train_slurm.sbatch"), str(tiny_shards), str(out),
                            "--steps", "4", "--micro-batch", "8", "--log-every", "2", "--num-workers", "0",
-                           "--shuffle-shards", "2", "--wandb", "offline"], env={**env, "WANDB_SILENT": "true"}, capture_output=True, text=True, timeout=300)
+                           "--shuffle-shards", "2", "--wandb", "offline", "--storage-options", json.dumps(SECRETS)],
+                          env={**env, "WANDB_SILENT": "true"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "world=2" in proc.stdout
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 1
@@ -33,6 +39,12 @@ def test_slurm_script_trains_with_the_zero_stage_it_says(tiny_shards, tmp_path):
     assert all(0 < h["grad_norm"] < 100 for h in hist), hist  # ZeRO 1 holds the gradients: DeepSpeed's norm
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # --wandb offline: rank 0's local run log
     assert len(runs) == 1 and runs[0].stat().st_size > 0, list((out / "wandb").glob("*"))
+    assert b"<redacted>" in runs[0].read_bytes()  # the config and command line it recorded
+    assert json.loads((out / "config.json").read_text())["storage_options"] == {
+        "key": "<redacted>", "secret": "<redacted>", "client_kwargs": {"aws_session_token": "<redacted>"}}
+    for where, data in [("stdout", proc.stdout.encode()), ("stderr", proc.stderr.encode())] + [
+            (f, f.read_bytes()) for f in out.rglob("*") if f.is_file()]:
+        assert b"SECRET-" not in data, where
 
 
 def test_deepspeed_launcher_script_trains_two_ranks(tiny_shards, tmp_path):
