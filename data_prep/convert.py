@@ -60,7 +60,7 @@ from data_prep.hdf5_sources import BadSamplePolicy
 from data_prep.index_plan import rows_for_files
 from data_prep.parent_death import exit_with_parent
 from data_prep.preprocess import CONSTANT_POLICIES, LENGTH_POLICIES, NORMALIZE
-from data_prep.shard_format import DTYPES, MANIFEST, MEMBERS, PARTS, PLAN, part_name
+from data_prep.shard_format import DTYPES, MANIFEST, MEMBERS, PARTS, PLAN, part_name, shard_name
 from data_prep.shard_writer import WriteParams, write_shard
 from data_prep.storage import Folder, StorageError, json_object
 from data_prep.wfdb_sources import add_wfdb_options
@@ -108,6 +108,8 @@ def _verified_records(out: Folder, shards: list[tuple[str, int]], plan_id: str) 
             rec["url"], rec["bytes"]  # noqa: B018 (the fields _verify needs)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             return sh, None, "unreadable record"  # rebuilt like a missing one
+        if (rec.get("split"), rec.get("index"), rec["url"]) != (*sh, shard_name(*sh)):
+            return sh, None, f"its record names {rec['url']!r}"  # never trusted for what it claims: rebuilt
         why = _verify(out, rec, listed, plan_id)
         return sh, (rec if why is None else None), why or ""
 
@@ -379,6 +381,8 @@ def finalize(source, p: ConvertParams, prep: dict | None = None, known: dict | N
         splits[split] = {
             "n_samples": sum(r["n_samples"] for r in recs),
             "shards": [{k: r[k] for k in ("url", "n_samples", "bytes", "sha256")} for r in recs if r["n_samples"]],
+            "planned_shards": len(recs),  # what `himae-prep verify` checks the list against
+            "empty_shards": [i for i, r in enumerate(recs) if not r["n_samples"]],  # every row skipped: not listed
         }
     n = splits["train"]["n_samples"] + splits["val"]["n_samples"]
     if splits["train"]["n_samples"] == 0:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -114,8 +115,8 @@ def _npy_view(data: bytes, offset: int, size: int, where: str) -> np.ndarray:
         shape, dtype, start = _npy_header(bytes(data[offset:offset + hlen]))
     except ValueError as e:
         raise ShardFormatError(f"{where}: {e}") from e
-    count = int(np.prod(shape, dtype=np.int64))
-    if start + count * dtype.itemsize > size:
+    count = math.prod(shape)  # Python ints: a forged shape cannot overflow past the size check
+    if any(d < 0 for d in shape) or start + count * dtype.itemsize > size:
         raise ShardFormatError(f"{where}: truncated array data")
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset + start).reshape(shape)
 
@@ -218,6 +219,21 @@ class Manifest:
         return sum(s.n_samples for s in self.shards(split))
 
 
+_SHARD_FIELDS = {"url": str, "n_samples": int, "bytes": int, "sha256": str}
+
+
+def _shard_info(s: object, base: str, where: str) -> ShardInfo:
+    """One entry of a split's `shards`, checked: the error names the file and the entry."""
+    if not isinstance(s, dict):
+        raise ValueError(f"{where} is a {type(s).__name__}, expected an object with {sorted(_SHARD_FIELDS)}")
+    for k, typ in _SHARD_FIELDS.items():
+        v = s.get(k)
+        if not isinstance(v, typ) or isinstance(v, bool) or (typ is int and v < 0):
+            expected = "a string" if typ is str else "a whole number >= 0"
+            raise ValueError(f"{where}.{k} = {v!r}: expected {expected}")
+    return ShardInfo(f"{base}/{s['url']}", s["url"], s["n_samples"], s["bytes"], s["sha256"])
+
+
 def parse_manifest(text: str, url: str) -> Manifest:
     """Validate and parse manifest.json text; the error names the file and the key."""
     try:
@@ -231,10 +247,17 @@ def parse_manifest(text: str, url: str) -> Manifest:
         if k not in m:
             raise ValueError(f"{url}: manifest lacks key {k!r}; was it written by himae-prep?")
     base = url.rsplit("/", 1)[0] if "/" in url else "."
-    splits = {
-        name: [ShardInfo(f"{base}/{s['url']}", s["url"], int(s["n_samples"]), int(s["bytes"]), s["sha256"])
-               for s in sp["shards"]]
-        for name, sp in m["splits"].items()
-    }
-    return Manifest(url, base, m["kind"], int(m["length"]), int(m["channels"]), m["dtype"], int(m["block_size"]),
-                    m["preprocess"], splits, m)
+    if not isinstance(m["splits"], dict):
+        raise ValueError(f"{url}: 'splits' is a {type(m['splits']).__name__}, expected an object "
+                         f"{{\"train\": {{\"shards\": [...]}}, ...}}")
+    splits = {}
+    for name, sp in m["splits"].items():
+        shards = sp.get("shards") if isinstance(sp, dict) else None
+        if not isinstance(shards, list):
+            raise ValueError(f"{url}: splits.{name} has no 'shards' list; was it written by himae-prep?")
+        splits[name] = [_shard_info(s, base, f"{url}: splits.{name}.shards[{j}]") for j, s in enumerate(shards)]
+    for k in ("length", "channels", "block_size"):
+        if not isinstance(m[k], int) or isinstance(m[k], bool) or m[k] < 1:
+            raise ValueError(f"{url}: {k} = {m[k]!r}: expected a whole number >= 1")
+    return Manifest(url, base, m["kind"], m["length"], m["channels"], m["dtype"], m["block_size"], m["preprocess"],
+                    splits, m)

@@ -2,16 +2,20 @@
 
 Every shard the manifest lists is listed once (existence, size), then read whole: its sha256, and
 its samples parsed as format v2 and counted (and their dtype and [C, L]), against what the manifest
-records. Each problem is one line naming the shard (or the manifest) and what differs, so a damaged
+records. The manifest's list is checked against its plan too: each shard listed once, and exactly the
+planned shards that hold segments (`planned_shards`, `empty_shards`; manifests written before those keys:
+duplicates only). Each problem is one line naming the shard (or the manifest) and what differs, so a damaged
 folder can be repaired by re-running himae-prep (it rebuilds exactly the shards that are wrong).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from data_prep.shard_format import MANIFEST, Manifest, ShardFormatError, ShardInfo, parse_manifest, read_shard_blocks
+from data_prep.shard_format import (MANIFEST, Manifest, ShardFormatError, ShardInfo, parse_manifest, read_shard_blocks,
+                                   shard_name)
 from data_prep.storage import Folder, StorageError
 
 
@@ -36,12 +40,37 @@ def _check_shard(out: Folder, m: Manifest, shard: ShardInfo, listed: dict[str, d
             dtypes.add(str(block.signal.dtype))
     except ShardFormatError as e:
         return problems + [f"{e} (not a readable format-v2 shard)"]
+    except (ValueError, TypeError) as e:  # arrays that parse but do not fit together: named, the rest still checked
+        return problems + [f"{shard.url}: not a readable format-v2 shard ({type(e).__name__}: {e})"]
     if n != shard.n_samples:
         problems.append(f"{shard.url}: {n} samples, the manifest says {shard.n_samples}")
     if shapes - {(m.channels, m.length)}:
         problems.append(f"{shard.url}: segments of shape {sorted(shapes)}, the manifest says [{m.channels}, {m.length}]")
     if dtypes - {m.dtype}:
         problems.append(f"{shard.url}: dtype {sorted(dtypes)}, the manifest says {m.dtype}")
+    return problems
+
+
+def _plan_problems(m: Manifest, where: str) -> list[str]:
+    """Each shard listed once, and (manifests that record their plan) exactly the planned non-empty ones."""
+    problems = []
+    times = Counter(s.name for shards in m.splits.values() for s in shards)
+    problems += [f"{where}: {name} is listed {n} times (each shard holds other segments: once)"
+                 for name, n in sorted(times.items()) if n > 1]
+    for split, shards in m.splits.items():
+        raw = m.raw["splits"][split]
+        planned, empty = raw.get("planned_shards"), raw.get("empty_shards", [])
+        if planned is None:  # written before the plan was recorded: only the duplicates above can be checked
+            continue
+        if not isinstance(planned, int) or not isinstance(empty, list) or not all(isinstance(i, int) for i in empty):
+            problems.append(f"{where}: splits.{split}: planned_shards {planned!r} / empty_shards {empty!r}: expected "
+                            f"a whole number and a list of them")
+            continue
+        expected = {shard_name(split, i) for i in range(planned)} - {shard_name(split, i) for i in empty}
+        listed = {s.name for s in shards}
+        problems += [f"{where}: {name} is planned but not listed" for name in sorted(expected - listed)]
+        problems += [f"{where}: {name} is listed but not one of split {split!r}'s {planned} planned shards"
+                     for name in sorted(listed - expected)]
     return problems
 
 
@@ -58,7 +87,7 @@ def verify_folder(url: str, storage_options: dict | None = None, threads: int = 
         return [f"{where}: not UTF-8 text ({e})"], ""
     except ValueError as e:
         return [str(e)], ""
-    problems = []
+    problems = _plan_problems(m, where)
     for split, shards in m.splits.items():
         recorded = m.raw["splits"][split].get("n_samples")
         if recorded is not None and recorded != sum(s.n_samples for s in shards):

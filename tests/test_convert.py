@@ -450,6 +450,24 @@ def test_large_patient_ids_stay_exact(tmp_path):
     assert {p for _, p, _ in _stock_read(tmp_path / "o")[1].values()} == set(ids)
 
 
+def test_a_record_naming_another_shard_is_rebuilt_not_trusted(tmp_path, capsys):
+    index = _random_index(tmp_path, n=200)
+    p = ConvertParams(str(tmp_path / "o"), samples_per_shard=40)
+    convert_pretrain(str(index), p)
+    before = _tree_hashes(tmp_path / "o")
+    parts = tmp_path / "o" / "_parts"
+    forged, other = json.loads((parts / "train-000001.json").read_text()), json.loads((parts / "train-000002.json").read_text())
+    forged.update({k: other[k] for k in ("url", "bytes", "sha256", "md5", "etag")})  # all it says checks out...
+    (parts / "train-000001.json").write_text(json.dumps(forged))
+    (tmp_path / "o" / "manifest.json").unlink()
+    capsys.readouterr()
+    m = convert_pretrain(str(index), p)
+    assert "rebuilding 1: train/1 (its record names 'train/shard-000002.tar')" in capsys.readouterr().out
+    assert _tree_hashes(tmp_path / "o") == before  # ...but it is not shard 1's: rebuilt, nothing lost or doubled
+    urls = [s["url"] for s in m["splits"]["train"]["shards"]]
+    assert len(urls) == len(set(urls)) == m["splits"]["train"]["planned_shards"]
+
+
 def test_damaged_records_are_rebuilt_and_a_damaged_plan_is_named(tmp_path):
     index = _random_index(tmp_path, n=120)
     p = ConvertParams(str(tmp_path / "o"), samples_per_shard=40)

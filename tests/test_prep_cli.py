@@ -121,3 +121,49 @@ def test_verify_passes_an_intact_folder_and_names_each_damaged_shard(converted, 
                                  f"enclosed in double quotes: line 1 column 2 (char 1))"]
     code, err, _ = _verify(tmp_path / "nothing", capsys)
     assert code == 1 and len(err) == 1 and "manifest.json: does not exist" in err[0]
+
+
+def _overflowing_npy_header(data: bytes) -> bytes:
+    """The shard with its first signal array's .npy header claiming shape (2**32, 2**32, 1): 2**64 elements,
+    which int64 arithmetic wraps to 0 (past a size check made with it); same header length, so the tar holds."""
+    at = data.index(b"\x93NUMPY")
+    hlen = int.from_bytes(data[at + 8:at + 10], "little")
+    head = data[at + 10:at + 10 + hlen].decode("latin1")
+    forged = re.sub(r"'shape': \([^)]*\)", "'shape': (4294967296, 4294967296, 1)", head).rstrip(" \n")
+    forged = forged + " " * (hlen - 1 - len(forged)) + "\n"
+    return data[:at + 10] + forged.encode("latin1") + data[at + 10 + hlen:]
+
+
+def test_verify_checks_the_plan_and_names_a_malformed_manifest_or_array_in_one_line(converted, tmp_path, capsys):
+    _, done, m = converted
+    train = [s["url"] for s in m["splits"]["train"]["shards"]]
+    assert m["splits"]["train"]["planned_shards"] == len(train) and m["splits"]["train"]["empty_shards"] == []
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = manifest["splits"]["train"]["shards"]
+    shards[1] = dict(shards[2])  # shard 1's entry replaced by shard 2's: 2 listed twice, 1 not at all
+    manifest["splits"]["train"]["n_samples"] = sum(s["n_samples"] for s in shards)
+    manifest["n_samples"] = manifest["splits"]["train"]["n_samples"] + manifest["splits"]["val"]["n_samples"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / train[3]).write_bytes(_overflowing_npy_header((out / train[3]).read_bytes()))
+    (out / train[4]).write_bytes(b"")  # ...and the shards after it are still checked
+    code, err, _ = _verify(out, capsys)
+    where = f"himae-prep verify: {out}/manifest.json"
+    assert code == 1 and f"{where}: {train[2]} is listed 2 times (each shard holds other segments: once)" in err
+    assert f"{where}: {train[1]} is planned but not listed" in err
+    assert any(line.startswith(f"himae-prep verify: {out / train[3]} member ") and "truncated array data" in line
+               for line in err), err
+    assert any(line.startswith(f"himae-prep verify: {out / train[4]}: 0 bytes") for line in err), err
+    for damage, says in [
+        (lambda j: j["splits"]["val"].pop("shards"), "splits.val has no 'shards' list"),
+        (lambda j: j.update(splits=[j["splits"]["train"]]), "'splits' is a list, expected an object"),
+        (lambda j: j["splits"]["train"]["shards"][0].pop("url"), "splits.train.shards[0].url = None: expected a string"),
+        (lambda j: j["splits"]["train"]["shards"][0].update(n_samples="fifty"),
+         "splits.train.shards[0].n_samples = 'fifty': expected a whole number >= 0"),
+    ]:
+        j = json.loads((done / "manifest.json").read_text())
+        damage(j)
+        (out / "manifest.json").write_text(json.dumps(j))
+        code, err, _ = _verify(out, capsys)
+        assert code == 1 and len(err) == 1 and err[0].startswith(f"{where}: {says}"), err
