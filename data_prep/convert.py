@@ -19,6 +19,8 @@ import os
 import signal
 import sys
 
+from data_prep.interruption import Interrupted, exit_at_once_on_signals, stop_on_signals
+
 
 def interrupted_line(signum: int) -> str:
     """The one line himae-prep ends with on SIGINT/SIGTERM, whenever it comes."""
@@ -26,16 +28,8 @@ def interrupted_line(signum: int) -> str:
             f"written under a temp name, then renamed); run the same command to resume")
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    """Before main() takes over (imports of numpy, pandas, h5py... take a second or more) and after it
-    hands back: nothing is being written, so end at once with the line, not a KeyboardInterrupt traceback."""
-    os.write(2, (interrupted_line(signum) + "\n").encode())
-    os._exit(128 + signum)
-
-
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "himae-prep":  # the CLI, not an import
-    for _sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(_sig, _exit_on_signal)
+    exit_at_once_on_signals(interrupted_line)
 
 import argparse  # noqa: E402 (the handler above comes first: these imports are the slow part of starting)
 import contextlib
@@ -43,14 +37,11 @@ import hashlib
 import json
 import multiprocessing
 import shutil
-import threading
 import time
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict
-from typing import Iterator
-
 
 from data_prep import external_shuffle as shuffle
 from data_prep.conversion_plan import (ConvertParams, check_against_existing as _check_against_existing,  # noqa: F401
@@ -162,15 +153,6 @@ def _signal_keys(p: ConvertParams) -> tuple[str, ...]:
     return tuple(k.strip() for k in p.signal_key.split("+"))
 
 
-class Interrupted(BaseException):
-    """SIGTERM/SIGINT reached himae-prep: unwinds like KeyboardInterrupt (finally blocks remove temp
-    files), but a BaseException that no `except Exception` (bad-row handling, retries) can swallow."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 # Tests only: seconds a pool worker sleeps before each wave it reads and each shard it writes, so a test
 # can signal the job mid-run.
 TEST_SHARD_DELAY_ENV = "HIMAE_TEST_SHARD_DELAY_S"
@@ -185,9 +167,7 @@ def _init_pool_worker(parent_pid: int) -> None:
     workers inherit the parent's Python signal handlers: SIGTERM goes back to the default (die),
     SIGINT is ignored (a terminal's Ctrl-C reaches the whole process group; the parent stops us).
     """
-    exit_with_parent()
-    if os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGKILL)
+    exit_with_parent(parent=parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -451,30 +431,6 @@ def _slurm_task(num_tasks: int | None) -> tuple[int | None, int | None]:
     return int(tid), num_tasks
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    """While the job runs, SIGTERM and SIGINT raise `Interrupted` in the main thread, so the job unwinds
-    (workers killed, temp files removed) and main() exits 128+signum with one line, not a traceback.
-    A repeated signal is ignored while the first unwinds; the previous handlers come back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    stopping = False
-
-    def raise_interrupted(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 EPILOG = """\
 other commands:
   himae-prep label DIR --out FILE.h5 [--channel ..] [--label-symbols V] ...
@@ -584,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["label"]:
         from data_prep.wfdb_label import label_main
 
-        with _stop_on_signals():
+        with stop_on_signals():
             try:
                 status = label_main(argv[1:])
             except Interrupted as e:  # label's temp file and folder are gone by now (finally blocks)
@@ -595,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["verify"]:  # a subcommand; every other first word keeps its old meaning (flags)
         from data_prep.verify import verify_main
 
-        with _stop_on_signals():
+        with stop_on_signals():
             try:
                 status = verify_main(argv[1:])
             except Interrupted as e:
@@ -621,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.wfdb is None and (a.channel or a.subject_map or a.stride_s is not None):
         ap.error("--channel, --stride-s and --subject-map go with --wfdb")
     try:
-        with _stop_on_signals():
+        with stop_on_signals():
             if a.dry_run:
                 from data_prep.dry_run import dry_run
 

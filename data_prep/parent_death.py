@@ -19,8 +19,11 @@ import time
 _PR_SET_PDEATHSIG = 1
 
 
-def exit_with_parent(sig: int = signal.SIGKILL, poll_s: float = 1.0) -> None:
-    """Die with `sig` when the parent process dies. Call first thing in the child."""
+def exit_with_parent(sig: int = signal.SIGKILL, poll_s: float = 1.0, parent: int | None = None) -> None:
+    """Die with `sig` when the parent process dies. Call first thing in the child. `parent`: the pid
+    the parent passed in, which catches a parent that died before this call (we were re-parented)."""
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)

@@ -19,9 +19,25 @@ instead, for parity with its numbers, and says so in every output.
 
 from __future__ import annotations
 
-import argparse
-import re
+import os
 import sys
+
+from data_prep.interruption import Interrupted, exit_at_once_on_signals, stop_on_signals
+
+
+def interrupted_line(signum: int) -> str:
+    """The one line himae-probe ends with on SIGINT/SIGTERM, whenever it comes."""
+    import signal
+
+    return (f"himae-probe: interrupted by {signal.Signals(signum).name}; files written so far are complete (each is "
+            f"written under a temp name, then renamed; cached features are reused by a re-run)")
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "himae-probe":  # the CLI, not an import
+    exit_at_once_on_signals(interrupted_line)
+
+import argparse  # noqa: E402 (the handler above comes first: these imports are the slow part of starting)
+import re
 import time
 from fnmatch import fnmatch
 from pathlib import Path
@@ -306,11 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["score"]:
-            score_main(argv[1:])
-            return
-        a = build_parser().parse_args(argv)
-        run(a)
+        with stop_on_signals():
+            if argv[:1] == ["score"]:
+                score_main(argv[1:])
+                return
+            a = build_parser().parse_args(argv)
+            run(a)
+    except Interrupted as e:  # the fold workers die with this process (nested_cv); every output is written atomically
+        print(interrupted_line(e.signum), file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
     except (ValueError, KeyError, FileNotFoundError, StorageError) as e:
         sys.exit(f"himae-probe: error: {e}")
 

@@ -1,0 +1,57 @@
+"""Stopping himae-probe while its fold workers run: SIGKILL takes the workers with it (none is left
+holding the caller's stdout), SIGTERM and SIGINT end it with one line and exit 128 + the signal."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from probes.evaluate import interrupted_line
+from probes.nested_cv import TEST_FOLD_HOLD_ENV
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_gone(procs, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_stopped_probe_leaves_no_worker_and_says_one_line(tiny_cohort, tmp_path, sig):
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    cmd = [sys.executable, "-m", "probes.evaluate", "--random-baselines", "1", "--h5", str(tiny_cohort / "downstream.h5"),
+           "--out", str(tmp_path / "res"), "--folds", "2", "--inner-folds", "2", "--n-boot", "0",
+           "--minirocket-kernels", "0", "--no-plots"]
+    proc = subprocess.Popen(cmd, env={**os.environ, TEST_FOLD_HOLD_ENV: str(hold), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(hold.iterdir())) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and len(list(hold.iterdir())) == 2, proc.stderr.read()[-3000:] if proc.poll() else ""
+        seen = psutil.Process(proc.pid).children(recursive=True)  # the 2 workers and loky's resource tracker(s)
+        assert {int(p.name) for p in hold.iterdir()} <= {p.pid for p in seen}
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert not _wait_gone(seen, 15), "fold workers outlived the probe"
+        if sig != signal.SIGKILL:
+            assert proc.returncode == 128 + sig and "Traceback" not in err, err[-3000:]
+            assert err.strip().splitlines()[-1] == interrupted_line(sig), err[-3000:]
+    finally:
+        for p in [*seen, proc]:
+            try:
+                p.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        proc.wait(10)
