@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from data_prep.hdf5_sources import BadSamplePolicy, segment_shape, why_unreadabl
 from data_prep.index_plan import DownstreamSource, IndexSource, find_duplicate_rows, make_plan, scan
 from data_prep.preprocess import Preprocess
 from data_prep.shard_format import DTYPES, FORMAT, MANIFEST, PLAN
-from data_prep.storage import Folder, file_fingerprints, is_remote
+from data_prep.storage import Folder, file_fingerprints, is_remote, out_problem
 from data_prep.wfdb_sources import WindowSpec
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class ConvertParams:
             bad("dtype", f"one of {', '.join(DTYPES)}")
         if self.on_bad not in ("error", "skip"):
             bad("on_bad", "error or skip")
+        if not is_remote(self.out) and (problem := out_problem(Path(self.out.removeprefix("file://")))):
+            raise ValueError(problem)
 
     def window_spec(self) -> WindowSpec:
         """WFDB only: the channel and windows the flags ask for."""

@@ -33,6 +33,7 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "himae-prep":  # t
 
 import argparse  # noqa: E402 (the handler above comes first: these imports are the slow part of starting)
 import contextlib
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -53,7 +54,7 @@ from data_prep.parent_death import exit_with_parent
 from data_prep.preprocess import CONSTANT_POLICIES, LENGTH_POLICIES, NORMALIZE
 from data_prep.shard_format import DTYPES, MANIFEST, MEMBERS, PARTS, PLAN, part_name, shard_name
 from data_prep.shard_writer import WriteParams, write_shard
-from data_prep.storage import Folder, StorageError, json_object
+from data_prep.storage import Folder, StorageError, is_remote, json_object
 from data_prep.wfdb_sources import add_wfdb_options
 
 
@@ -590,9 +591,29 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenProcessPool as e:
         sys.exit(f"himae-prep: error: a worker process died ({e}; killed, or out of memory?); what was finished is "
                  f"kept: run the same command to resume (with fewer --workers if memory ran out)")
-    except (ValueError, KeyError, OSError, StorageError) as e:
+    except OSError as e:
+        sys.exit(f"himae-prep: error: {disk_full_line(e, p) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e}")
+    except (ValueError, KeyError, StorageError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.exit(f"himae-prep: error: {msg}")
+
+
+def disk_full_line(e: OSError, p: ConvertParams) -> str:
+    """A full disk (or quota) as one line: which file if the error says, and the free space where
+    himae-prep writes (the spill between the passes and --out), since either may be the full one."""
+
+    def free(path: str) -> str:
+        if is_remote(path):
+            return "remote"
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        return f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free"
+
+    what = f" writing {e.filename}" if e.filename else ""
+    return (f"no space left on the device{what} ({e.strerror}); the spill folder {p.spill_base()} (--spill-dir): "
+            f"{free(p.spill_base())}, --out {p.out}: {free(p.out)}. Free space or pick another --spill-dir/--out, "
+            f"then run the same command to resume (finished shards are kept)")
 
 
 if __name__ == "__main__":

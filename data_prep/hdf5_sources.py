@@ -410,7 +410,8 @@ def read_downstream(
         if s.ndim != 2:
             raise ValueError(f"{h5_path}: '/{k}' has shape {s.shape}, expected [N, L]")
         if s.shape[0] != len(labels):
-            raise ValueError(f"{h5_path}: '/{k}' has {s.shape[0]} rows but '/labels' has {len(labels)}")
+            raise ValueError(f"{h5_path}: '/labels' has {len(labels)} rows but '/{k}' has {s.shape[0]}; expected "
+                             f"one label per segment")
     if pids is not None and len(pids) != len(labels):
         raise ValueError(f"{h5_path}: '/patient_ids' has {len(pids)} rows but '/labels' has {len(labels)}")
     labels = check_labels(labels, f"{h5_path}: '/labels'")

@@ -98,8 +98,11 @@ class IndexSource:
             info = retrying(lambda: fs.info(path), "reading info of", self.url)
         except FileNotFoundError:
             info = None
-        if info is None or info.get("type") == "directory":
+        if info is None:
             raise FileNotFoundError(f"pretraining index {self.url} does not exist")
+        if info.get("type") == "directory":
+            raise ValueError(f"--index {self.url} is a folder; expected the index CSV file (path,key[,patient_id] "
+                             f"per row), or --wfdb for a folder of WFDB records")
         self._fingerprint = [int(info.get("size") or 0),
                              str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")]
         self._fs, self._path = fs, path
@@ -226,7 +229,10 @@ class DownstreamSource:
             self.n = len(f["labels"])
             check_labels(np.broadcast_to(0, f["labels"].shape), f"{self.url}: '/labels'")  # shape only
             for k in self.signal_keys:
-                if f[k].ndim != 2 or f[k].shape != f[self.signal_keys[0]].shape or f[k].shape[0] != self.n:
+                if f[k].ndim >= 1 and f[k].shape[0] != self.n:  # the labels may be the wrong one: name both
+                    raise ValueError(f"{self.url}: '/labels' has {self.n} rows but '/{k}' has {f[k].shape[0]}; "
+                                     f"expected one label per segment")
+                if f[k].ndim != 2 or f[k].shape != f[self.signal_keys[0]].shape:
                     shapes = ", ".join(f"'/{j}' {f[j].shape}" for j in self.signal_keys)
                     raise ValueError(f"{self.url}: signal datasets must all be [N={self.n}, L] with one L; found {shapes}")
             self.length = int(f[self.signal_keys[0]].shape[1])

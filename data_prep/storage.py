@@ -42,6 +42,23 @@ def is_transient(e: BaseException) -> bool:
     return mod.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3", "requests"))
 
 
+def _store_refusal(e: Exception, what: str, url: str) -> StorageError | None:
+    """A remote store's permanent refusal as one line naming the URL and what to check, or None.
+    (s3fs raises them bare: "Forbidden", "The specified bucket does not exist", or AioSession's
+    TypeError for an option it does not know.)"""
+    if not is_remote(url):
+        return None
+    if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
+        return StorageError(f"{what} {url}: --storage-options holds an option this store does not take ({e}); "
+                            f"see the fsspec/s3fs options, e.g. key, secret, token, client_kwargs, config_kwargs")
+    if isinstance(e, PermissionError):
+        return StorageError(f"{what} {url}: access denied ({e}); check the credentials (--storage-options key/"
+                            f"secret/token, the AWS_* variables or profile) and the bucket's permissions")
+    if isinstance(e, FileNotFoundError) and "bucket does not exist" in str(e).lower():
+        return StorageError(f"{what} {url}: the bucket does not exist; create it, or correct the URL")
+    return None
+
+
 def retrying(fn: Callable[[], T], what: str, url: str, retries: int | None = None, backoff_s: float | None = None) -> T:
     """Call fn(), retrying transient errors with exponential backoff; permanent ones pass through."""
     retries = RETRIES if retries is None else retries
@@ -51,6 +68,9 @@ def retrying(fn: Callable[[], T], what: str, url: str, retries: int | None = Non
             return fn()
         except Exception as e:  # noqa: BLE001 (classified just below)
             if not is_transient(e):
+                named = _store_refusal(e, what, url)
+                if named is not None:
+                    raise named from e
                 raise
             if attempt == retries:
                 raise StorageError(f"{what} {url}: failed {retries + 1} times; last error: {type(e).__name__}: {e}") from e
@@ -73,6 +93,21 @@ def _etag(value: object) -> str | None:
 
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
+
+
+def out_problem(out: Path) -> str | None:
+    """Creates nothing: why a local --out cannot be the job's folder (a file, or a folder that cannot
+    be created or written), or None. (himae-prep and himae-train alike.)"""
+    existing = out
+    while not existing.exists() and existing.parent != existing:  # its nearest existing ancestor
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"cannot be created: {existing} is a file"
+        return f"--out {out} {where}; expected a folder (created if missing)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == out else f"cannot be created: {existing} is not writable"
+        return f"--out {out} {where} (permission denied or a read-only filesystem); pick another --out"
+    return None
 
 
 class Folder:

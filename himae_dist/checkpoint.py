@@ -8,7 +8,8 @@ Formats `load_himae` accepts (all through `torch.load(..., weights_only=True)`):
   - a bare HiMAE state_dict (seed names)
   - a DeepSpeed checkpoint folder (the `latest` tag, or a tag folder); local only
 Any single weights file may also be a remote fsspec URL (s3://bucket/run/himae_final.pt).
-The architecture (in_chans, channels) is read off the weights, so nothing needs guessing.
+The architecture (in_chans, channels) is read off the weights, so nothing needs guessing; weights
+holding NaN or inf are refused.
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ def load_himae(path: str | os.PathLike, *, storage_options: dict | None = None) 
         raise ValueError(
             f"{f}: weights do not match HiMAE(in_chans={cfg.in_chans}, channels={cfg.channels}): {e}"
         ) from e
+    bad = [n for n, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # NaN features in a probe, a NaN loss at step 1 of --init-from: name the file instead
+        raise ValueError(f"{f}: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); these weights cannot be used "
+                         f"(was the run diverging when they were saved?)")
     model.eval()
     step = obj.get("step") if isinstance(obj, dict) else None
     preprocess = obj.get("preprocess") if isinstance(obj, dict) else None

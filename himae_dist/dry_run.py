@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from data_prep.storage import out_problem
 from himae_dist.checkpointer import plan_resume, read_init_weights
 from himae_dist.config import TrainConfig, deepspeed_config, resolved
-from himae_dist.run_state import out_problem
 from himae_dist.streaming import check_shards, load_manifest
 from kernels.masked_mse_reference import check_masking_args
 

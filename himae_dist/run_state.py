@@ -11,7 +11,6 @@ never resumed from. `latest` (DeepSpeed's pointer, read by `load_himae`) is rewr
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -104,21 +103,6 @@ def _ranks_without(ok: bool) -> list[str]:
     seen = [None] * dist.get_world_size()
     dist.all_gather_object(seen, (ok, socket.gethostname()))
     return [f"rank {r} on {host}" for r, (ok_r, host) in enumerate(seen) if not ok_r]
-
-
-def out_problem(out: Path) -> str | None:
-    """Not collective, creates nothing: why --out cannot be the run folder (a file, or a folder that
-    cannot be created or written), or None."""
-    existing = out
-    while not existing.exists() and existing.parent != existing:  # its nearest existing ancestor
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is a file" if existing == out else f"cannot be created: {existing} is a file"
-        return f"--out {out} {where}; expected a folder (created if missing)"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "is not writable" if existing == out else f"cannot be created: {existing} is not writable"
-        return f"--out {out} {where} (permission denied or a read-only filesystem); pick another --out"
-    return None
 
 
 def check_shared_out(out: Path, rank: int, wait_s: float = 30.0) -> None:

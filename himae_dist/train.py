@@ -29,7 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from data_prep.atomic_write import atomic_path
 from data_prep.parent_death import exit_with_parent
-from data_prep.storage import StorageError
+from data_prep.storage import StorageError, out_problem
 from himae_dist import fault_injection, run_state
 from himae_dist.checkpoint_files import use_weights_only_loading
 from himae_dist.checkpointer import Checkpointer, init_weights
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
         if opts.dry_run:
             dry_run(cfg)
             return
-        problem = run_state.out_problem(Path(cfg.out))  # before any rank starts a process group
+        problem = out_problem(Path(cfg.out))  # before any rank starts a process group
         if problem:
             raise ValueError(problem)
         train(cfg, stop)

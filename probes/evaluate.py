@@ -126,14 +126,6 @@ def drop_constant(data: DownstreamSet) -> tuple[DownstreamSet, int]:
     return DownstreamSet(data.signals[kept], data.labels[kept], pids, data.rows[kept]), int((~kept).sum())
 
 
-def check_finite_weights(model: torch.nn.Module, path: str) -> None:
-    """A checkpoint with NaN/inf weights or statistics gives NaN features; name it instead of failing in the probe."""
-    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise ValueError(f"checkpoint {path}: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); it cannot be "
-                         f"probed (was the run diverging when it was saved?)")
-
-
 def check_probe_data(data: DownstreamSet, h5: str, protocol: str) -> None:
     if len(np.unique(data.labels)) < 2:
         raise ValueError(f"{h5}: '/labels' holds a single class ({int(data.labels[0])}); a PVC probe needs both")
@@ -397,7 +389,6 @@ def run(a: argparse.Namespace) -> list[ModelReport]:
     first_recipe, channels = None, None
     for name, path in zip(names, paths):
         model, info = load_himae(path, storage_options=a.storage_options)
-        check_finite_weights(model, str(path))
         recipe = input_recipe(name, info["preprocess"], manifest, fs, data.signals.shape[-1])
         first_recipe = first_recipe or recipe
         channels = channels or model.config.channels  # random baselines get the first checkpoint's shape

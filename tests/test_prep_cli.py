@@ -167,3 +167,32 @@ def test_verify_checks_the_plan_and_names_a_malformed_manifest_or_array_in_one_l
         (out / "manifest.json").write_text(json.dumps(j))
         code, err, _ = _verify(out, capsys)
         assert code == 1 and len(err) == 1 and err[0].startswith(f"{where}: {says}"), err
+
+
+def test_local_input_and_output_mistakes_are_one_line_naming_the_flag(converted, tmp_path, monkeypatch):
+    import errno
+
+    import h5py
+    import numpy as np
+
+    index, _, _ = converted
+    with pytest.raises(SystemExit, match=rf"^himae-prep: error: --index {tmp_path} is a folder; expected the index "
+                                         r"CSV file"):
+        prep_main(["--index", str(tmp_path), "--out", str(tmp_path / "o")])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=rf"^himae-prep: error: --out {tmp_path / 'file'} is a file; expected a "
+                                         r"folder \(created if missing\)$"):
+        prep_main(["--index", str(index), "--out", str(tmp_path / "file")])
+    with h5py.File(tmp_path / "d.h5", "w") as f:  # 10 segments, 9 labels: the labels are the odd one out
+        f["ppg"], f["labels"] = np.random.rand(10, 64), np.zeros(9, np.int8)
+    with pytest.raises(SystemExit, match=r"'/labels' has 9 rows but '/ppg' has 10; expected one label per segment"):
+        prep_main(["--downstream", str(tmp_path / "d.h5"), "--out", str(tmp_path / "ds")])
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("data_prep.external_shuffle.spill_wave", full)
+    with pytest.raises(SystemExit, match=rf"^himae-prep: error: no space left on the device \(No space left on device\); "
+                                         rf"the spill folder {tmp_path / 'o2'}/\.spill \(--spill-dir\): [\d.]+ GiB free, "
+                                         rf"--out {tmp_path / 'o2'}: [\d.]+ GiB free\. Free space or pick another"):
+        prep_main(["--index", str(index), "--out", str(tmp_path / "o2")])

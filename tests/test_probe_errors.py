@@ -36,7 +36,7 @@ def test_a_checkpoint_with_nan_weights_is_named(tiny_cohort, tmp_path):
     with torch.no_grad():
         model.encoder_layers[2].main_path[0].weight[0, 0, 0] = float("nan")
     save_weights(model, tmp_path / "nan.pt", step=5)
-    with pytest.raises(SystemExit, match=r"checkpoint .*nan\.pt: 1 tensor\(s\) hold NaN or inf \(first: encoder_layers\.2"):
+    with pytest.raises(SystemExit, match=r"error: .*nan\.pt: 1 tensor\(s\) hold NaN or inf \(first: encoder_layers\.2"):
         probe_main(["--checkpoint", str(tmp_path / "nan.pt"), "--random-baselines", "0", "--h5",
                     str(tiny_cohort / "downstream.h5"), "--out", str(tmp_path / "o")])
 

@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import json
+import re
 import socket
 from collections import Counter
 
@@ -135,6 +136,36 @@ def test_transient_errors_are_retried_then_named():
         retrying(lambda: (_ for _ in ()).throw(TimeoutError("slow")), "reading", "s3://b/k", retries=2, backoff_s=0)
     with pytest.raises(FileNotFoundError):  # permanent errors are not retried
         retrying(lambda: (_ for _ in ()).throw(FileNotFoundError("gone")), "reading", "s3://b/k", retries=5, backoff_s=10)
+
+
+def test_a_store_refusal_is_one_line_naming_the_url_in_every_job(tiny_cohort, s3, tmp_path, capsys):
+    """An option s3fs does not take (its AioSession raises a bare TypeError), a missing bucket and denied
+    access (s3fs: a bare "Forbidden") name the URL and what to check, in himae-prep, verify, the trainer
+    and himae-probe alike."""
+    from himae_dist.config import parse_config
+    from himae_dist.dry_run import dry_run
+    from probes.evaluate import main as probe_main
+
+    _, opts = s3
+    bogus = json.dumps({**opts, "bogus": 1})
+    says = r"s3://himae-test/\S+: --storage-options holds an option this store does not take \(.*'bogus'\)"
+    with pytest.raises(SystemExit, match=rf"^himae-prep: error: checking {says}"):
+        prep_main(["--index", str(tiny_cohort / "pretrain_index.csv"), "--out", "s3://himae-test/o",
+                   "--storage-options", bogus])
+    with pytest.raises(SystemExit):
+        prep_main(["verify", "s3://himae-test/o", "--storage-options", bogus])
+    assert re.fullmatch(rf"himae-prep verify: checking {says}.*\n", capsys.readouterr().err)
+    with pytest.raises(StorageError, match=rf"^checking {says}"):  # himae-train prints a StorageError as its line
+        dry_run(parse_config(["--data", "s3://himae-test/o", "--out", str(tmp_path / "run"), "--storage-options", bogus]))
+    with pytest.raises(SystemExit, match=rf"^himae-probe: error: reading {says}"):
+        probe_main(["--checkpoint", "s3://himae-test/w.pt", "--h5", str(tiny_cohort / "downstream.h5"),
+                    "--out", str(tmp_path / "p"), "--storage-options", bogus, "--random-baselines", "0"])
+    with pytest.raises(SystemExit, match=r"^himae-prep: error: uploading s3://no-such-bucket/o/\S+: the bucket does "
+                                         r"not exist; create it, or correct the URL$"):
+        prep_main(["--index", str(tiny_cohort / "pretrain_index.csv"), "--out", "s3://no-such-bucket/o",
+                   "--storage-options", json.dumps(opts)])
+    with pytest.raises(StorageError, match=r"^reading s3://b/k: access denied \(Forbidden\); check the credentials"):
+        retrying(lambda: (_ for _ in ()).throw(PermissionError("Forbidden")), "reading", "s3://b/k")  # s3fs on a 403
 
 
 # ---------------------------------------------------------------------------------------------

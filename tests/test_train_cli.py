@@ -13,7 +13,8 @@ from himae_dist.checkpoint import save_weights
 from himae_dist.checkpointer import plan_resume, read_init_weights
 from himae_dist.config import parse_config
 from himae_dist.model import HiMAE
-from himae_dist.run_state import RUN_STATE, out_problem
+from data_prep.storage import out_problem
+from himae_dist.run_state import RUN_STATE
 
 
 def _fake_checkpoints(out, *steps, complete=True):
@@ -57,6 +58,12 @@ def test_init_from_checks_the_architecture(tmp_path):
                                          r"but this run builds in_chans=1, channels=\[16, 32, 64, 128, 256\]; pass "
                                          r"--in-chans 1 --channels 8,16"):
         read_init_weights(parse_config(["--data", "d", "--init-from", str(tmp_path / "w.pt")]))
+    sd = torch.load(tmp_path / "w.pt", weights_only=True)
+    sd["state_dict"]["final_deconv.bias"][0] = float("nan")  # a diverged run's weights: not a NaN loss at step 1
+    torch.save(sd, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"--init-from .*nan\.pt: .*nan\.pt: 1 tensor\(s\) hold NaN or inf \(first: "
+                                         r"final_deconv\.bias\)"):
+        read_init_weights(parse_config(["--data", "d", "--channels", "8,16", "--init-from", str(tmp_path / "nan.pt")]))
     with pytest.raises(ValueError, match=r"--init-from .*nope\.pt: checkpoint .*nope\.pt does not exist"):
         read_init_weights(parse_config(["--data", "d", "--init-from", str(tmp_path / "nope.pt")]))
 
