@@ -52,7 +52,8 @@ from data_prep.hdf5_sources import BadSamplePolicy
 from data_prep.index_plan import rows_for_files
 from data_prep.parent_death import exit_with_parent
 from data_prep.preprocess import CONSTANT_POLICIES, LENGTH_POLICIES, NORMALIZE
-from data_prep.shard_format import DTYPES, MANIFEST, MEMBERS, PARTS, PLAN, part_name, shard_name
+from data_prep.shard_format import (DTYPES, MANIFEST, MEMBERS, PARTS, PLAN, ShardFormatError, part_name, read_shard_blocks,
+                                   shard_name)
 from data_prep.shard_writer import WriteParams, write_shard
 from data_prep.storage import Folder, StorageError, is_remote, json_object
 from data_prep.wfdb_sources import add_wfdb_options
@@ -67,6 +68,15 @@ def _verify(out: Folder, rec: dict, listed: dict[str, dict], plan_id: str) -> st
         return "missing"
     if int(info.get("size") or 0) != rec["bytes"]:
         return f"size {info.get('size')} bytes, expected {rec['bytes']}"
+    if rec.get("n_samples") == 0:  # a shard left out of the manifest: its count is checked, not taken on trust
+        data = out.read_bytes(rec["url"], rec["bytes"])
+        try:
+            n = sum(len(b) for b in read_shard_blocks(data, rec["url"]))
+        except ShardFormatError:
+            return "unreadable shard"
+        if n:
+            return f"its record says 0 samples, the shard holds {n}"
+        return None if hashlib.sha256(data).hexdigest() == rec["sha256"] else "sha256 mismatch"
     if out.remote and shard_etag_matches(rec, info.get("ETag")):
         return None
     return None if hashlib.sha256(out.read_bytes(rec["url"], rec["bytes"])).hexdigest() == rec["sha256"] \

@@ -287,7 +287,7 @@ _SECRET_NAME_PARTS = ("key", "secret", "token", "password", "passwd", "credentia
 REDACTED = "<redacted>"
 
 
-_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/@]*@", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.-]*://[^/@:\s]*):[^/\s]*@", re.IGNORECASE)  # to the last @ of the host part
 
 
 def redact_secrets(value: object) -> object:
@@ -306,11 +306,15 @@ def redact_secrets(value: object) -> object:
 
 def redact_argv(argv: list[str]) -> list[str]:
     """A command line as a log or W&B may record it: --storage-options' credentials and URL passwords redacted."""
-    out, flag = [], "--storage-options"
+    def is_flag(a: str) -> bool:  # argparse takes any unambiguous prefix (--storage-opt)
+        return len(a) >= 5 and "--storage-options".startswith(a)
+
+    out = []
     for i, arg in enumerate(argv):
-        value, prefix = (arg, "") if i and argv[i - 1] == flag else (None, "")
-        if arg.startswith(flag + "="):
-            value, prefix = arg[len(flag) + 1:], flag + "="
+        value, prefix = (arg, "") if i and is_flag(argv[i - 1]) else (None, "")
+        if "=" in arg and is_flag(arg.split("=", 1)[0]):
+            prefix = arg.split("=", 1)[0] + "="
+            value = arg[len(prefix):]
         if value is None:
             out.append(redact_secrets(arg))
             continue

@@ -51,7 +51,7 @@ def _check_shard(out: Folder, m: Manifest, shard: ShardInfo, listed: dict[str, d
     return problems
 
 
-def _plan_problems(m: Manifest, where: str) -> list[str]:
+def _plan_problems(out: Folder, m: Manifest, where: str) -> list[str]:
     """Each shard listed once, and (manifests that record their plan) exactly the planned non-empty ones."""
     problems = []
     times = Counter(s.name for shards in m.splits.values() for s in shards)
@@ -71,7 +71,19 @@ def _plan_problems(m: Manifest, where: str) -> list[str]:
         problems += [f"{where}: {name} is planned but not listed" for name in sorted(expected - listed)]
         problems += [f"{where}: {name} is listed but not one of split {split!r}'s {planned} planned shards"
                      for name in sorted(listed - expected)]
+        problems += [p for i in empty if (p := _empty_problem(out, shard_name(split, i), where))]
     return problems
+
+
+def _empty_problem(out: Folder, name: str, where: str) -> str | None:
+    """A shard the manifest calls empty (so lists not) must hold no segment: else they are lost from it."""
+    if not out.exists(name):
+        return None  # nothing lost
+    try:
+        n = sum(len(b) for b in read_shard_blocks(out.read_bytes(name), out.child_url(name)))
+    except ShardFormatError:
+        return None  # holds nothing readable: nothing the manifest leaves out
+    return f"{where}: {name} holds {n} samples, but the manifest calls it empty and does not list it" if n else None
 
 
 def verify_folder(url: str, storage_options: dict | None = None, threads: int = 8) -> tuple[list[str], str]:
@@ -87,7 +99,7 @@ def verify_folder(url: str, storage_options: dict | None = None, threads: int = 
         return [f"{where}: not UTF-8 text ({e})"], ""
     except ValueError as e:
         return [str(e)], ""
-    problems = _plan_problems(m, where)
+    problems = _plan_problems(out, m, where)
     for split, shards in m.splits.items():
         recorded = m.raw["splits"][split].get("n_samples")
         if recorded is not None and recorded != sum(s.n_samples for s in shards):

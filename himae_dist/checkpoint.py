@@ -6,7 +6,8 @@ Formats `load_himae` accepts (all through `torch.load(..., weights_only=True)`):
     so evaluation can apply the same scaling and rate)
   - the seed's Lightning `.ckpt`: {"state_dict": {"model.<name>": ...}, ...}
   - a bare HiMAE state_dict (seed names)
-  - a DeepSpeed checkpoint folder (the `latest` tag, or a tag folder); local only
+  - a DeepSpeed checkpoint folder (the `latest` tag, or a tag folder); local only; a trainer's tag
+    folder's model file must match the size and sha256 its run state recorded
 Any single weights file may also be a remote fsspec URL (s3://bucket/run/himae_final.pt).
 The architecture (in_chans, channels) is read off the weights, so nothing needs guessing; weights
 holding NaN or inf are refused.
@@ -22,6 +23,7 @@ import torch
 
 from data_prep.atomic_write import atomic_path
 from data_prep.storage import is_remote, retrying
+from himae_dist.checkpoint_files import RUN_STATE, record_problem
 from himae_dist.model import HiMAE, HiMAEConfig
 
 WEIGHTS_FORMAT = "himae-dist-weights-v1"
@@ -94,6 +96,13 @@ def _read_local(path: str | os.PathLike) -> tuple[object, str]:
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
     f = _deepspeed_model_file(p) if p.is_dir() else p
+    if p.is_dir() and (f.parent / RUN_STATE).is_file():  # a trainer's tag: the file must be the one it saved
+        try:
+            records = torch.load(f.parent / RUN_STATE, map_location="cpu", weights_only=True).get("files") or {}
+        except Exception as e:  # noqa: BLE001 (refused or damaged: named)
+            raise ValueError(f"{f.parent / RUN_STATE}: cannot be read weights-only ({type(e).__name__}: {e})") from e
+        if f.name in records and (problem := record_problem(f, records[f.name])):
+            raise ValueError(problem)
     try:
         return torch.load(f, map_location="cpu", weights_only=True), str(f)
     except Exception as e:  # unpickling refused or corrupt file: say which file and why

@@ -8,8 +8,8 @@ with `weights_only=True` and allows exactly the non-tensor types DeepSpeed's own
 (`DEEPSPEED_TYPES`, ZeRO stages 1-2). Anything else is refused with one line naming the file.
 
 Damage is caught before DeepSpeed reads anything: each save records every file's size and sha256
-in the run state (`file_records`), and `tag_problem` compares them (and reads every file
-weights-only), so `--resume auto` can skip a damaged tag for the newest good one. The records are
+in the run state (`file_records`, each rank its own files), and `tag_problem` compares them, so
+`--resume auto` can skip a damaged tag for the newest good one. The records are
 a check against damage (a truncated copy, a full disk, bit rot), not against an attacker who
 rewrites the run state too; weights-only reading is what stops code from running.
 """
@@ -39,10 +39,10 @@ class CheckpointFileError(ValueError):
     """A checkpoint file that cannot be read weights-only; the message names it."""
 
 
-def load_weights_only(path: str | os.PathLike, map_location=None) -> object:
-    """torch.load(path) with weights_only=True and DeepSpeed's own types allowed, nothing else."""
+def load_weights_only(path: str | os.PathLike, map_location=None, deepspeed: bool = True) -> object:
+    """torch.load(path) with weights_only=True and (`deepspeed`) DeepSpeed's own types allowed, nothing else."""
     try:
-        with torch.serialization.safe_globals(deepspeed_types()):
+        with torch.serialization.safe_globals(deepspeed_types() if deepspeed else []):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 (a refused type, a truncated or corrupt file: named, one line)
         reason = " ".join(str(e).split())[:300]
@@ -72,39 +72,49 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_records(tag_dir: Path) -> dict[str, dict]:
-    """{file name: {"bytes", "sha256"}} of every file in a tag folder but the run state (after every
-    rank's save returned)."""
-    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != RUN_STATE}
+def file_records(tag_dir: Path, rank: int) -> dict[str, dict]:
+    """{file name: {"bytes", "sha256"}} of the files this rank's DeepSpeed save wrote into the tag folder
+    (rank 0: the model states; every rank: its own ZeRO partition). Each rank hashes its own, as its
+    save returns: no rank reads another node's fresh files (a shared filesystem's listing may lag)."""
+    mine = [p for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != RUN_STATE
+            and ((rank == 0 and p.name.startswith("mp_rank_")) or f"zero_pp_rank_{rank}_" in p.name)]
+    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in mine}
+
+
+def record_problem(f: Path, rec: object) -> str | None:
+    """Why file `f` is not the one its record (at save) describes, or None."""
+    if not isinstance(rec, dict):
+        return f"{f}: its record in {RUN_STATE} is a {type(rec).__name__}, expected a dict"
+    if not f.is_file():
+        return f"{f}: missing (the run state recorded it at save)"
+    size = f.stat().st_size
+    if size != rec.get("bytes"):
+        return f"{f}: {size} bytes, but {rec.get('bytes')} were saved (truncated or replaced)"
+    if _sha256(f) != rec.get("sha256"):
+        return f"{f}: sha256 differs from the one recorded at save (damaged or replaced)"
+    return None
 
 
 def tag_problem(tag_dir: Path, state: dict) -> str | None:
     """Why this tag folder must not be resumed from (one line naming the file), or None.
 
-    Checks the files against the run state's records (a run state written before records were kept
-    has none: only the reading below), then reads each DeepSpeed file weights-only."""
+    Every file the save recorded must be there with its size and sha256. A run state written
+    before records were kept has none: then each .pt file is read weights-only instead. (Reading
+    is what stops code from running, for every file DeepSpeed loads: `use_weights_only_loading`.)"""
     records = state.get("files")
-    present = sorted(p.name for p in tag_dir.iterdir() if p.is_file() and p.name != RUN_STATE)
-    if records is not None:
-        if not isinstance(records, dict):
-            return f"{tag_dir / RUN_STATE}: its 'files' record is a {type(records).__name__}, expected a dict"
-        for name in present:
-            if name not in records:
-                return f"{tag_dir / name}: not a file this checkpoint saved (its run state lists {sorted(records)})"
-        for name, rec in sorted(records.items()):
-            f = tag_dir / name
-            if not f.is_file():
-                return f"{f}: missing (the run state recorded it at save)"
-            size = f.stat().st_size
-            if size != rec.get("bytes"):
-                return f"{f}: {size} bytes, but {rec.get('bytes')} were saved (truncated or replaced)"
-            if _sha256(f) != rec.get("sha256"):
-                return f"{f}: sha256 differs from the one recorded at save (damaged or replaced)"
-    for name in present:
-        if name.endswith(".pt"):
-            try:
-                load_weights_only(tag_dir / name, map_location="cpu")
-            except CheckpointFileError as e:
-                return str(e)
+    if records is None:
+        for f in sorted(tag_dir.glob("*.pt")):
+            if f.name != RUN_STATE:
+                try:
+                    load_weights_only(f, map_location="cpu")
+                except CheckpointFileError as e:
+                    return str(e)
+        return None
+    if not isinstance(records, dict) or not records:
+        return f"{tag_dir / RUN_STATE}: its 'files' record is {records!r}, expected the files the save wrote"
+    for name, rec in sorted(records.items()):
+        if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+            return f"{tag_dir / RUN_STATE}: its 'files' record names {name!r}, not a file of the tag folder"
+        if problem := record_problem(tag_dir / name, rec):
+            return problem
     return None

@@ -69,16 +69,18 @@ def _plain(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def plan_resume(ckpt_dir: Path, mode: str, restart: bool = False) -> Path | None:
+def plan_resume(ckpt_dir: Path, mode: str, restart: bool = False, set_aside: bool = False) -> Path | None:
     """Not collective (rank 0, or a dry run): the checkpoint tag folder this start loads under
     --resume `mode`, or None for step 0; a ValueError says why the start is refused and what to do.
     `restart`: a later attempt of the same torchrun job, which goes on from its own checkpoints.
     Every tag considered is checked first (`checkpoint_files.tag_problem`): auto skips a damaged one,
-    saying which and why, for the newest good one; a damaged PATH is refused naming the file."""
+    saying which and why, for the newest good one; a damaged PATH is refused naming the file.
+    `set_aside` (a real start, not a dry run): a skipped tag is renamed `stepNNNNNNN.damaged`, so
+    pruning never counts it as one of the checkpoints to keep, and `latest` names the chosen one."""
     tags = run_state.complete_tags(ckpt_dir)
     out = ckpt_dir.parent
     if mode == "auto" or (mode == "never" and (not tags or restart)):
-        return _newest_good(ckpt_dir, tags)
+        return _newest_good(ckpt_dir, tags, set_aside=set_aside)
     if mode == "never":
         raise ValueError(f"--resume never: --out {out} already holds checkpoints (newest {tags[-1]}); pick a "
                          f"fresh --out for a new run, remove {ckpt_dir} to start over there, or --resume auto to "
@@ -96,7 +98,7 @@ def plan_resume(ckpt_dir: Path, mode: str, restart: bool = False) -> Path | None
     chosen_tag = chosen.name if run_state.is_tag(chosen.name) else run_state.tag_for(state["step"])
     newer = [t for t in tags if (ckpt_dir / t).resolve() != chosen.resolve() and t >= chosen_tag]
     if newer and restart:  # this job's own saves since it resumed `chosen`
-        return _newest_good(ckpt_dir, newer, fallback=chosen)
+        return _newest_good(ckpt_dir, newer, fallback=chosen, set_aside=set_aside)
     if newer:
         raise ValueError(f"--resume {mode}: --out {out} holds later checkpoints {newer}, which a restart would "
                          f"resume instead; move them out of {ckpt_dir}, or resume into a fresh --out")
@@ -106,7 +108,7 @@ def plan_resume(ckpt_dir: Path, mode: str, restart: bool = False) -> Path | None
 def _checked(tag_dir: Path) -> tuple[dict | None, str | None]:
     """(its run state, why it must not be resumed from or None)."""
     try:
-        state = load_weights_only(tag_dir / RUN_STATE, map_location="cpu")
+        state = load_weights_only(tag_dir / RUN_STATE, map_location="cpu", deepspeed=False)
     except CheckpointFileError as e:
         return None, str(e)
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
@@ -114,20 +116,33 @@ def _checked(tag_dir: Path) -> tuple[dict | None, str | None]:
     return state, tag_problem(tag_dir, state)
 
 
-def _newest_good(ckpt_dir: Path, tags: list[str], fallback: Path | None = None) -> Path | None:
-    """The newest of `tags` that checks out (each damaged newer one named in a warning), else
-    `fallback`; None when there are no tags. Only damaged ones: refused (a fresh start would bury them)."""
-    skipped = []
+def _newest_good(ckpt_dir: Path, tags: list[str], fallback: Path | None = None, set_aside: bool = False) -> Path | None:
+    """The newest of `tags` that checks out (each damaged newer one named in a warning, and renamed with
+    `set_aside`), else `fallback`; None when there are no tags. Only damaged ones: refused (a fresh start
+    would bury them)."""
+    skipped, chosen = {}, fallback
     for t in reversed(tags):
         _, problem = _checked(ckpt_dir / t)
         if problem is None:
-            return ckpt_dir / t
-        print(f"[himae-train] warning: not resuming from {ckpt_dir / t}: {problem}", flush=True)
-        skipped.append(t)
-    if skipped and fallback is None:
+            chosen = ckpt_dir / t
+            break
+        skipped[t] = problem
+    for t, problem in skipped.items():
+        moved = ""
+        if set_aside and chosen is not None:  # all damaged: left where they are, and refused below
+            aside, n = ckpt_dir / f"{t}.damaged", 1
+            while aside.exists():
+                aside, n = ckpt_dir / f"{t}.damaged{n}", n + 1
+            (ckpt_dir / t).rename(aside)
+            moved = f"; moved to {aside.name}"
+        print(f"[himae-train] warning: not resuming from {ckpt_dir / t}: {problem}{moved}", flush=True)
+    if skipped and chosen is None:
         raise ValueError(f"no checkpoint in {ckpt_dir} can be resumed from ({', '.join(skipped)}: damaged, see the "
                          f"warnings above); move them out of {ckpt_dir} to start over, or --resume a good copy")
-    return fallback
+    if skipped and set_aside and chosen.parent == ckpt_dir:  # DeepSpeed's pointer, read by load_himae
+        with atomic_path(ckpt_dir / "latest") as tmp:
+            tmp.write_text(chosen.name)
+    return chosen
 
 
 def read_init_weights(cfg: TrainConfig) -> tuple[dict, str]:
@@ -215,7 +230,7 @@ class Checkpointer:
     def _resume(self) -> Resumed:
         cfg, rank, world = self.cfg, self.rank, self.world
         tag_dir, saved = run_state.choose_resume(
-            self.dir, rank, lambda: plan_resume(self.dir, cfg.resume, restart=self.attempt > 0))
+            self.dir, rank, lambda: plan_resume(self.dir, cfg.resume, restart=self.attempt > 0, set_aside=True))
         if tag_dir is None:
             if rank == 0:  # a fresh start (or a restart before the first checkpoint): no stale records
                 run_state.truncate_metrics(self.out / "metrics.jsonl", 0)

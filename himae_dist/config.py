@@ -21,7 +21,7 @@ import math
 import typing
 from dataclasses import dataclass
 
-from data_prep.storage import json_object, redact_secrets
+from data_prep.storage import REDACTED, json_object, redact_secrets
 from himae_dist.model import DEFAULT_CHANNELS
 
 
@@ -133,6 +133,10 @@ class TrainConfig:
                 bad(f.name, "one of " + ", ".join(map(str, choices)))
         if not self.resume:
             bad("resume", "auto, never or the path of a checkpoint tag folder")
+        if REDACTED in json.dumps(dataclasses.asdict(self), default=str):  # a saved config.json, given back as is
+            raise ConfigError(f"the config holds {REDACTED!r} where a credential or URL password was: a saved "
+                              f"config.json hides them; give them again (--storage-options, the URL) or through the "
+                              f"environment (AWS_* variables, a profile)")
         if not self.channels or any(c < 1 for c in self.channels):
             bad("channels", "one or more widths >= 1, e.g. 16,32,64")
         if self.keep_checkpoints < 1 or self.collective_timeout_s < 1:

@@ -72,14 +72,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_run_state(ckpt_dir: Path, step: int, loader: dict, schedule: dict, rank: int, extra: dict | None = None) -> None:
-    """Collective: gather every rank's loader + RNG state (+ extra); rank 0 writes them with the size and
-    sha256 of every file in the tag folder (each rank's save returned before the gather), then `latest`."""
+    """Collective: gather every rank's loader + RNG state (+ extra) and the size and sha256 of the files its
+    DeepSpeed save wrote; rank 0 writes them, then `latest`."""
+    tag = tag_for(step)
     mine = {"rank": rank, "loader": loader, "rng": rng_state(), **(extra or {})}
-    ranks = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, mine)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (mine, file_records(ckpt_dir / tag, rank)))
     if rank == 0:
-        tag = tag_for(step)
-        obj = {"step": step, "schedule": schedule, "ranks": ranks, "files": file_records(ckpt_dir / tag)}
+        ranks, files = [r for r, _ in gathered], {k: v for _, f in gathered for k, v in f.items()}
+        obj = {"step": step, "schedule": schedule, "ranks": ranks, "files": files}
         with atomic_path(ckpt_dir / tag / RUN_STATE) as tmp:
             torch.save(obj, tmp)
         with atomic_path(ckpt_dir / "latest") as tmp:

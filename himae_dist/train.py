@@ -29,7 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from data_prep.atomic_write import atomic_path
 from data_prep.parent_death import exit_with_parent
-from data_prep.storage import StorageError, out_problem
+from data_prep.storage import StorageError, out_problem, redact_secrets
 from himae_dist import fault_injection, run_state
 from himae_dist.checkpoint_files import use_weights_only_loading
 from himae_dist.checkpointer import Checkpointer, init_weights
@@ -333,7 +333,7 @@ def _start(cfg: TrainConfig, deepspeed, device: torch.device, rank: int, world: 
               f"objective={type(objective).__name__} resolved config:\n{resolved(cfg)}", flush=True)
     run_state.check_shared_out(out, rank, wait_s=min(30.0, cfg.collective_timeout_s / 4))
     schedule = schedule_params(cfg, world, precision="bf16" if bf16 else "fp32", loss_impl=objective.impl)
-    extra = {"preprocess": manifest.preprocess, "data": manifest.url}  # so evaluation scales its data the same way
+    extra = {"preprocess": manifest.preprocess, "data": redact_secrets(manifest.url)}  # evaluation scales its data so
     ckpt = Checkpointer(engine, optimizer, scheduler, cfg, out, rank, world, schedule, extra, ds, attempt, init_note)
     res = ckpt.resume()
 

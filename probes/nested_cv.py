@@ -20,6 +20,7 @@ BatchNorm statistics, MiniRocket), given as one {candidate: [N, D]} per fold.
 from __future__ import annotations
 
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,8 +30,8 @@ import numpy as np
 from data_prep.parent_death import exit_with_parent
 
 C_GRID = (0.01, 0.1, 1.0)
-# Tests only: a folder where each fold worker, once tied to its parent, leaves a file and then waits, so a
-# test can kill the probe while its workers run.
+# Tests only: a folder where each fold worker leaves a file and then waits, so a test can stop the probe
+# while its workers run.
 TEST_FOLD_HOLD_ENV = "HIMAE_TEST_FOLD_HOLD_DIR"
 
 Folds = list[tuple[np.ndarray, np.ndarray]]  # (train_idx, test_idx) per fold
@@ -212,8 +213,11 @@ def nested_probe(
         raise ValueError(f"{len(per_fold_feats)} feature sets for {len(outer)} outer folds")
     names = list(per_fold_feats[0])
     n_jobs = min(len(outer), n_jobs or os.cpu_count() or 1)
-    per_fold = Parallel(n_jobs=n_jobs)(
-        delayed(_outer_fold)({n: f[n] for n in names}, labels, groups, tr, te, inner_folds, seed + k, os.getpid())
+    # Each worker ties its life to this process as it starts (loky's initializer): joblib's loky workers (and so
+    # their resource trackers) would outlive a killed probe by their 300 s idle timeout, holding its stdout open.
+    per_fold = Parallel(n_jobs=n_jobs, backend="loky", initializer=exit_with_parent,
+                        initargs=(signal.SIGKILL, 1.0, os.getpid()))(
+        delayed(_outer_fold)({n: f[n] for n in names}, labels, groups, tr, te, inner_folds, seed + k)
         for k, ((tr, te), f) in enumerate(zip(outer, per_fold_feats)))
     cands = [CandidateOOF(n, per_fold_feats[0][n].shape[1], np.full(len(labels), np.nan)) for n in names]
     headline = np.full(len(labels), np.nan)
@@ -230,19 +234,13 @@ def nested_probe(
     return NestedResult(cands, headline, selected)
 
 
-def _outer_fold(features, labels, groups, tr, te, inner_folds, seed, caller: int) -> list[tuple[np.ndarray, float, float]]:
-    """(test predictions, best inner ROC-AUC, chosen C) of every candidate for one outer fold.
-
-    In a worker process (not `caller`), the worker first ties its life to the caller's: joblib's loky
-    workers (and so their resource trackers) outlive a killed parent by their 300 s idle timeout,
-    holding its stdout open (`... | tail` never ends)."""
+def _outer_fold(features, labels, groups, tr, te, inner_folds, seed) -> list[tuple[np.ndarray, float, float]]:
+    """(test predictions, best inner ROC-AUC, chosen C) of every candidate for one outer fold."""
     from threadpoolctl import threadpool_limits
 
-    if os.getpid() != caller:
-        exit_with_parent(parent=caller)
-        if hold := os.environ.get(TEST_FOLD_HOLD_ENV):  # tests only: say so, then wait to be signalled
-            open(os.path.join(hold, str(os.getpid())), "w").close()
-            time.sleep(120)
+    if hold := os.environ.get(TEST_FOLD_HOLD_ENV):  # tests only: say so, then wait to be signalled
+        open(os.path.join(hold, str(os.getpid())), "w").close()
+        time.sleep(120)
 
     if len(np.unique(labels[tr])) < 2:  # callers refuse or drop such folds (check_outer_folds); never guess here
         raise DegenerateFoldError(f"an outer training part of {len(tr)} segments holds a single class")

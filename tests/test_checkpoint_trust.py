@@ -1,6 +1,7 @@
 """Checkpoint files as untrusted input: a planted pickle never runs, a damaged newest tag is skipped for
 the newest good one, and DeepSpeed's own loader reads weights-only (ZeRO 1 included)."""
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from himae_dist.checkpoint_files import file_records
+from himae_dist.checkpoint import load_himae
 from himae_dist.checkpointer import plan_resume
 from himae_dist.run_state import RUN_STATE
 from tests.ports import free_port
@@ -34,23 +35,41 @@ def _plant(path, marker, forge_records=True):
     run_state_file = path.parent / RUN_STATE
     if forge_records and path.name != RUN_STATE:
         state = torch.load(run_state_file, weights_only=True)
-        state["files"] = file_records(path.parent)
+        state["files"][path.name] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
         torch.save(state, run_state_file)
 
 
 @pytest.mark.xdist_group("one_node_run")
-@pytest.mark.parametrize("victim", [MODEL_STATES, RUN_STATE])
-def test_a_planted_pickle_in_any_tag_file_is_refused_by_name_and_never_runs(one_node_run, tmp_path, victim):
+@pytest.mark.parametrize("victim,says", [
+    (RUN_STATE, "cannot be read as a weights-only checkpoint file"),  # read before anything else
+    (MODEL_STATES, r"\d+ bytes, but \d+ were saved"),  # its record gives it away
+])
+def test_a_planted_pickle_in_a_tag_is_refused_by_name_and_never_runs(one_node_run, tmp_path, victim, says):
+    """A planted file whose record was forged too gets past these checks, and DeepSpeed's own loading refuses
+    it (test_deepspeeds_own_loader_reads_weights_only_zero1_included)."""
     ckpt = tmp_path / "checkpoints"
     shutil.copytree(one_node_run / "checkpoints", ckpt)
     tag, marker = ckpt / "step0000012", tmp_path / "MARKER"
     assert set(torch.load(tag / RUN_STATE, weights_only=True)["files"]) == {MODEL_STATES}  # recorded at save
-    _plant(tag / victim, marker)
-    with pytest.raises(ValueError, match=rf"--resume .*step0000012: .*step0000012/{victim}: cannot be read as a "
-                                         rf"weights-only checkpoint file \(.*\); it holds something other than"):
+    _plant(tag / victim, marker, forge_records=False)
+    with pytest.raises(ValueError, match=rf"--resume .*step0000012: .*step0000012/{victim}: {says}"):
         plan_resume(tmp_path / "elsewhere" / "checkpoints", str(tag))
     assert plan_resume(ckpt, "auto") == ckpt / "step0000008"  # the newest good one
     assert not marker.exists()
+
+
+@pytest.mark.xdist_group("one_node_run")
+def test_a_flipped_bit_is_named_and_the_probe_or_init_from_refuse_that_tag_too(one_node_run, tmp_path):
+    tag = tmp_path / "step0000008"
+    shutil.copytree(one_node_run / "checkpoints" / "step0000008", tag)
+    data = bytearray((tag / MODEL_STATES).read_bytes())
+    data[len(data) // 2] ^= 1  # same size; it may even still load
+    (tag / MODEL_STATES).write_bytes(bytes(data))
+    says = rf"{tag / MODEL_STATES}: sha256 differs from the one recorded at save \(damaged or replaced\)"
+    with pytest.raises(ValueError, match=rf"^--resume {tag}: {says}$"):
+        plan_resume(tmp_path / "elsewhere" / "checkpoints", str(tag))
+    with pytest.raises(ValueError, match=rf"^{says}$"):
+        load_himae(tag)
 
 
 @pytest.mark.xdist_group("one_node_run")
@@ -67,14 +86,16 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_ends_as_if_it_never_
                                          rf"were saved \(truncated or replaced\)"):
         plan_resume(tmp_path / "other" / "checkpoints", str(newest.parent))
     log = _ok(_run_trainer(tiny_shards, out, TWO_NODE_ARGS))
-    assert f"warning: not resuming from {newest.parent}: {newest}: {size // 2} bytes, but {size} were saved" in log
+    assert (f"warning: not resuming from {newest.parent}: {newest}: {size // 2} bytes, but {size} were saved "
+            f"(truncated or replaced); moved to step0000012.damaged") in log
     assert f"resumed from {out / 'checkpoints' / 'step0000008'} at step 8" in log
     a, b = _final(out), _final(one_node_run)
     assert all(torch.equal(a[k], b[k]) for k in a)  # steps 9-12 trained again, bitwise as the first time
-    size_now = newest.stat().st_size
-    assert size_now == size and plan_resume(out / "checkpoints", "auto") == newest.parent  # saved anew
+    assert newest.stat().st_size == size and plan_resume(out / "checkpoints", "auto") == newest.parent  # saved anew
+    aside = out / "checkpoints" / "step0000012.damaged" / MODEL_STATES  # kept for a look, never pruned as a "newest"
+    assert aside.stat().st_size == size // 2
 
-    tags = sorted(p.name for p in (out / "checkpoints").glob("step*"))
+    tags = sorted(p.name for p in (out / "checkpoints").glob("step???????"))
     for tag in tags:  # every checkpoint damaged: refused, not a silent fresh start
         (out / "checkpoints" / tag / MODEL_STATES).write_bytes(b"")
     with pytest.raises(ValueError, match=rf"no checkpoint in .*checkpoints can be resumed from \({', '.join(tags[::-1])}: "

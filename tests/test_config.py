@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from himae_dist.config import deepspeed_config, lr_lambda, parse_config
+from himae_dist.config import ConfigError, deepspeed_config, lr_lambda, parse_config
 
 
 def test_flags_override_config_file(tmp_path):
@@ -207,3 +207,19 @@ def test_a_runs_config_json_is_read_back(tmp_path):
     cfg = parse_config(["--data", "d", "--channels", "8,16", "--storage-options", '{"anon": true}', "--steps", "7"])
     (tmp_path / "config.json").write_text(resolved(cfg))
     assert parse_config(["--config", str(tmp_path / "config.json")]) == cfg
+
+
+def test_saved_configs_hold_no_secret_and_are_not_reused_with_the_placeholder(tmp_path):
+    from data_prep.storage import redact_argv
+    from himae_dist.config import resolved
+
+    opts = {"key": "K1", "secret": "S1", "client_kwargs": {"endpoint_url": "http://u:P@ss1@h:9000", "region_name": "r"}}
+    cfg = parse_config(["--data", "s3://b/d", "--storage-options", json.dumps(opts), "--export-url", "ftp://u:P2@h/x"])
+    text = resolved(cfg)
+    assert not any(s in text for s in ("K1", "S1", "P@ss1", "P2", "ss1@")) and '"region_name": "r"' in text
+    assert "http://u:<redacted>@h:9000" in text and "ftp://u:<redacted>@h/x" in text
+    argv = ["--storage-opt", json.dumps(opts), "--export-url=https://u:P3@h/x", f"--storage-options={json.dumps(opts)}"]
+    assert not any(s in " ".join(redact_argv(argv)) for s in ("K1", "S1", "P@ss1", "P3"))  # W&B's command line
+    (tmp_path / "config.json").write_text(text)  # a run's saved config, given back as --config
+    with pytest.raises(ConfigError, match=r"the config holds '<redacted>' where a credential or URL password was"):
+        parse_config(["--config", str(tmp_path / "config.json")])

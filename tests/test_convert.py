@@ -466,6 +466,13 @@ def test_a_record_naming_another_shard_is_rebuilt_not_trusted(tmp_path, capsys):
     assert _tree_hashes(tmp_path / "o") == before  # ...but it is not shard 1's: rebuilt, nothing lost or doubled
     urls = [s["url"] for s in m["splits"]["train"]["shards"]]
     assert len(urls) == len(set(urls)) == m["splits"]["train"]["planned_shards"]
+    forged = json.loads((parts / "train-000001.json").read_text())
+    (parts / "train-000001.json").write_text(json.dumps({**forged, "n_samples": 0}))  # "empty": left out, if believed
+    (tmp_path / "o" / "manifest.json").unlink()
+    capsys.readouterr()
+    convert_pretrain(str(index), p)
+    assert "rebuilding 1: train/1 (its record says 0 samples, the shard holds 40)" in capsys.readouterr().out
+    assert _tree_hashes(tmp_path / "o") == before
 
 
 def test_damaged_records_are_rebuilt_and_a_damaged_plan_is_named(tmp_path):

@@ -155,6 +155,16 @@ def test_verify_checks_the_plan_and_names_a_malformed_manifest_or_array_in_one_l
     assert any(line.startswith(f"himae-prep verify: {out / train[3]} member ") and "truncated array data" in line
                for line in err), err
     assert any(line.startswith(f"himae-prep verify: {out / train[4]}: 0 bytes") for line in err), err
+    j = json.loads((done / "manifest.json").read_text())
+    j["splits"]["train"]["shards"].pop(1)  # shard 1 called empty and left out: its segments would be lost
+    j["splits"]["train"]["empty_shards"] = [1]
+    j["splits"]["train"]["n_samples"] = sum(s["n_samples"] for s in j["splits"]["train"]["shards"])
+    j["n_samples"] = j["splits"]["train"]["n_samples"] + j["splits"]["val"]["n_samples"]
+    (out / "manifest.json").write_text(json.dumps(j))
+    (out / train[3]).write_bytes((done / train[3]).read_bytes())
+    (out / train[4]).write_bytes((done / train[4]).read_bytes())
+    code, err, _ = _verify(out, capsys)
+    assert err == [f"{where}: {train[1]} holds 32 samples, but the manifest calls it empty and does not list it"]
     for damage, says in [
         (lambda j: j["splits"]["val"].pop("shards"), "splits.val has no 'shards' list"),
         (lambda j: j.update(splits=[j["splits"]["train"]]), "'splits' is a list, expected an object"),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.ports import free_port
 
@@ -33,6 +34,10 @@ def test_slurm_script_trains_with_the_zero_stage_it_says_and_keeps_secrets_out(t
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "world=2" in proc.stdout
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 1
+    tag = out / "checkpoints" / "step0000004"  # every file DeepSpeed wrote, each rank's ZeRO partition included,
+    files = torch.load(tag / "himae_run_state.pt", weights_only=True)["files"]  # has its size and sha256 recorded
+    assert sorted(files) == sorted(p.name for p in tag.iterdir() if p.name != "himae_run_state.pt")
+    assert len(files) == 3 and all(files[p.name]["bytes"] == p.stat().st_size for p in tag.glob("*_states.pt"))
     assert (out / "himae_final.pt").is_file()
     hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [2, 4]
