@@ -197,6 +197,10 @@ def test_local_input_and_output_mistakes_are_one_line_naming_the_flag(converted,
         f["ppg"], f["labels"] = np.random.rand(10, 64), np.zeros(9, np.int8)
     with pytest.raises(SystemExit, match=r"'/labels' has 9 rows but '/ppg' has 10; expected one label per segment"):
         prep_main(["--downstream", str(tmp_path / "d.h5"), "--out", str(tmp_path / "ds")])
+    from data_prep.hdf5_sources import read_downstream  # himae-probe's reader says the same
+
+    with pytest.raises(ValueError, match=r"'/labels' has 9 rows but '/ppg' has 10; expected one label per segment"):
+        read_downstream(tmp_path / "d.h5")
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
