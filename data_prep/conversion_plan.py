@@ -22,7 +22,7 @@ from data_prep.hdf5_sources import BadSamplePolicy, segment_shape, why_unreadabl
 from data_prep.index_plan import DownstreamSource, IndexSource, find_duplicate_rows, make_plan, scan
 from data_prep.preprocess import Preprocess
 from data_prep.shard_format import DTYPES, FORMAT, MANIFEST, PLAN
-from data_prep.storage import Folder, file_fingerprints, is_remote, out_problem
+from data_prep.storage import Folder, file_fingerprints, is_remote, out_problem, redact_secrets
 from data_prep.wfdb_sources import WindowSpec
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def shard_samples(shard_mb: float, channels: int, length: int, dtype: str) -> in
 
 
 def log(msg: str) -> None:
-    print(f"[himae-prep] {msg}", flush=True)
+    print(redact_secrets(f"[himae-prep] {msg}"), flush=True)
 
 
 def _sha(obj: object) -> str:
@@ -210,7 +210,7 @@ def prepare(source, p: ConvertParams) -> dict:
     fingerprint = {"index": source.fingerprint(), "files": file_fingerprints(files, p.storage_options)}
     record = {
         "format": FORMAT, "kind": source.kind, "options": p.byte_options(source.kind, sps),
-        "source": {"url": source.url, "fingerprint": _sha(fingerprint), "n_files": len(stats.files)},
+        "source": {"url": redact_secrets(source.url), "fingerprint": _sha(fingerprint), "n_files": len(stats.files)},
         **({"wfdb": source.describe()} if hasattr(source, "describe") else {}),  # records read and skipped
         "channels": channels, "length_inferred_from": how, "preprocess": pre.to_dict(),
         "n_rows": stats.n_rows, "split": plan.to_dict(),

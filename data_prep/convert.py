@@ -55,7 +55,7 @@ from data_prep.preprocess import CONSTANT_POLICIES, LENGTH_POLICIES, NORMALIZE
 from data_prep.shard_format import (DTYPES, MANIFEST, MEMBERS, PARTS, PLAN, ShardFormatError, part_name, read_shard_blocks,
                                    shard_name)
 from data_prep.shard_writer import WriteParams, write_shard
-from data_prep.storage import Folder, StorageError, is_remote, json_object
+from data_prep.storage import Folder, StorageError, is_remote, json_object, redact_secrets
 from data_prep.wfdb_sources import add_wfdb_options
 
 
@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         s_idx, s_cnt = _slurm_task(a.num_tasks) if a.task_index is None else (None, None)
     except ValueError as e:
-        sys.exit(f"himae-prep: error: {e}")
+        sys.exit(redact_secrets(f"himae-prep: error: {e}"))
     num_tasks = a.num_tasks if a.num_tasks is not None else (s_cnt or 1)
     task_index = a.task_index if a.task_index is not None else (s_idx or 0)
     p = ConvertParams(
@@ -602,10 +602,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"himae-prep: error: a worker process died ({e}; killed, or out of memory?); what was finished is "
                  f"kept: run the same command to resume (with fewer --workers if memory ran out)")
     except OSError as e:
-        sys.exit(f"himae-prep: error: {disk_full_line(e, p) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e}")
+        sys.exit(redact_secrets(f"himae-prep: error: {disk_full_line(e, p) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e}"))
     except (ValueError, KeyError, StorageError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        sys.exit(f"himae-prep: error: {msg}")
+        sys.exit(redact_secrets(f"himae-prep: error: {msg}"))
 
 
 def disk_full_line(e: OSError, p: ConvertParams) -> str:

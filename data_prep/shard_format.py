@@ -100,8 +100,8 @@ def _npy_header(head: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
         raise ValueError(f"unsupported .npy version {version}")
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = read_header(f)
-    if dtype.hasobject or fortran:
-        raise ValueError("object or Fortran-order arrays are not part of the format")
+    if dtype.hasobject or fortran or dtype.itemsize == 0:
+        raise ValueError("object, zero-size or Fortran-order arrays are not part of the format")
     return shape, dtype, f.tell()
 
 
@@ -240,6 +240,8 @@ def parse_manifest(text: str, url: str) -> Manifest:
         m = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{url}: not valid JSON ({e})") from e
+    except RecursionError:
+        raise ValueError(f"{url}: nested too deeply to be a manifest") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         found = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise ValueError(f"{url}: format {found!r}, expected {FORMAT!r}; re-run himae-prep to convert to format v2")
@@ -259,5 +261,8 @@ def parse_manifest(text: str, url: str) -> Manifest:
     for k in ("length", "channels", "block_size"):
         if not isinstance(m[k], int) or isinstance(m[k], bool) or m[k] < 1:
             raise ValueError(f"{url}: {k} = {m[k]!r}: expected a whole number >= 1")
+    for k, typ in (("kind", str), ("dtype", str), ("preprocess", dict)):
+        if not isinstance(m[k], typ):
+            raise ValueError(f"{url}: {k} = {m[k]!r}: expected {'a string' if typ is str else 'an object'}")
     return Manifest(url, base, m["kind"], m["length"], m["channels"], m["dtype"], m["block_size"], m["preprocess"],
                     splits, m)

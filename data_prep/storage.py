@@ -283,7 +283,8 @@ def file_fingerprints(paths: list[str], storage_options: dict | None = None) -> 
 
 # Substrings of credential-like option names (fsspec/s3fs/botocore/adlfs/gcsfs spellings): key, secret,
 # aws_secret_access_key, aws_session_token, token, password, account_key, sas_token, connection_string...
-_SECRET_NAME_PARTS = ("key", "secret", "token", "password", "passwd", "credential", "connection_string", "auth")
+_SECRET_NAME_PARTS = ("key", "secret", "token", "password", "passwd", "credential", "connection_string", "auth",
+                      "cookie", "signature")
 REDACTED = "<redacted>"
 
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from data_prep.shard_format import (MANIFEST, Manifest, ShardFormatError, ShardInfo, parse_manifest, read_shard_blocks,
                                    shard_name)
-from data_prep.storage import Folder, StorageError
+from data_prep.storage import Folder, StorageError, redact_secrets
 
 
 def _check_shard(out: Folder, m: Manifest, shard: ShardInfo, listed: dict[str, dict]) -> list[str]:
@@ -40,7 +40,7 @@ def _check_shard(out: Folder, m: Manifest, shard: ShardInfo, listed: dict[str, d
             dtypes.add(str(block.signal.dtype))
     except ShardFormatError as e:
         return problems + [f"{e} (not a readable format-v2 shard)"]
-    except (ValueError, TypeError) as e:  # arrays that parse but do not fit together: named, the rest still checked
+    except Exception as e:  # noqa: BLE001 (arrays that parse but do not fit together: named, the rest still checked)
         return problems + [f"{shard.url}: not a readable format-v2 shard ({type(e).__name__}: {e})"]
     if n != shard.n_samples:
         problems.append(f"{shard.url}: {n} samples, the manifest says {shard.n_samples}")
@@ -62,9 +62,12 @@ def _plan_problems(out: Folder, m: Manifest, where: str) -> list[str]:
         planned, empty = raw.get("planned_shards"), raw.get("empty_shards", [])
         if planned is None:  # written before the plan was recorded: only the duplicates above can be checked
             continue
-        if not isinstance(planned, int) or not isinstance(empty, list) or not all(isinstance(i, int) for i in empty):
-            problems.append(f"{where}: splits.{split}: planned_shards {planned!r} / empty_shards {empty!r}: expected "
-                            f"a whole number and a list of them")
+        if (not isinstance(planned, int) or isinstance(planned, bool) or not isinstance(empty, list)
+                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < planned for i in empty)
+                or not 0 <= planned <= len(shards) + len(empty)):  # bounded by what is listed: no huge sets
+            problems.append(f"{where}: splits.{split}: planned_shards {str(planned)[:40]} and empty_shards "
+                            f"{str(empty)[:80]} do not fit its {len(shards)} listed shard(s): expected the planned "
+                            f"count and the indices below it of the shards with no segment")
             continue
         expected = {shard_name(split, i) for i in range(planned)} - {shard_name(split, i) for i in empty}
         listed = {s.name for s in shards}
@@ -81,8 +84,8 @@ def _empty_problem(out: Folder, name: str, where: str) -> str | None:
         return None  # nothing lost
     try:
         n = sum(len(b) for b in read_shard_blocks(out.read_bytes(name), out.child_url(name)))
-    except ShardFormatError:
-        return None  # holds nothing readable: nothing the manifest leaves out
+    except Exception:  # noqa: BLE001 (holds nothing readable: nothing the manifest leaves out)
+        return None
     return f"{where}: {name} holds {n} samples, but the manifest calls it empty and does not list it" if n else None
 
 
@@ -117,7 +120,8 @@ def verify_folder(url: str, storage_options: dict | None = None, threads: int = 
             problems.extend(found)
             bad += bool(found)
     summary = (f"{url}: {len(shards)} shard(s), {total} samples"
-               + (f": {bad} shard(s) wrong" if bad else ": all match manifest.json"))
+               + (f": {bad} shard(s) wrong" if bad else f": {len(problems)} problem(s) with the manifest itself"
+                  if problems else ": all match manifest.json"))
     return problems, summary
 
 
@@ -145,7 +149,7 @@ def verify_main(argv: list[str]) -> int:
     except (StorageError, OSError, ValueError) as e:  # unreachable store, unknown protocol...: one line naming it
         problems, summary = [f"{a.out}: {e}" if a.out not in str(e) else str(e)], ""
     for line in problems:
-        print(f"himae-prep verify: {line}", file=sys.stderr)
+        print(redact_secrets(f"himae-prep verify: {line}"), file=sys.stderr)
     if summary:
-        print(f"himae-prep verify: {summary}")
+        print(redact_secrets(f"himae-prep verify: {summary}"))
     return 1 if problems else 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import stat
 from pathlib import Path
 
 import torch
@@ -45,10 +47,20 @@ def load_weights_only(path: str | os.PathLike, map_location=None, deepspeed: boo
         with torch.serialization.safe_globals(deepspeed_types() if deepspeed else []):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 (a refused type, a truncated or corrupt file: named, one line)
-        reason = " ".join(str(e).split())[:300]
-        raise CheckpointFileError(f"{path}: cannot be read as a weights-only checkpoint file ({type(e).__name__}: "
-                                  f"{reason}); it holds something other than tensors and DeepSpeed's own types, or "
-                                  f"is damaged") from None
+        raise CheckpointFileError(f"{path}: cannot be read as a weights-only checkpoint file ({_reason(e)}); it holds "
+                                  f"something other than tensors and DeepSpeed's own types, or is damaged") from None
+
+
+def _reason(e: Exception) -> str:
+    """The part of torch.load's error that says what was wrong (not its advice to load unsafely)."""
+    text = " ".join(str(e).split())
+    refused = re.search(r"(Unsupported global: GLOBAL \S+|Trying to load unsupported GLOBAL \S+|Unsupported operand \S+)",
+                        text)
+    if refused:
+        return f"{type(e).__name__}: {refused.group(1)}"
+    if isinstance(e, EOFError) or not text:
+        return f"{type(e).__name__}: the file ends early (empty or truncated)"
+    return f"{type(e).__name__}: {text[:200]}"
 
 
 def use_weights_only_loading(engine) -> None:
@@ -101,6 +113,9 @@ def tag_problem(tag_dir: Path, state: dict) -> str | None:
     Every file the save recorded must be there with its size and sha256. A run state written
     before records were kept has none: then each .pt file is read weights-only instead. (Reading
     is what stops code from running, for every file DeepSpeed loads: `use_weights_only_loading`.)"""
+    for f in sorted(tag_dir.iterdir()):  # DeepSpeed reads whatever is at its names: a FIFO would block a rank
+        if not stat.S_ISREG(f.lstat().st_mode):
+            return f"{f}: not a regular file (a symlink, folder, FIFO or device); a checkpoint holds plain files only"
     records = state.get("files")
     if records is None:
         for f in sorted(tag_dir.glob("*.pt")):
@@ -112,7 +127,7 @@ def tag_problem(tag_dir: Path, state: dict) -> str | None:
         return None
     if not isinstance(records, dict) or not records:
         return f"{tag_dir / RUN_STATE}: its 'files' record is {records!r}, expected the files the save wrote"
-    for name, rec in sorted(records.items()):
+    for name, rec in sorted(records.items(), key=lambda kv: str(kv[0])):
         if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
             return f"{tag_dir / RUN_STATE}: its 'files' record names {name!r}, not a file of the tag folder"
         if problem := record_problem(tag_dir / name, rec):

@@ -111,9 +111,21 @@ def _checked(tag_dir: Path) -> tuple[dict | None, str | None]:
         state = load_weights_only(tag_dir / RUN_STATE, map_location="cpu", deepspeed=False)
     except CheckpointFileError as e:
         return None, str(e)
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        return None, f"{tag_dir / RUN_STATE}: not a run state (expected a dict with an integer 'step')"
-    return state, tag_problem(tag_dir, state)
+    if not _is_run_state(state):
+        return None, (f"{tag_dir / RUN_STATE}: not a run state (expected a dict with an integer 'step' >= 0, a "
+                      f"'schedule' dict and 'ranks', one dict with a 'loader' dict per rank)")
+    try:
+        return state, tag_problem(tag_dir, state)
+    except OSError as e:  # unreadable, vanished meanwhile...: this tag is not resumed from
+        return None, f"{tag_dir}: cannot be checked ({type(e).__name__}: {e})"
+
+
+def _is_run_state(state: object) -> bool:
+    """What the resume reads of a run state is there, of the right types (the file is input too)."""
+    return (isinstance(state, dict) and isinstance(state.get("step"), int) and not isinstance(state["step"], bool)
+            and state["step"] >= 0 and isinstance(state.get("schedule"), dict)
+            and isinstance(state.get("ranks"), list) and len(state["ranks"]) > 0
+            and all(isinstance(r, dict) and isinstance(r.get("loader"), dict) for r in state["ranks"]))
 
 
 def _newest_good(ckpt_dir: Path, tags: list[str], fallback: Path | None = None, set_aside: bool = False) -> Path | None:

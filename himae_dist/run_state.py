@@ -151,7 +151,8 @@ def choose_resume(ckpt_dir: Path, rank: int, pick=None) -> tuple[Path | None, di
         except ValueError as e:
             problem = str(e)
         except Exception as e:  # noqa: BLE001 (a damaged run state: named on every rank instead of a hang)
-            problem = f"{tag_dir / RUN_STATE}: cannot read the run state ({type(e).__name__}: {e})"
+            where = tag_dir / RUN_STATE if tag_dir is not None else ckpt_dir
+            problem = f"{where}: cannot read the run state ({type(e).__name__}: {e})"
     tag_dir, problem = broadcast((tag_dir, problem))
     if problem:
         raise ValueError(problem)

@@ -476,10 +476,12 @@ def _free_space(out: str) -> str:
 
 
 def _report(line: str) -> None:
-    """The error line, once. Under torchrun it goes to the rank's error file, which torchrun's summary
-    shows and from which himae-torchrun prints the first failing rank's line last (then no rank
-    prints it); under plain torchrun only rank 0 prints it too (the others' lines are in the summary);
-    without an error file (the DeepSpeed launcher, a lone process) every rank prints its own."""
+    """The error line (URL passwords redacted), once. Under torchrun it goes to the rank's error file,
+    which torchrun's summary shows and from which himae-torchrun prints the first failing rank's line
+    last (then no rank prints it); under plain torchrun only rank 0 prints it too (the others' lines
+    are in the summary); without an error file (the DeepSpeed launcher, a lone process) every rank
+    prints its own."""
+    line = redact_secrets(line)
     recorded = False
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:

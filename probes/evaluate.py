@@ -48,7 +48,7 @@ import torch
 from data_prep.hdf5_sources import BadSamplePolicy, DownstreamSet, check_labels, check_patient_ids, read_downstream
 from data_prep.preprocess import Preprocess
 from data_prep.atomic_write import atomic_path, write_json_atomic
-from data_prep.storage import Folder, StorageError, is_remote, json_object
+from data_prep.storage import Folder, StorageError, is_remote, json_object, redact_secrets
 from himae_dist.checkpoint import load_himae
 from probes import seed_protocol
 from probes.features import FeatureCache
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         print(interrupted_line(e.signum), file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
     except (ValueError, KeyError, FileNotFoundError, StorageError) as e:
-        sys.exit(f"himae-probe: error: {e}")
+        sys.exit(redact_secrets(f"himae-probe: error: {e}"))
 
 
 def _label_efficiency(fold_feats: list[dict], data: DownstreamSet, outer: Folds, headline: dict,

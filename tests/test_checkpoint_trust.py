@@ -41,7 +41,7 @@ def _plant(path, marker, forge_records=True):
 
 @pytest.mark.xdist_group("one_node_run")
 @pytest.mark.parametrize("victim,says", [
-    (RUN_STATE, "cannot be read as a weights-only checkpoint file"),  # read before anything else
+    (RUN_STATE, r"cannot be read as a weights-only checkpoint file \(UnpicklingError: .*GLOBAL posix\.system\)"),
     (MODEL_STATES, r"\d+ bytes, but \d+ were saved"),  # its record gives it away
 ])
 def test_a_planted_pickle_in_a_tag_is_refused_by_name_and_never_runs(one_node_run, tmp_path, victim, says):
@@ -56,6 +56,29 @@ def test_a_planted_pickle_in_a_tag_is_refused_by_name_and_never_runs(one_node_ru
         plan_resume(tmp_path / "elsewhere" / "checkpoints", str(tag))
     assert plan_resume(ckpt, "auto") == ckpt / "step0000008"  # the newest good one
     assert not marker.exists()
+
+
+@pytest.mark.xdist_group("one_node_run")
+def test_a_malformed_run_state_or_a_fifo_is_one_line_not_a_traceback_or_a_hang(one_node_run, tmp_path):
+    def forged(change):
+        tag = tmp_path / f"t{len(list(tmp_path.iterdir()))}" / "step0000008"
+        shutil.copytree(one_node_run / "checkpoints" / "step0000008", tag)
+        state = torch.load(tag / RUN_STATE, weights_only=True)
+        change(state, tag)
+        torch.save(state, tag / RUN_STATE)
+        return tag
+
+    for change, says in [
+        (lambda st, tag: st["files"].update({MODEL_STATES: [1, 2]}), rf"{RUN_STATE} is a list, expected a dict"),
+        (lambda st, tag: st["files"].update({3: {}}), r"'files' record names 3, not a file of the tag folder"),
+        (lambda st, tag: st.pop("ranks"), r"not a run state \(expected a dict with an integer 'step'"),
+        # a run state from before records were kept, and a FIFO where DeepSpeed reads: it would block a rank
+        (lambda st, tag: (st.pop("files"), (tag / MODEL_STATES).unlink(), os.mkfifo(tag / MODEL_STATES)),
+         rf"{MODEL_STATES}: not a regular file \(a symlink, folder, FIFO or device\)"),
+    ]:
+        tag = forged(change)
+        with pytest.raises(ValueError, match=rf"^--resume {tag}: {tag}/.*{says}"):
+            plan_resume(tmp_path / "elsewhere" / "checkpoints", str(tag))
 
 
 @pytest.mark.xdist_group("one_node_run")

@@ -165,7 +165,24 @@ def test_verify_checks_the_plan_and_names_a_malformed_manifest_or_array_in_one_l
     (out / train[4]).write_bytes((done / train[4]).read_bytes())
     code, err, _ = _verify(out, capsys)
     assert err == [f"{where}: {train[1]} holds 32 samples, but the manifest calls it empty and does not list it"]
+    j["splits"]["train"]["empty_shards"], j["splits"]["train"]["planned_shards"] = [], 10**20  # no set of 10**20 names
+    (out / "manifest.json").write_text(json.dumps(j))
+    code, err, summary = _verify(out, capsys)
+    assert err == [f"{where}: splits.train: planned_shards 100000000000000000000 and empty_shards [] do not fit its "
+                   f"{len(train) - 1} listed shard(s): expected the planned count and the indices below it of the shards "
+                   f"with no segment"] and summary.strip().endswith(": 1 problem(s) with the manifest itself")
+    data = (done / train[3]).read_bytes()  # a zero-size dtype: any shape takes 0 bytes, past a size check
+    at = data.index(b"\x93NUMPY")
+    head = data[at + 10:at + 10 + int.from_bytes(data[at + 8:at + 10], "little")].decode("latin1")
+    forged = re.sub(r"'descr': '[^']*'", "'descr': '|V0'", re.sub(r"'shape': \([^)]*\)", "'shape': (10**30, 1, 250)"
+                                                                   .replace("10**30", str(10**30)), head)).rstrip(" \n")
+    (out / train[3]).write_bytes(data[:at + 10] + (forged + " " * (len(head) - 1 - len(forged)) + "\n").encode("latin1")
+                                 + data[at + 10 + len(head):])
+    shutil.copy(done / "manifest.json", out / "manifest.json")
+    code, err, _ = _verify(out, capsys)
+    assert any(line.startswith(f"himae-prep verify: {out / train[3]} member ") and "zero-size" in line for line in err)
     for damage, says in [
+        (lambda j: j.update(dtype=["float16"]), "dtype = ['float16']: expected a string"),
         (lambda j: j["splits"]["val"].pop("shards"), "splits.val has no 'shards' list"),
         (lambda j: j.update(splits=[j["splits"]["train"]]), "'splits' is a list, expected an object"),
         (lambda j: j["splits"]["train"]["shards"][0].pop("url"), "splits.train.shards[0].url = None: expected a string"),
@@ -210,3 +227,10 @@ def test_local_input_and_output_mistakes_are_one_line_naming_the_flag(converted,
                                          rf"the spill folder {tmp_path / 'o2'}/\.spill \(--spill-dir\): [\d.]+ GiB free, "
                                          rf"--out {tmp_path / 'o2'}: [\d.]+ GiB free\. Free space or pick another"):
         prep_main(["--index", str(index), "--out", str(tmp_path / "o2")])
+
+
+def test_a_url_password_never_reaches_an_error_line(tmp_path, monkeypatch):
+    monkeypatch.setattr("data_prep.storage.RETRIES", 0)
+    with pytest.raises(SystemExit) as e:
+        prep_main(["--index", "http://user:SECRET-9@127.0.0.1:9/index.csv", "--out", str(tmp_path / "o")])
+    assert "SECRET-9" not in str(e.value) and "http://user:<redacted>@127.0.0.1:9/index.csv" in str(e.value)

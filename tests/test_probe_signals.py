@@ -25,6 +25,45 @@ def _wait_gone(procs, timeout_s):
         time.sleep(0.05)
 
 
+def _marked(mark: str) -> list[psutil.Process]:
+    """Every live process started with this environment marker (found after their parent is gone too)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("HIMAE_TEST_MARK") == mark and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def test_a_probe_killed_as_its_workers_start_leaves_none(tiny_cohort, tmp_path):
+    """Killed while loky is still starting its workers (before any fold runs): each ties itself to the
+    probe as it starts, and one that starts after the probe died ends at once."""
+    mark = f"early-{os.getpid()}-{time.monotonic_ns()}"
+    cmd = [sys.executable, "-m", "probes.evaluate", "--random-baselines", "1", "--h5", str(tiny_cohort / "downstream.h5"),
+           "--out", str(tmp_path / "res"), "--folds", "2", "--inner-folds", "2", "--n-boot", "0",
+           "--minirocket-kernels", "0", "--no-plots"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "HIMAE_TEST_MARK": mark, TEST_FOLD_HOLD_ENV: str(tmp_path),
+                                      "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not psutil.Process(proc.pid).children() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the probe ended before it started workers"
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while (left := _marked(mark)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, [p.cmdline() for p in left]
+    finally:
+        for p in _marked(mark):
+            p.kill()
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_stopped_probe_leaves_no_worker_and_says_one_line(tiny_cohort, tmp_path, sig):
     hold = tmp_path / "hold"

@@ -22,7 +22,7 @@ def _fake_checkpoints(out, *steps, complete=True):
         tag = out / "checkpoints" / f"step{step:07d}"
         tag.mkdir(parents=True)
         if complete:
-            torch.save({"step": step, "schedule": {}, "ranks": []}, tag / RUN_STATE)
+            torch.save({"step": step, "schedule": {}, "ranks": [{"loader": {}}]}, tag / RUN_STATE)
     return out / "checkpoints"
 
 
