@@ -21,6 +21,7 @@ import pytest
 
 from data_prep.convert import TEST_SHARD_DELAY_ENV, ConvertParams, convert_pretrain, interrupted_line
 from tests.h5_inputs import random_index
+from tests.proc_tree import wait_gone
 
 SHARD_DELAY_S = 0.25  # per shard and worker: 40 shards take ~5 s, far longer than it takes to signal
 STARTUP_TIMEOUT_S = 60.0  # imports and planning before the first shard, on a loaded machine
@@ -100,16 +101,6 @@ def _start_mid_run(index: Path, out: Path, in_pass: str = "write") -> tuple[subp
     return proc, descendants
 
 
-def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
-    """The processes still alive (zombies count as gone) after up to `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)
-
-
 def _signal_and_check(index: Path, out: Path, sig: signal.Signals) -> None:
     """Signal a mid-run job: exit 128+sig, the one line on stderr, no traceback, no process left."""
     proc, descendants = _start_mid_run(index, out)
@@ -120,7 +111,7 @@ def _signal_and_check(index: Path, out: Path, sig: signal.Signals) -> None:
         assert proc.returncode == 128 + sig, stderr
         assert "Traceback" not in stderr, stderr
         assert stderr.strip().splitlines() == [EXPECTED_LINE.format(sig=sig.name)] == [interrupted_line(sig)], stderr
-        assert not _wait_gone(descendants, GONE_TIMEOUT_S), "pool workers outlived the interrupted job"
+        assert not wait_gone(descendants, GONE_TIMEOUT_S), "pool workers outlived the interrupted job"
     finally:
         _kill_tree(proc, descendants)
 
@@ -131,7 +122,7 @@ def test_kill_9_of_the_parent_takes_its_workers_with_it(index, tmp_path):
     try:
         proc.kill()
         proc.wait(GONE_TIMEOUT_S)
-        alive = _wait_gone(descendants, GONE_TIMEOUT_S)
+        alive = wait_gone(descendants, GONE_TIMEOUT_S)
         assert not alive, f"still alive {GONE_TIMEOUT_S} s after kill -9 of the parent: {alive}"
     finally:
         _kill_tree(proc, descendants)
@@ -148,7 +139,7 @@ def test_kill_9_in_either_pass_resumes_to_the_same_bytes(index, tmp_path, in_pas
     try:
         proc.kill()
         proc.wait(GONE_TIMEOUT_S)
-        assert not _wait_gone(descendants, GONE_TIMEOUT_S)
+        assert not wait_gone(descendants, GONE_TIMEOUT_S)
     finally:
         _kill_tree(proc, descendants)
     spilled = len(_markers(out))

@@ -12,17 +12,9 @@ import pytest
 
 from probes.evaluate import interrupted_line
 from probes.nested_cv import TEST_FOLD_HOLD_ENV
+from tests.proc_tree import wait_gone
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_gone(procs, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)
 
 
 def _marked(mark: str) -> list[psutil.Process]:
@@ -83,7 +75,7 @@ def test_a_stopped_probe_leaves_no_worker_and_says_one_line(tiny_cohort, tmp_pat
         assert {int(p.name) for p in hold.iterdir()} <= {p.pid for p in seen}
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
-        assert not _wait_gone(seen, 15), "fold workers outlived the probe"
+        assert not wait_gone(seen, 15), "fold workers outlived the probe"
         if sig != signal.SIGKILL:
             assert proc.returncode == 128 + sig and "Traceback" not in err, err[-3000:]
             assert err.strip().splitlines()[-1] == interrupted_line(sig), err[-3000:]
