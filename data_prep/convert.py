@@ -60,7 +60,9 @@ from data_prep.wfdb_sources import add_wfdb_options
 
 
 def _verify(out: Folder, rec: dict, listed: dict[str, dict], plan_id: str) -> str | None:
-    """None if the shard on storage is the one the record describes; else why not."""
+    """None if the shard on storage is the one the record describes; else why not. The record's sample
+    count is checked against the shard whenever its bytes are read (always for an 'empty' one, which
+    the manifest leaves out); on S3 the ETag the shard's own upload returned vouches for the rest."""
     if rec.get("plan_id") != plan_id:
         return "made by another conversion"
     info = listed.get(rec["url"])
@@ -68,19 +70,16 @@ def _verify(out: Folder, rec: dict, listed: dict[str, dict], plan_id: str) -> st
         return "missing"
     if int(info.get("size") or 0) != rec["bytes"]:
         return f"size {info.get('size')} bytes, expected {rec['bytes']}"
-    if rec.get("n_samples") == 0:  # a shard left out of the manifest: its count is checked, not taken on trust
-        data = out.read_bytes(rec["url"], rec["bytes"])
-        try:
-            n = sum(len(b) for b in read_shard_blocks(data, rec["url"]))
-        except ShardFormatError:
-            return "unreadable shard"
-        if n:
-            return f"its record says 0 samples, the shard holds {n}"
-        return None if hashlib.sha256(data).hexdigest() == rec["sha256"] else "sha256 mismatch"
-    if out.remote and shard_etag_matches(rec, info.get("ETag")):
+    if out.remote and rec["n_samples"] and shard_etag_matches(rec, info.get("ETag")):
         return None
-    return None if hashlib.sha256(out.read_bytes(rec["url"], rec["bytes"])).hexdigest() == rec["sha256"] \
-        else "sha256 mismatch"
+    data = out.read_bytes(rec["url"], rec["bytes"])
+    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+        return "sha256 mismatch"
+    try:
+        n = sum(len(b) for b in read_shard_blocks(data, rec["url"]))
+    except ShardFormatError:
+        return "unreadable shard"
+    return None if n == rec["n_samples"] else f"its record says {rec['n_samples']} samples, the shard holds {n}"
 
 
 def shard_etag_matches(rec: dict, listed_etag: object) -> bool:
@@ -95,6 +94,9 @@ def shard_etag_matches(rec: dict, listed_etag: object) -> bool:
     return bool(etag) and etag in (rec.get("etag"), rec.get("md5"))
 
 
+_RECORD_FIELDS = {"url": str, "bytes": int, "sha256": str, "n_samples": int, "skipped": dict, "noted": dict}
+
+
 def _verified_records(out: Folder, shards: list[tuple[str, int]], plan_id: str) -> tuple[dict, dict]:
     """List `_parts/` and the shard folders once; read and verify the records of `shards` in parallel."""
     parts = out.listing(PARTS)
@@ -107,8 +109,10 @@ def _verified_records(out: Folder, shards: list[tuple[str, int]], plan_id: str) 
             return sh, None, "no record"
         try:
             rec = json.loads(out.read_text(name))
-            rec["url"], rec["bytes"]  # noqa: B018 (the fields _verify needs)
+            fields_ok = all(isinstance(rec[k], t) and not isinstance(rec[k], bool) for k, t in _RECORD_FIELDS.items())
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            fields_ok = False
+        if not fields_ok or rec["n_samples"] < 0 or rec["bytes"] < 0:
             return sh, None, "unreadable record"  # rebuilt like a missing one
         if (rec.get("split"), rec.get("index"), rec["url"]) != (*sh, shard_name(*sh)):
             return sh, None, f"its record names {rec['url']!r}"  # never trusted for what it claims: rebuilt

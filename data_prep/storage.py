@@ -284,7 +284,8 @@ def file_fingerprints(paths: list[str], storage_options: dict | None = None) -> 
 # Substrings of credential-like option names (fsspec/s3fs/botocore/adlfs/gcsfs spellings): key, secret,
 # aws_secret_access_key, aws_session_token, token, password, account_key, sas_token, connection_string...
 _SECRET_NAME_PARTS = ("key", "secret", "token", "password", "passwd", "credential", "connection_string", "auth",
-                      "cookie", "signature")
+                      "cookie")
+_NOT_SECRET = {"anon", "google_default", "cloud", "browser", "cache"}  # gcsfs `token` modes, not credentials
 REDACTED = "<redacted>"
 
 
@@ -299,7 +300,9 @@ def redact_secrets(value: object) -> object:
         return _URL_PASSWORD.sub(rf"\1:{REDACTED}@", value)
     if isinstance(value, dict):
         return {k: (REDACTED if isinstance(k, str) and any(part in k.lower() for part in _SECRET_NAME_PARTS)
-                    and v is not None else redact_secrets(v)) for k, v in value.items()}
+                    and v is not None and not isinstance(v, bool) and not (isinstance(v, str) and v in _NOT_SECRET)
+                    else redact_secrets(v))
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(redact_secrets(v) for v in value)
     return value

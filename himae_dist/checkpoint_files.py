@@ -46,6 +46,8 @@ def load_weights_only(path: str | os.PathLike, map_location=None, deepspeed: boo
     try:
         with torch.serialization.safe_globals(deepspeed_types() if deepspeed else []):
             return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise  # the file could not be read (I/O, permission): no verdict on what it holds
     except Exception as e:  # noqa: BLE001 (a refused type, a truncated or corrupt file: named, one line)
         raise CheckpointFileError(f"{path}: cannot be read as a weights-only checkpoint file ({_reason(e)}); it holds "
                                   f"something other than tensors and DeepSpeed's own types, or is damaged") from None

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.atomic_write import atomic_path
-from data_prep.storage import StorageError
+from data_prep.storage import StorageError, redact_secrets
 from himae_dist import run_state, weights_export
 from himae_dist.bn_sync import digest as bn_digest
 from himae_dist.bn_sync import restore_batchnorm_stats, sync_batchnorm_stats
@@ -36,6 +36,7 @@ from himae_dist.checkpoint_files import RUN_STATE, CheckpointFileError, load_wei
 from himae_dist.config import TrainConfig, lr_lambda, resolved
 from himae_dist.guards import check_weights_finite
 from himae_dist.model import HiMAE
+from himae_dist.streaming import LoaderState
 
 _FIXED = ("in_chans", "channels", "zero_stage")  # the checkpoint's files cannot be loaded otherwise
 
@@ -106,18 +107,20 @@ def plan_resume(ckpt_dir: Path, mode: str, restart: bool = False, set_aside: boo
 
 
 def _checked(tag_dir: Path) -> tuple[dict | None, str | None]:
-    """(its run state, why it must not be resumed from or None)."""
+    """(its run state, why it must not be resumed from or None). A file that cannot be read at all (an
+    I/O error, a stale NFS handle, no permission) is no verdict on the tag: the start is refused, so a
+    passing filesystem fault never makes a run fall back to an older checkpoint."""
     try:
         state = load_weights_only(tag_dir / RUN_STATE, map_location="cpu", deepspeed=False)
+        if not _is_run_state(state):
+            return None, (f"{tag_dir / RUN_STATE}: not a run state (expected a dict with an integer 'step' >= 0, a "
+                          f"'schedule' dict and 'ranks', one dict with a 'loader' dict per rank)")
+        return state, tag_problem(tag_dir, state)
     except CheckpointFileError as e:
         return None, str(e)
-    if not _is_run_state(state):
-        return None, (f"{tag_dir / RUN_STATE}: not a run state (expected a dict with an integer 'step' >= 0, a "
-                      f"'schedule' dict and 'ranks', one dict with a 'loader' dict per rank)")
-    try:
-        return state, tag_problem(tag_dir, state)
-    except OSError as e:  # unreadable, vanished meanwhile...: this tag is not resumed from
-        return None, f"{tag_dir}: cannot be checked ({type(e).__name__}: {e})"
+    except OSError as e:
+        raise ValueError(f"{tag_dir}: cannot be read ({type(e).__name__}: {e}); not resuming from an older "
+                         f"checkpoint over it: check the filesystem, then run again") from e
 
 
 def _is_run_state(state: object) -> bool:
@@ -151,9 +154,13 @@ def _newest_good(ckpt_dir: Path, tags: list[str], fallback: Path | None = None, 
     if skipped and chosen is None:
         raise ValueError(f"no checkpoint in {ckpt_dir} can be resumed from ({', '.join(skipped)}: damaged, see the "
                          f"warnings above); move them out of {ckpt_dir} to start over, or --resume a good copy")
-    if skipped and set_aside and chosen.parent == ckpt_dir:  # DeepSpeed's pointer, read by load_himae
-        with atomic_path(ckpt_dir / "latest") as tmp:
-            tmp.write_text(chosen.name)
+    if skipped and set_aside:  # DeepSpeed's pointer, read by load_himae: the newest tag left in --out
+        left = run_state.complete_tags(ckpt_dir)
+        if left:
+            with atomic_path(ckpt_dir / "latest") as tmp:
+                tmp.write_text(left[-1])
+        else:
+            (ckpt_dir / "latest").unlink(missing_ok=True)
     return chosen
 
 
@@ -265,15 +272,19 @@ class Checkpointer:
             self.scheduler.lr_lambdas = [f] * len(self.optimizer.param_groups)
             for g in self.optimizer.param_groups:
                 g.update(lr=cfg.lr * f(start), initial_lr=cfg.lr, weight_decay=cfg.weight_decay)
-        counts = [r.get("nonfinite", 0.0) for r in saved["ranks"]]
-        res = Resumed(start=start, stream_seed=cfg.seed + start, nonfinite_all=sum(counts))  # a new stream unless...
-        if len(saved["ranks"]) == world:  # same world size: this rank's stream, RNG, log window and counts continue
-            mine = saved["ranks"][rank]
-            res.loader, res.window, res.nonfinite = mine["loader"], mine.get("window"), counts[rank]
-            res.stream_seed = mine["loader"]["seed"]
-            run_state.set_rng_state(mine["rng"])
-            restore_batchnorm_stats(self.engine.module, mine.get("bn_before_sync", {}))  # its own, as if never saved
-        else:
+        try:  # the run state is input too: a field of the wrong shape is one line naming the file
+            counts = [float(r.get("nonfinite", 0.0)) for r in saved["ranks"]]
+            res = Resumed(start=start, stream_seed=cfg.seed + start, nonfinite_all=sum(counts))  # a new stream unless...
+            if len(saved["ranks"]) == world:  # same world size: this rank's stream, RNG, log window and counts go on
+                mine = saved["ranks"][rank]
+                res.loader, res.window, res.nonfinite = mine["loader"], mine.get("window"), counts[rank]
+                res.stream_seed = LoaderState.from_dict(mine["loader"]).seed
+                run_state.set_rng_state(mine["rng"])
+                restore_batchnorm_stats(self.engine.module, mine.get("bn_before_sync", {}))  # its own, as if never saved
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise ValueError(f"{tag_dir / RUN_STATE}: a malformed run state ({type(e).__name__}: {e}); resume from "
+                             f"another checkpoint (--resume PATH) or move this one out") from e
+        if len(saved["ranks"]) != world:
             res.window, res.nonfinite = {"last_logged": start}, sum(counts) if rank == 0 else 0.0  # rank 0 carries them
             if rank == 0:
                 print(f"[himae-train] world size {len(saved['ranks'])} -> {world}: a new data stream starts "
@@ -322,7 +333,7 @@ class Checkpointer:
         except StorageError as e:
             if not failing_ok:
                 raise
-            print(f"[himae-train] warning: {e}", file=sys.stderr, flush=True)
+            print(redact_secrets(f"[himae-train] warning: {e}"), file=sys.stderr, flush=True)
 
     def _needs_final(self, start: int) -> bool:
         """Rank 0: steps left, or the final weights missing or from another step (a resume to more steps

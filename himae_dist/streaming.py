@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from data_prep.shard_format import MANIFEST, Manifest, ShardFormatError, ShardInfo, parse_manifest, read_shard_blocks
-from data_prep.storage import Folder, StorageError, is_remote
+from data_prep.storage import Folder, StorageError, is_remote, redact_secrets
 
 
 def load_manifest(data: str, storage_options: dict | None = None) -> Manifest:
@@ -224,7 +224,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             if self.strict:
                 raise
             losses.in_a_row += 1
-            print(f"[himae-data] warning: skipping shard {s.url}: {e}", file=sys.stderr, flush=True)
+            print(redact_secrets(f"[himae-data] warning: skipping shard {s.url}: {e}"), file=sys.stderr, flush=True)
             if losses.in_a_row >= len(self.shards):  # a whole epoch's worth: nothing left to train on
                 where = f" in {self.base}" if self.base else ""
                 why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).removeprefix(f"{s.url}: ")

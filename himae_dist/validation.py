@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from data_prep.storage import redact_secrets
 from himae_dist.bn_sync import sync_batchnorm_stats
 from himae_dist.guards import NonFiniteError, bad_rows, describe
 from himae_dist.precision import autocast
@@ -27,7 +28,8 @@ class Validator:
         self.batches: list[torch.Tensor] = []
         if not manifest.splits.get("val"):
             if rank == 0:
-                print(f"[himae-train] warning: {manifest.url} has no val split; validation is off", flush=True)
+                print(f"[himae-train] warning: {redact_secrets(manifest.url)} has no val split; validation is off",
+                      flush=True)
             return
         loader, _ = make_loader(manifest, cfg.micro_batch, seed=cfg.seed, rank=rank, world_size=world,
                                 num_workers=0, shuffle_shards=cfg.shuffle_shards, split="val",

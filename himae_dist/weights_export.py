@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from data_prep.storage import Folder, StorageError
+from data_prep.storage import Folder, StorageError, redact_secrets
 
 FINAL_NAME = "himae_final.pt"
 _STEP = re.compile(r"step_(\d+)\.pt")
@@ -66,6 +66,7 @@ class Exporter:
 
     def __init__(self, out: str | Path, url: str, storage_options: dict | None = None):
         self.out, self.url, self.storage_options = Path(out), url, storage_options
+        self.shown = redact_secrets(url)  # as logs show it
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._again = False
@@ -103,10 +104,10 @@ class Exporter:
             try:
                 sent = sync_exports(self.out, self.url, self.storage_options)
                 if sent:
-                    print(f"[himae-train] exported {len(sent)} file(s) to {self.url}", flush=True)
+                    print(f"[himae-train] exported {len(sent)} file(s) to {self.shown}", flush=True)
             except Exception as e:  # noqa: BLE001 (any failure: warn, the next kick retries)
-                print(f"[himae-train] warning: export to {self.url} failed, retried at the next save: "
-                      f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                print(redact_secrets(f"[himae-train] warning: export to {self.url} failed, retried at the next save: "
+                                     f"{type(e).__name__}: {e}"), file=sys.stderr, flush=True)
             with self._lock:
                 if not self._again:
                     self._thread = None
@@ -124,7 +125,7 @@ class Exporter:
         except Exception as e:  # noqa: BLE001 (one clear error naming the URL)
             raise StorageError(f"export to {self.url} failed at the end of the run: {type(e).__name__}: {e}; "
                                f"a re-run uploads what is missing") from e
-        print(f"[himae-train] exported {len(sent)} file(s) to {self.url}", flush=True)
+        print(f"[himae-train] exported {len(sent)} file(s) to {self.shown}", flush=True)
         return sent
 
 

@@ -43,7 +43,7 @@ def alive_after(pids: list[int], seconds: float) -> list[int]:
     """The pids still running (zombies count as gone) after up to `seconds`, polling."""
     deadline = time.monotonic() + seconds
     while True:
-        alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        alive = [pid for pid in pids if _running(pid)]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.2)
@@ -53,7 +53,16 @@ def wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Proc
     """The processes still alive (zombies count as gone) after up to `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive = [p for p in procs if _running(p)]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.05)
+
+
+def _running(proc: int | psutil.Process) -> bool:
+    """Alive and not a zombie; a process that exits while we look counts as gone."""
+    try:
+        p = proc if isinstance(proc, psutil.Process) else psutil.Process(proc)
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -132,9 +132,10 @@ import deepspeed
 from himae_dist.checkpoint_files import CheckpointFileError
 from himae_dist.config import parse_config
 from himae_dist.model import HiMAE
-from himae_dist.train import build_engine
+from himae_dist.train import _skip_shm_comm_build, build_engine
 from tests.test_checkpoint_trust import _plant
 folder, marker = sys.argv[1], sys.argv[2]
+_skip_shm_comm_build()  # as the trainer: no JIT build of DeepSpeed's CPU comm op
 dist.init_process_group("gloo", rank=0, world_size=1)
 torch.manual_seed(0)
 cfg = parse_config(["--data", "d", "--channels", "8,16", "--zero-stage", "1"])
@@ -167,7 +168,8 @@ def test_deepspeeds_own_loader_reads_weights_only_zero1_included(tmp_path):
     """The engine the trainer builds loads a real ZeRO-1 checkpoint (DeepSpeed's types allowed), and refuses
     a planted pickle in each of its files before any code in it runs: even past the run-state checks."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+           "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
     folder, marker = tmp_path / "ckpt", tmp_path / "MARKER"
     proc = subprocess.run([sys.executable, "-c", ENGINE_LOAD, str(folder), str(marker)], capture_output=True,
                           text=True, timeout=240, env=env)
@@ -177,3 +179,4 @@ def test_deepspeeds_own_loader_reads_weights_only_zero1_included(tmp_path):
     for victim in files:
         assert f"REFUSED {folder / 't' / victim}: cannot be read as a weights-only checkpoint file" in proc.stdout
     assert not marker.exists()
+    assert not (tmp_path / "torch_extensions").exists()  # nothing was compiled (a fresh CI machine would take minutes)

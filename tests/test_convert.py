@@ -473,6 +473,12 @@ def test_a_record_naming_another_shard_is_rebuilt_not_trusted(tmp_path, capsys):
     convert_pretrain(str(index), p)
     assert "rebuilding 1: train/1 (its record says 0 samples, the shard holds 40)" in capsys.readouterr().out
     assert _tree_hashes(tmp_path / "o") == before
+    for lie, why in ((1, "its record says 1 samples, the shard holds 40"), (None, "unreadable record")):
+        (parts / "train-000001.json").write_text(json.dumps({**forged, "n_samples": lie}))
+        (tmp_path / "o" / "manifest.json").unlink()
+        convert_pretrain(str(index), p)
+        assert f"rebuilding 1: train/1 ({why})" in capsys.readouterr().out
+        assert _tree_hashes(tmp_path / "o") == before
 
 
 def test_damaged_records_are_rebuilt_and_a_damaged_plan_is_named(tmp_path):
