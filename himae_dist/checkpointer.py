@@ -39,6 +39,7 @@ from himae_dist.model import HiMAE
 from himae_dist.streaming import LoaderState
 
 _FIXED = ("in_chans", "channels", "zero_stage")  # the checkpoint's files cannot be loaded otherwise
+_HOW_SPLIT = ("world_size", "grad_accum")  # may change while the global batch stays
 
 
 def resume_refusal(saved: dict, now: dict, allow_change: bool) -> tuple[dict, str | None]:
@@ -49,6 +50,10 @@ def resume_refusal(saved: dict, now: dict, allow_change: bool) -> tuple[dict, st
     are per rank); everything else may with --allow-schedule-change.
     """
     changed = {k: (saved[k], v) for k, v in now.items() if k in saved and _plain(saved[k]) != _plain(v)}
+    if "global_batch" in saved:  # the data order and the schedule follow the global batch, not how it is split
+        for k in _HOW_SPLIT:
+            if k in changed and not (k == "world_size" and now["zero_stage"] > 0):
+                del changed[k]
     fixed = {k: changed[k] for k in _FIXED if k in changed}
     if now["zero_stage"] > 0 and "world_size" in changed:
         fixed["world_size"] = changed["world_size"]
@@ -203,7 +208,7 @@ class Resumed:
     """Where this rank goes on from: the step, and its saved stream, log window and guard counts."""
 
     start: int = 0
-    loader: dict | None = None  # this rank's LoaderState, or None for a new stream
+    loader: dict | None = None  # the stream's LoaderState (every rank's failed reads), or None for a new stream
     stream_seed: int = 0
     window: dict | None = None
     nonfinite: float = 0.0  # this rank's dropped non-finite samples so far
@@ -274,11 +279,15 @@ class Checkpointer:
                 g.update(lr=cfg.lr * f(start), initial_lr=cfg.lr, weight_decay=cfg.weight_decay)
         try:  # the run state is input too: a field of the wrong shape is one line naming the file
             counts = [float(r.get("nonfinite", 0.0)) for r in saved["ranks"]]
-            res = Resumed(start=start, stream_seed=cfg.seed + start, nonfinite_all=sum(counts))  # a new stream unless...
-            if len(saved["ranks"]) == world:  # same world size: this rank's stream, RNG, log window and counts go on
+            res = Resumed(start=start, stream_seed=cfg.seed + start, nonfinite_all=sum(counts))
+            # The stream's position is global (any world size goes on from it); failed reads: every rank's.
+            res.loader = dict(saved["ranks"][0]["loader"])
+            if "readers" in res.loader:
+                res.loader["failed"] = LoaderState.merge_failed([r["loader"] for r in saved["ranks"]])
+                res.stream_seed = LoaderState.from_dict(res.loader).seed
+            if len(saved["ranks"]) == world:  # same world size: this rank's RNG, log window and counts go on
                 mine = saved["ranks"][rank]
-                res.loader, res.window, res.nonfinite = mine["loader"], mine.get("window"), counts[rank]
-                res.stream_seed = LoaderState.from_dict(mine["loader"]).seed
+                res.window, res.nonfinite = mine.get("window"), counts[rank]
                 run_state.set_rng_state(mine["rng"])
                 restore_batchnorm_stats(self.engine.module, mine.get("bn_before_sync", {}))  # its own, as if never saved
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
@@ -287,8 +296,8 @@ class Checkpointer:
         if len(saved["ranks"]) != world:
             res.window, res.nonfinite = {"last_logged": start}, sum(counts) if rank == 0 else 0.0  # rank 0 carries them
             if rank == 0:
-                print(f"[himae-train] world size {len(saved['ranks'])} -> {world}: a new data stream starts "
-                      f"(seed {res.stream_seed})", flush=True)
+                print(f"[himae-train] world size {len(saved['ranks'])} -> {world}: the data stream goes on at its "
+                      f"global position", flush=True)
         if rank == 0:
             run_state.truncate_metrics(self.out / "metrics.jsonl", start)
             print(f"[himae-train] resumed from {tag_dir} at step {start}", flush=True)

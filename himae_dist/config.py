@@ -38,7 +38,16 @@ def _opt(default, section: str, help: str, choices: tuple | None = None, metavar
 @dataclass
 class TrainConfig:
     # data
-    data: str = _opt("", "data", "manifest.json (path or URL) or the folder holding it", metavar="URL")
+    data: str | list = _opt("", "data", "manifest.json (path or URL) or the folder holding it; repeat it to mix "
+                            "several sources (TOML: a list, or [[data.sources]] tables)", metavar="URL")
+    weights: tuple[float, ...] | None = _opt(None, "data", "each --data source's share of every global batch, "
+                                             "comma-separated (default: equal), e.g. 0.7,0.3", metavar="W1,W2,...")
+    sources: list | None = _opt(None, "data", "the sources as a list of {url, weight} (TOML: [[data.sources]] "
+                                "tables; a flag takes JSON); instead of --data and --weights", metavar="JSON")
+    stream_readers: int = _opt(0, "data", "canonical readers of the data stream; with --seed, --shuffle-shards, "
+                               "the global batch and the sources it fixes the sample order on any world size or "
+                               "worker count (default: world size x max(1, --num-workers) at the run's first "
+                               "start, then kept)")
     storage_options: dict | None = _opt(None, "data", "fsspec options for s3:// data and --export-url, as a JSON "
                                         "object (e.g. '{\"anon\": false}')")
     num_workers: int = _opt(4, "data", "DataLoader workers per rank (pinned memory on CUDA)")
@@ -70,7 +79,10 @@ class TrainConfig:
                                "(CPU always)")
     # optim
     micro_batch: int = _opt(64, "optim", "segments per micro-batch, per rank")
-    grad_accum: int = _opt(1, "optim", "micro-batches per optimizer step")
+    grad_accum: int = _opt(1, "optim", "micro-batches per optimizer step (with --global-batch: derived from it)")
+    global_batch: int = _opt(0, "optim", "samples per optimizer step over all ranks, fixed across world sizes: "
+                             "--grad-accum = it / (world size x --micro-batch), which must be whole (0 = --micro-batch "
+                             "x --grad-accum x world size)")
     steps: int = _opt(1000, "optim", "optimizer steps of the whole run")
     lr: float = _opt(1e-3, "optim", "peak AdamW learning rate")
     weight_decay: float = _opt(1e-3, "optim", "AdamW weight decay")
@@ -116,8 +128,12 @@ class TrainConfig:
         def bad(name: str, want: str) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: expected {want}")
 
-        if not self.data:
-            bad("data", "a manifest.json path/URL or the folder holding it")
+        try:
+            self.data_sources()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.global_batch < 0 or self.stream_readers < 0:
+            bad("global_batch" if self.global_batch < 0 else "stream_readers", "an integer >= 0 (0 = the default)")
         for name in ("micro_batch", "grad_accum", "steps", "patch_size", "in_chans", "log_every", "shuffle_shards"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
@@ -159,6 +175,34 @@ class TrainConfig:
         if self.num_workers < 0 or self.save_every < 0:
             bad("num_workers" if self.num_workers < 0 else "save_every", "an integer >= 0")
 
+    def data_sources(self) -> list[tuple[str, float]]:
+        """(manifest URL, weight) of every source: --data (repeated) with --weights, or `sources`."""
+        urls = [self.data] if isinstance(self.data, str) else list(self.data)
+        urls = [u for u in urls if u]
+        if self.sources:
+            if urls or self.weights:
+                raise ValueError("give the sources either as [data] sources ([[data.sources]], --sources) or as "
+                                 "--data/--weights, not both")
+            out = []
+            for i, src in enumerate(self.sources):
+                if not (isinstance(src, dict) and isinstance(src.get("url"), str) and src["url"]
+                        and set(src) <= {"url", "weight"}):
+                    raise ValueError(f"sources[{i}] = {src!r}: expected a table with a url and, optionally, a weight")
+                w = src.get("weight", 1.0)
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
+                    raise ValueError(f"sources[{i}].weight = {w!r}: expected a number > 0")
+                out.append((src["url"], float(w)))
+            return out
+        if not urls:
+            raise ValueError("--data='': expected a manifest.json path/URL or the folder holding it")
+        weights = list(self.weights) if self.weights else [1.0] * len(urls)
+        if len(weights) != len(urls):
+            raise ValueError(f"--weights={','.join(map(str, weights))}: {len(weights)} weight(s) for {len(urls)} "
+                             f"--data source(s); give one per source")
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(f"--weights={','.join(map(str, weights))}: expected numbers > 0")
+        return list(zip(urls, weights))
+
     @property
     def warmup_steps(self) -> int:
         return int(round(self.warmup_frac * self.steps))
@@ -186,19 +230,38 @@ def _int_list(s: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 16,32,64, got {s!r}") from None
 
 
+def _float_list(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(c) for c in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.7,0.3, got {s!r}") from None
+
+
+def _json_list(s: str) -> list:
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON list, got {s!r} ({e})") from None
+    if not isinstance(v, list):
+        raise argparse.ArgumentTypeError(f"expected a JSON list, got {type(v).__name__}")
+    return v
+
+
 def _base_type(tp: object) -> object:
-    """bool, int, float, str, dict or tuple for a field's annotation (Optional stripped)."""
+    """bool, int, float, str, dict, tuple (of ints), "floats" or list for a field's annotation (Optional stripped)."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is tuple:
-        return tuple
+        return "floats" if typing.get_args(tp)[0] is float else tuple
     if args and typing.get_origin(tp) is not tuple:
         return _base_type(args[0])
     return tp
 
 
-_FLAG_TYPE = {bool: _strict_bool, int: int, float: float, str: str, dict: json_object, tuple: _int_list}
+_FLAG_TYPE = {bool: _strict_bool, int: int, float: float, str: str, dict: json_object, tuple: _int_list,
+              "floats": _float_list, list: _json_list}
 _WANT = {bool: "true or false (a boolean, not a string)", int: "an integer", float: "a number", str: "a string",
-         dict: "a table/object of fsspec options", tuple: "a list of integers such as [16, 32, 64]"}
+         dict: "a table/object of fsspec options", tuple: "a list of integers such as [16, 32, 64]",
+         "floats": "a list of numbers such as [0.7, 0.3]", list: "a list", "strs": "a string or a list of strings"}
 
 
 def _shown(v: object) -> str:
@@ -227,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         tp, choices = _base_type(hints[f.name]), f.metadata["choices"]
         kw: dict = {"dest": f.name, "type": _FLAG_TYPE[tp], "default": None}
+        if f.name == "data":
+            kw["action"] = "append"  # several sources: --data A --data B (URLs hold colons and commas)
         if tp is bool:
             kw.update(nargs="?", const=True, metavar="{true,false}")
         elif f.metadata["metavar"]:
@@ -287,17 +352,23 @@ def _read_config_file(path: str) -> dict:
 def _checked(v: object, hint: object, where: str) -> object:
     """v as the field's type, or a ConfigError: no string taken for a boolean or number."""
     tp = _base_type(hint)
+    if tp is str and list in typing.get_args(hint):  # data: one URL or a list of them
+        tp = "strs"
     optional = type(None) in typing.get_args(hint)
     if v is None and optional:
         return None
+    num = (int, float)
     ok = {bool: lambda: isinstance(v, bool),
+          "strs": lambda: isinstance(v, str) or (isinstance(v, list) and all(isinstance(c, str) for c in v)),
+          "floats": lambda: isinstance(v, list) and all(isinstance(c, num) and not isinstance(c, bool) for c in v),
+          list: lambda: isinstance(v, list),
           int: lambda: isinstance(v, int) and not isinstance(v, bool),
           float: lambda: isinstance(v, (int, float)) and not isinstance(v, bool),
           str: lambda: isinstance(v, str), dict: lambda: isinstance(v, dict),
           tuple: lambda: isinstance(v, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in v)}[tp]()
     if not ok:
         raise ConfigError(f"{where} = {json.dumps(v, default=str)}: expected {_WANT[tp]}")
-    return float(v) if tp is float else tuple(v) if tp is tuple else v
+    return float(v) if tp is float else tuple(v) if tp is tuple else tuple(map(float, v)) if tp == "floats" else v
 
 
 def parse_cli(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -306,6 +377,8 @@ def parse_cli(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Name
     values: dict = _read_config_file(ns.config) if ns.config else {}
     skip = ("config", "local_rank", "dry_run")
     values.update({k: v for k, v in vars(ns).items() if v is not None and k not in skip})
+    if isinstance(values.get("data"), list) and len(values["data"]) == 1:
+        values["data"] = values["data"][0]  # one source: a plain URL, as before
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg, argparse.Namespace(**{k: getattr(ns, k) for k in skip})
@@ -394,6 +467,24 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def for_world(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """The config on `world_size` ranks: with --global-batch, --grad-accum derived from it (refused, with the
+    numbers, where it is not whole or contradicts an explicit --grad-accum)."""
+    if not cfg.global_batch:
+        return cfg
+    per_step = world_size * cfg.micro_batch
+    accum, rest = divmod(cfg.global_batch, per_step)
+    if rest or not accum:
+        raise ConfigError(f"--global-batch={cfg.global_batch} is not a whole number of micro-batches: {world_size} "
+                          f"rank(s) x --micro-batch {cfg.micro_batch} = {per_step} per accumulation step "
+                          f"({cfg.global_batch / per_step:g}); pick a global batch that is a multiple of {per_step}, "
+                          f"or another --micro-batch or world size")
+    if cfg.grad_accum not in (1, accum):
+        raise ConfigError(f"--grad-accum={cfg.grad_accum} but --global-batch={cfg.global_batch} on {world_size} "
+                          f"rank(s) x --micro-batch {cfg.micro_batch} needs {accum}; leave --grad-accum out")
+    return dataclasses.replace(cfg, grad_accum=accum)
+
+
 def schedule_params(cfg: TrainConfig, world_size: int, precision: str | None = None,
                     loss_impl: str | None = None) -> dict:
     """What a checkpoint records of the run; a resume with other values is no longer exact (`checkpointer.resume_refusal`).
@@ -404,6 +495,7 @@ def schedule_params(cfg: TrainConfig, world_size: int, precision: str | None = N
     """
     return {"steps": cfg.steps, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps,
             "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "world_size": world_size,
+            "global_batch": cfg.micro_batch * cfg.grad_accum * world_size,
             "seed": cfg.seed, "mask_ratio": cfg.mask_ratio, "patch_size": cfg.patch_size,
             "grad_clip": cfg.grad_clip, "precision": precision or cfg.precision, "loss_impl": loss_impl or cfg.loss_impl,
             "in_chans": cfg.in_chans, "channels": list(cfg.channels), "zero_stage": cfg.zero_stage,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data_prep.storage import out_problem
+from data_prep.storage import out_problem, redact_secrets
 from himae_dist.checkpointer import plan_resume, read_init_weights
-from himae_dist.config import TrainConfig, deepspeed_config, resolved
-from himae_dist.streaming import check_shards, load_manifest
+from himae_dist.config import TrainConfig, deepspeed_config, for_world, resolved
+from himae_dist.streaming import check_shards, load_manifest, make_loader, source_counts
 from kernels.masked_mse_reference import check_masking_args
 
 
@@ -22,22 +22,41 @@ def describe(cfg: TrainConfig, world: int) -> str:
     problem = out_problem(Path(cfg.out))
     if problem:
         raise ValueError(problem)
+    cfg = for_world(cfg, world)  # --global-batch: refused here too where it does not split
     deepspeed_config(cfg, world)  # a --ds-config that contradicts a flag is refused here too
-    manifest = load_manifest(cfg.data, cfg.storage_options)
-    if manifest.channels != cfg.in_chans:
-        raise ValueError(f"--in-chans={cfg.in_chans} but {manifest.url} holds {manifest.channels}-channel segments")
+    sources = cfg.data_sources()
+    manifests = [load_manifest(url, cfg.storage_options) for url, _ in sources]
+    for m in manifests:
+        if m.channels != cfg.in_chans:
+            raise ValueError(f"--in-chans={cfg.in_chans} but {redact_secrets(m.url)} holds {m.channels}-channel "
+                             f"segments")
+    manifest = manifests[0]
     check_masking_args(manifest.length, cfg.patch_size, cfg.mask_ratio)
+    global_batch = cfg.micro_batch * cfg.grad_accum * world
+    make_loader(manifests, cfg.micro_batch, cfg.seed, 0, world, global_batch=global_batch,  # refuses what the start
+                weights=[w for _, w in sources], shuffle_shards=cfg.shuffle_shards)  # would (nothing is read)
+    counts = source_counts([w for _, w in sources], global_batch)
     train = manifest.shards("train")
     n_train = sum(s.n_samples for s in train)
-    global_batch = cfg.micro_batch * cfg.grad_accum * world
     samples = global_batch * cfg.steps
+    split = (f"--global-batch {global_batch} = " if cfg.global_batch else f"global batch {global_batch} = ") + (
+        f"--micro-batch {cfg.micro_batch} x --grad-accum {cfg.grad_accum} x {world} rank(s)")
     lines = ["[himae-train] dry run: nothing is written and no engine is started", "resolved config:", resolved(cfg),
-             f"world size {world} (WORLD_SIZE), global batch {global_batch} = --micro-batch {cfg.micro_batch} x "
-             f"--grad-accum {cfg.grad_accum} x {world} rank(s)",
-             f"data: {manifest.url}: {len(train)} train shard(s), {n_train} segments of {manifest.length} samples x "
-             f"{manifest.channels} channel(s)",
-             f"--steps {cfg.steps} x {global_batch} = {samples} segments: "
-             + (f"{samples / n_train:.2f} epochs of the train split" if n_train else "the train split is empty")]
+             f"world size {world} (WORLD_SIZE), {split}",
+             f"data order: fixed by --seed {cfg.seed}, --shuffle-shards {cfg.shuffle_shards}, the global batch, "
+             f"the sources and --stream-readers "
+             f"{cfg.stream_readers or f'(the first start: {world} x max(1, --num-workers) = {world * max(1, cfg.num_workers)})'}"]
+    if len(manifests) > 1:
+        for m, (_, w), n in zip(manifests, sources, counts):
+            size = m.n_samples("train")
+            lines.append(f"source {redact_secrets(m.url)}: weight {w:g}, {n} of {global_batch} samples per global "
+                         f"batch, {len(m.shards('train'))} train shard(s), {size} segments: "
+                         + (f"{n * cfg.steps / size:.2f} epochs at --steps {cfg.steps}" if size else "empty"))
+    lines += [f"data: {redact_secrets(manifest.url)}: {len(train)} train shard(s), {n_train} segments of "
+              f"{manifest.length} samples x {manifest.channels} channel(s)",
+              f"--steps {cfg.steps} x {global_batch} = {samples} segments: "
+              + (f"{counts[0] * cfg.steps / n_train:.2f} epochs of the train split" if n_train
+                 else "the train split is empty")]
     names = [s.name for s in train]
     lines.append("train shards: " + ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else ""))
     broken = check_shards(manifest, "train", cfg.storage_options)

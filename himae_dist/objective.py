@@ -25,14 +25,18 @@ class ReferenceObjective:
     impl = "reference"  # what --loss-impl resolved to (recorded in checkpoints)
     apply_tanh = True  # the model returns tanh(logits); the loss compares that to the input
 
-    def __init__(self, patch_size: int, ratio: float, base_seed: int, rank: int):
+    def __init__(self, patch_size: int, ratio: float, base_seed: int, rank: int, grad_accum: int = 1):
         self.patch_size, self.ratio, self.base_seed, self.rank = patch_size, ratio, base_seed, rank
+        self.grad_accum = grad_accum
 
     def mask(
         self, x: torch.Tensor, step: int, micro: int, out_dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked x in out_dtype (default x's), mask [B, 1, L])."""
-        gen = torch.Generator(device=x.device).manual_seed(mask_seed(self.base_seed, step, self.rank, micro))
+        # seeded by the micro-batch's place in the global batch (rank r holds micro-batches r * accum ...): the
+        # same rows get the same masks on any world size with the same --micro-batch
+        gen = torch.Generator(device=x.device).manual_seed(
+            mask_seed(self.base_seed, step, self.rank * self.grad_accum + micro))
         x_masked, mask = mask_input(x, self.patch_size, self.ratio, gen)  # mask [B, 1, L]
         return x_masked.to(out_dtype or x.dtype), mask
 
@@ -41,25 +45,36 @@ class ReferenceObjective:
         """Masked MSE over the kept samples (keep [B] bool; all when None); 0 when none is kept."""
         return masked_mse(recon, x, mask if keep is None else mask * keep[:, None, None])
 
+    def row_losses(self, recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return row_sse(recon, x, mask)
+
+
+def row_sse(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(squared error over each row's masked samples [B], their count [B]), fp32 on the device, no host sync.
+    pred, x [B, C, L]; mask [B, 1, L] (1 = masked). For per-source losses: sum(sse) / sum(n) of a source's rows."""
+    m = mask.expand_as(pred).to(torch.float32)
+    sq = (pred.detach().to(torch.float32) - x.to(torch.float32)).pow(2)
+    return (sq * m).sum((1, 2)), m.sum((1, 2))
+
 
 class FusedObjective:
     impl = "fused"
     apply_tanh = False  # the loss kernel applies tanh itself
 
-    def __init__(self, patch_size: int, ratio: float, base_seed: int, rank: int, world_size: int):
+    def __init__(self, patch_size: int, ratio: float, base_seed: int, rank: int, world_size: int, grad_accum: int = 1):
         from kernels import masked_mse_triton
 
         self.k = masked_mse_triton
         self.patch_size, self.ratio, self.base_seed = patch_size, ratio, base_seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
 
     def mask(
         self, x: torch.Tensor, step: int, micro: int, out_dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked x written by the kernel in out_dtype, patch mask int8 [B, P])."""
-        # One seed per step for all ranks; each sample keyed by its position in the global batch
-        # (micro-batch, rank, row), so a position's mask does not depend on the world size.
-        offset = (micro * self.world_size + self.rank) * x.shape[0]
+        # One seed per step for all ranks; each sample keyed by its row in the global batch, so a
+        # row's mask does not depend on the world size (nor on how the batch is split into micro-batches).
+        offset = (self.rank * self.grad_accum + micro) * x.shape[0]  # rank r holds rows [r G/W, (r+1) G/W)
         seed = mask_seed(self.base_seed, step)
         return self.k.fused_patch_mask(x, self.patch_size, self.ratio, seed, offset, out_dtype=out_dtype)
 
@@ -72,9 +87,15 @@ class FusedObjective:
         loss = self.k.fused_masked_mse(logits, x, pmask * keep[:, None], self.patch_size, self.ratio, apply_tanh=True)
         return loss * (len(keep) / keep.sum().clamp_min(1))
 
+    def row_losses(self, logits: torch.Tensor, x: torch.Tensor, pmask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As the reference's (tanh applied here); pmask [B, P] int8 -> [B, 1, L]."""
+        mask = pmask.repeat_interleave(x.shape[-1] // pmask.shape[1], dim=1)[:, None, :]
+        return row_sse(torch.tanh(logits.detach().float()), x, mask)
+
 
 def make_objective(
-    impl: str, device: torch.device, patch_size: int, ratio: float, base_seed: int, rank: int, world_size: int
+    impl: str, device: torch.device, patch_size: int, ratio: float, base_seed: int, rank: int, world_size: int,
+    grad_accum: int = 1,
 ) -> ReferenceObjective | FusedObjective:
     if impl == "auto":
         impl = "fused" if device.type == "cuda" and _triton_available() else "reference"
@@ -88,8 +109,8 @@ def make_objective(
             )
         if not _triton_available():
             raise ValueError("--loss-impl=fused needs triton; pip install triton (CUDA torch builds ship it)")
-        return FusedObjective(patch_size, ratio, base_seed, rank, world_size)
-    return ReferenceObjective(patch_size, ratio, base_seed, rank)
+        return FusedObjective(patch_size, ratio, base_seed, rank, world_size, grad_accum)
+    return ReferenceObjective(patch_size, ratio, base_seed, rank, grad_accum)
 
 
 def _triton_available() -> bool:

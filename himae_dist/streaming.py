@@ -1,31 +1,35 @@
-"""Streams format-v2 shards (data_prep/shard_format.py) into training batches.
+"""Streams format-v2 shards (data_prep/shard_format.py) into training batches, in an order that
+does not depend on the world size or the DataLoader worker count.
 
-Every reader (rank x DataLoader worker) walks one deterministic, endless sequence of shards:
-the epochs' seeded shard permutations laid end to end, reader r taking items r, r + R, r + 2R...
-(R readers). So every rank yields batches forever: equal batch counts on every rank whatever
-the shard count or sizes, even with fewer shards than readers (then a shard feeds several
-readers in one epoch); the trainer decides how many steps to take.
-
-Shuffle: a reader loads `shuffle_shards` shards at once (whole shards, thousands of segments,
-each already a seeded global sample of the corpus), permutes their segments with a seed of its
-own and cuts batches from them. Because that pool is a pure function of (seed, reader, group),
-the stream position is just the number of batches a rank has consumed: `LoaderState` holds it,
-and a loader built with a state skips straight there using the manifest's shard sizes, without
-reading the skipped data.
+The stream is a sequence of *global* batches of `global_batch` samples. Its rows come from a fixed
+number of canonical readers (`readers`, fixed for a run like the seed): reader c of source s walks
+one deterministic, endless sequence of that source's shards (the epochs' seeded permutations laid
+end to end, items c, c + R, c + 2R... of R readers), loads `shuffle_shards` shards at once,
+permutes their segments with a seed of its own and hands out its next rows. Each global batch
+holds every source's exact share (`source_counts`, largest remainder of the weights), striped over
+the readers (`batch_layout`), in row order reader-major then source. Rank r of W takes rows
+[r G/W, (r + 1) G/W) and cuts them into micro-batches; its DataLoader workers each build a
+contiguous run of the rank's (source, reader) parts. A reader whose part straddles two ranks is
+read by both (each keeps its own rows); its reads are counted on the first. So the samples of
+global batch b, and their order, are a pure function of (seed, readers, shuffle_shards,
+global_batch, the sources and their weights): the world size, the micro-batch and the worker count
+may change between runs and on resume. The stream position is the number of global batches
+consumed (`LoaderState.batches`); a resumed reader skips straight there using the manifest's shard
+sizes, without reading the skipped data. Each source runs its own epochs: a small source repeats,
+a large one need not finish.
 
 Faults: shards listed in the manifest but missing or of the wrong size are found at start
 (`check_shards`, one listing per split); a shard that fails mid-run (after retries; with
 `verify`, also a sha256 mismatch) is skipped with a warning, or is fatal with `strict=True`.
-A skipped read is on the record, not only on stderr: every batch names its reader, the reads that
-reader has made (a pure function of position), the positions of its failed reads and the segments
-they held, so the trainer can report the loss and abort past a failure rate (`StreamProgress`
-folds the consumed batches into those numbers). The saved `LoaderState.failed` keeps each
-reader's failed positions: a failed read delivered nothing, so the skip-ahead counts it as 0
-samples, and a resumed reader does not read a recorded-failed position again (even if the shard
-has been repaired since), so the resumed stream is exactly the uninterrupted one. When a whole
-epoch's worth of reads fails in a row, the reader stops with `DataLostError` instead of spinning.
+A skipped read is on the record, not only on stderr: every batch carries, for the readers this
+rank counts, the reads made (a pure function of position), the positions of the failed reads and
+the segments they held, so the trainer can report the loss and abort past a failure rate
+(`StreamProgress`). The saved `LoaderState.failed` keeps each reader's failed positions: a failed
+read delivered nothing, so the skip-ahead counts it as 0 samples, and a resumed reader does not
+read a recorded-failed position again (even if the shard has been repaired since), so the resumed
+stream is exactly the uninterrupted one. When a whole epoch's worth of reads fails in a row, the
+reader stops with `DataLostError` instead of spinning.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -64,32 +68,115 @@ def check_shards(manifest: Manifest, split: str = "train", storage_options: dict
     return problems
 
 
+def source_counts(weights: list[float], global_batch: int) -> list[int]:
+    """Samples of each source in every global batch: weight x global batch, rounded by largest
+    remainder (ties to the earlier source), so the counts sum to the global batch exactly."""
+    w = np.asarray(weights, dtype=float)
+    if w.ndim != 1 or not len(w) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError(f"source weights {list(weights)}: expected one positive number per source")
+    raw = w / w.sum() * global_batch
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[:global_batch - int(counts.sum())]:
+        counts[i] += 1
+    return [int(n) for n in counts]
+
+
+def batch_layout(counts: list[int], readers: int) -> list[tuple[int, int, int]]:
+    """(source, reader, rows) parts of a global batch in row order: reader-major, then source.
+
+    Source s holds slots [sum(counts[:s]), sum(counts[:s + 1])) of the batch; slot t goes to reader
+    t % readers, so every reader carries about counts[s] / readers of each source and the readers'
+    totals differ by at most one row.
+    """
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    parts = []
+    for c in range(readers):
+        for s in range(len(counts)):
+            lo, hi = int(starts[s]), int(starts[s + 1])
+            n = (hi - 1 - c) // readers - (lo - 1 - c) // readers  # slots t in [lo, hi) with t % readers == c
+            if n:
+                parts.append((s, c, n))
+    return parts
+
+
+@dataclass(frozen=True)
+class Part:
+    """One (source, reader) stream as a rank sees it: `rows` per global batch, of which it keeps [lo, hi);
+    `counted`: this rank holds the part's first row, so its reads count here (each read counts once)."""
+
+    source: int
+    reader: int
+    rows: int
+    lo: int
+    hi: int
+    counted: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}:{self.reader}"
+
+
+def rank_parts(counts: list[int], readers: int, rank: int, world_size: int) -> list[Part]:
+    """The parts rank `rank` reads, in row order: those overlapping its rows [r G/W, (r + 1) G/W)."""
+    G = sum(counts)
+    if G % world_size:
+        raise ValueError(f"a global batch of {G} samples does not split evenly over {world_size} ranks")
+    mine_lo, mine_hi = rank * G // world_size, (rank + 1) * G // world_size
+    parts, row = [], 0
+    for s, c, n in batch_layout(counts, readers):
+        lo, hi = max(row, mine_lo), min(row + n, mine_hi)
+        if lo < hi:
+            parts.append(Part(s, c, n, lo - row, hi - row, counted=row >= mine_lo))
+        row += n
+    return parts
+
+
 @dataclass(frozen=True)
 class LoaderState:
-    """Where a rank's stream stands: batches consumed, and what must match to continue it exactly."""
+    """Where the stream stands (global batches consumed) and what must match to continue it exactly.
+
+    Nothing here depends on the world size, the micro-batch or the worker count. `sources` holds,
+    per source, [shard count, samples per global batch, preprocessing record]; `failed`, per
+    reader key "source:reader", the read positions k (group * shuffle_shards + slot) that failed:
+    the skip-ahead needs what was actually read, not the manifest's sizes. Plain ints, strs, lists
+    and dicts, so it survives torch.load(weights_only=True).
+    """
 
     batches: int
     seed: int
-    world_size: int
-    num_workers: int
-    batch_size: int
+    readers: int
+    global_batch: int
     shuffle_shards: int
-    n_shards: int
+    sources: list
     split: str = "train"
-    # reader id -> positions k (group * shuffle_shards + slot) of its reads that failed: the
-    # skip-ahead needs what was actually read, not the manifest's sizes. Plain ints, lists and a
-    # dict, so it survives torch.load(weights_only=True).
     failed: dict = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def stream(self) -> dict:
+        """What identifies the stream (all but the position and the failed reads)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("batches", "failed")}
+
     @classmethod
     def from_dict(cls, d: dict) -> "LoaderState":
-        """Also takes a dict saved before `failed` existed, or one whose keys went through JSON (str)."""
+        """A saved state (keys through JSON too); one saved before global order (per-rank streams) is refused."""
+        if not isinstance(d, dict) or "readers" not in d:
+            raise ValueError("the saved data position is a per-rank stream of an older himae-dist; "
+                             "it cannot be continued in the world-size-independent order")
         d = dict(d)
-        d["failed"] = {int(r): sorted(int(k) for k in ks) for r, ks in (d.get("failed") or {}).items()}
+        d["failed"] = {str(r): sorted(int(k) for k in ks) for r, ks in (d.get("failed") or {}).items()}
+        d["sources"] = [list(x) for x in d["sources"]]
         return cls(**d)
+
+    @staticmethod
+    def merge_failed(states: list[dict]) -> dict:
+        """The failed reads of every rank's saved state (a part two ranks read is recorded by both)."""
+        out: dict[str, set] = {}
+        for st in states:
+            for r, ks in (st.get("failed") or {}).items():
+                out.setdefault(str(r), set()).update(int(k) for k in ks)
+        return {r: sorted(ks) for r, ks in sorted(out.items())}
 
 
 class DataLostError(ValueError):
@@ -99,23 +186,23 @@ class DataLostError(ValueError):
     """
 
 
-def reader_shards(n_shards: int, reader: int, n_readers: int, seed: int, start: int = 0):
-    """Endless shard indices for one reader: epoch permutations end to end, every n_readers-th item."""
+def reader_shards(n_shards: int, reader: int, n_readers: int, seed: int, start: int = 0, source: int = 0):
+    """Endless shard indices for one reader of a source: epoch permutations end to end, every n_readers-th item."""
     k = reader + start * n_readers
     cache: dict[int, np.ndarray] = {}
     while True:
         epoch, i = divmod(k, n_shards)
         if epoch not in cache:
             cache.clear()
-            cache[epoch] = np.random.default_rng([seed, epoch]).permutation(n_shards)
+            cache[epoch] = np.random.default_rng([seed, epoch, source] if source else [seed, epoch]).permutation(n_shards)
         yield int(cache[epoch][i])
         k += n_readers
 
 
-def _groups(n_shards: int, reader: int, n_readers: int, seed: int,
-            shuffle_shards: int) -> Iterator[tuple[int, list[int]]]:
+def _groups(n_shards: int, reader: int, n_readers: int, seed: int, shuffle_shards: int,
+            source: int = 0) -> Iterator[tuple[int, list[int]]]:
     """(g, shard indices) of a reader's groups: slot j of group g is read position g * shuffle_shards + j."""
-    order = reader_shards(n_shards, reader, n_readers, seed)
+    order = reader_shards(n_shards, reader, n_readers, seed, source=source)
     g = 0
     while True:
         yield g, [next(order) for _ in range(shuffle_shards)]
@@ -177,38 +264,29 @@ class _ReadAhead:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-class ShardStream(torch.utils.data.IterableDataset):
-    """Endless batches from this rank's readers.
+class _PartReader:
+    """One (source, reader) stream: its next `part.rows` samples for each global batch from `start` on.
 
-    Each is {signal [B, C, L], key [B], shard [B], reader, reads, failed, lost_segments}: the reader
-    that cut it, the shard reads that reader made up to and including the batch's group
-    ((g + 1) * shuffle_shards), the positions of its failed reads so far (a tuple, ascending,
-    restored ones included) and the manifest's segment count over them.
-    `failed` (LoaderState.failed) holds the failed read positions recorded by the run resumed from.
+    Yields ((signal [n, C, L], key [n], shard [n] global index), (reads, failed positions, lost segments)).
     """
 
-    def __init__(self, shards: list[ShardInfo], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle_shards: int = 4, storage_options: dict | None = None, strict: bool = False,
-                 start_batches: int = 0, verify: bool = False, failed: dict | None = None, base: str | None = None,
-                 prefetch_mb: int = 256, prefetch_reads: int = 8):
-        if not shards:
-            raise ValueError("no shards to read: the manifest lists none for this split")
-        self.shards, self.batch_size, self.seed = shards, batch_size, seed
-        self.rank, self.world_size, self.shuffle_shards = rank, world_size, max(1, shuffle_shards)
-        self.storage_options, self.strict, self.verify = storage_options, strict, verify
-        self.start_batches = start_batches
-        self.failed = {int(r): frozenset(int(k) for k in ks) for r, ks in (failed or {}).items()}
-        self.base = base  # the manifest's folder, named when everything fails
-        # remote shards: reads kept in flight per reader, within this many bytes (at least one shard);
-        # prefetch_reads=0 reads each shard when it is needed
-        self.prefetch_bytes, self.prefetch_reads = prefetch_mb * 2**20, max(0, prefetch_reads)
+    def __init__(self, ds: "ShardStream", part: Part, start: int, prefetch_reads: int):
+        self.ds, self.part, self.start = ds, part, start
+        self.shards = ds.sources[part.source]
+        self.offset = ds.offsets[part.source]  # this source's first index in the trainer's list of all shards
+        self.recorded = ds.failed.get(part.key, frozenset())
+        self.prefetch_reads = prefetch_reads
+
+    def _groups(self):
+        return _groups(len(self.shards), self.part.reader, self.ds.readers, self.ds.seed, self.ds.shuffle_shards,
+                       self.part.source)
 
     def _fetch(self, idx: int):
         """The shard's bytes: remotely one GET of the manifest's size, locally a read-only mapping."""
         s = self.shards[idx]
         if is_remote(s.url):
             folder, name = s.url.rsplit("/", 1)
-            return Folder(folder, self.storage_options).read_bytes(name, s.bytes)
+            return Folder(folder, self.ds.storage_options).read_bytes(name, s.bytes)
         return _read_local(s.url)
 
     def _read(self, idx: int, losses: _Losses, fetched=None) -> list | None:
@@ -217,16 +295,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         s = self.shards[idx]
         try:
             data = fetched() if fetched is not None else self._fetch(idx)
-            if self.verify and hashlib.sha256(data).hexdigest() != s.sha256:
+            if self.ds.verify and hashlib.sha256(data).hexdigest() != s.sha256:
                 raise ShardFormatError(f"{s.url}: sha256 differs from the manifest's (the shard was altered)")
             blocks = list(read_shard_blocks(data, s.url))
         except (OSError, ValueError, StorageError) as e:  # ShardFormatError is a ValueError
-            if self.strict:
+            if self.ds.strict:
                 raise
             losses.in_a_row += 1
             print(redact_secrets(f"[himae-data] warning: skipping shard {s.url}: {e}"), file=sys.stderr, flush=True)
             if losses.in_a_row >= len(self.shards):  # a whole epoch's worth: nothing left to train on
-                where = f" in {self.base}" if self.base else ""
+                base = self.ds.bases[self.part.source]
+                where = f" in {base}" if base else ""
                 why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).removeprefix(f"{s.url}: ")
                 last = f"{s.url}: {why}"
                 raise DataLostError(f"the last {losses.in_a_row} shard reads all failed (the split has "
@@ -236,17 +315,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         losses.in_a_row = 0
         return blocks
 
-    def _group_samples(self, group: list[int], reader: int, g: int, recorded: frozenset, losses: _Losses,
-                       ahead: "_ReadAhead | None" = None):
+    def _group_samples(self, group: list[int], g: int, losses: _Losses, ahead: "_ReadAhead | None"):
         """The group's segments, concatenated ([n, C, L] etc.), and a seeded permutation of them.
 
         A position in `recorded` failed in the run resumed from: it is not read again, so the
         stream stays that run's even if the shard has been repaired since.
         """
         sig, key, shard = [], [], []
+        S = self.ds.shuffle_shards
         for j, idx in enumerate(group):
-            k = g * self.shuffle_shards + j
-            blocks = None if k in recorded else self._read(idx, losses, ahead.take if ahead is not None else None)
+            k = g * S + j
+            blocks = None if k in self.recorded else self._read(idx, losses, ahead.take if ahead is not None else None)
             if blocks is None:
                 losses.failed.append(k)
                 losses.lost += self.shards[idx].n_samples
@@ -254,24 +333,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             for b in blocks:
                 sig.append(b.signal)
                 key.append(b.key)
-                shard.append(np.full(len(b), idx, np.int32))
+                shard.append(np.full(len(b), self.offset + idx, np.int32))
         if not sig:
             return None
         pool = (np.concatenate(sig), np.concatenate(key), np.concatenate(shard))  # one copy out of the shard bytes
-        return pool, np.random.default_rng([self.seed, 1, reader, g]).permutation(len(pool[0]))
+        p = self.part
+        seed = [self.ds.seed, 1, p.reader, g, p.source] if p.source else [self.ds.seed, 1, p.reader, g]
+        return pool, np.random.default_rng(seed).permutation(len(pool[0]))
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        # DataLoader hands out batches round-robin from worker 0: batch j of the original stream came from
-        # worker j % nw. Resumed at batch `start`, this loader's worker i plays original worker (i + start) % nw.
-        wid = (wid + self.start_batches) % nw
-        reader, n_readers = self.rank * nw + wid, self.world_size * nw
-        mine = max(0, (self.start_batches - wid + nw - 1) // nw)
-        skip = mine * self.batch_size  # samples this reader already delivered
+        S, B, recorded, losses = self.ds.shuffle_shards, self.part.rows, self.recorded, _Losses()
         sizes = [s.n_samples for s in self.shards]
-        S, recorded, losses = self.shuffle_shards, self.failed.get(reader, frozenset()), _Losses()
-        groups = _groups(len(self.shards), reader, n_readers, self.seed, S)
+        skip = self.start * B  # samples this reader already delivered
+        groups = self._groups()
         g, group = next(groups)
         # Jump whole groups without reading them; a read that failed in the saved run delivered nothing.
         while skip >= (n := sum(sizes[i] for j, i in enumerate(group) if g * S + j not in recorded)):
@@ -281,27 +355,23 @@ class ShardStream(torch.utils.data.IterableDataset):
                     losses.failed.append(g * S + j)
                     losses.lost += sizes[i]
             g, group = next(groups)
-        carry = None  # (signal, key, shard) rows left over from the previous group, in stream order
-        B = self.batch_size
         ahead = None
         if self.prefetch_reads and any(is_remote(s.url) for s in self.shards):  # object storage: reads ahead
-            upcoming = ((g2 * S + j, i) for g2, grp in _groups(len(self.shards), reader, n_readers, self.seed, S)
-                        if g2 >= g for j, i in enumerate(grp))
+            upcoming = ((g2 * S + j, i) for g2, grp in self._groups() if g2 >= g for j, i in enumerate(grp))
             ahead = _ReadAhead(((k, i) for k, i in upcoming if k not in recorded), self._fetch,
-                               lambda i: self.shards[i].bytes, self.prefetch_bytes, self.prefetch_reads)
+                               lambda i: self.shards[i].bytes, self.ds.prefetch_bytes, self.prefetch_reads)
         try:
-            yield from self._batches(groups, g, group, reader, recorded, losses, ahead, carry, skip, B, S)
+            yield from self._parts(groups, g, group, losses, ahead, skip, B, S)
         finally:
             if ahead is not None:
                 ahead.close()
 
-    def _batches(self, groups, g, group, reader, recorded, losses, ahead, carry, skip, B, S):
-        """The batches from group g on (see __iter__)."""
+    def _parts(self, groups, g, group, losses, ahead, skip, B, S):
+        """This reader's parts from group g on (see __iter__)."""
+        carry = None  # (signal, key, shard) rows left over from the previous group, in stream order
         while True:
-            got = self._group_samples(group, reader, g, recorded, losses, ahead)
-            # what every batch cut in this group carries (small: it goes through the worker pipe)
-            info = {"reader": reader, "reads": (g + 1) * S, "failed": tuple(sorted(losses.failed)),
-                    "lost_segments": losses.lost}
+            got = self._group_samples(group, g, losses, ahead)
+            info = ((g + 1) * S, tuple(sorted(losses.failed)), losses.lost)  # small: it goes through the worker pipe
             if got is not None:
                 pool, order = got
                 order, skip, pos = order[skip:], 0, 0
@@ -309,56 +379,163 @@ class ShardStream(torch.utils.data.IterableDataset):
                     pos = min(B - len(carry[0]), len(order))
                     carry = tuple(np.concatenate([c, a[order[:pos]]]) for a, c in zip(pool, carry))
                     if len(carry[0]) == B:
-                        yield self._batch(carry, info)
+                        yield carry, info
                         carry = None
                 if carry is None:
                     n_full = pos + (len(order) - pos) // B * B
                     for s in range(pos, n_full, B):
                         idx = order[s:s + B]
-                        yield self._batch(tuple(a[idx] for a in pool), info)  # a gather: the one copy per batch
+                        yield tuple(a[idx] for a in pool), info  # a gather: the one copy per part
                     pos = n_full
                     if pos < len(order):
                         carry = tuple(a[order[pos:]] for a in pool)
             g, group = next(groups)
 
-    def _batch(self, rows: tuple, info: dict) -> dict:
-        return {
-            "signal": torch.from_numpy(rows[0]),  # [B, C, L] in the stored dtype
-            "key": rows[1],
-            "shard": torch.from_numpy(rows[2]),
-            **info,
-        }
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless items, one per global batch and worker: the worker's run of this rank's parts, in row order.
+
+    Each is {signal [n, C, L], key [n], shard [n] (index into all sources' shards, in order), source [n],
+    readers: {reader key: (reads, failed positions, lost segments, counted here)} of the parts it read}.
+    `sources`: each source's shard list; `counts`: each source's samples per global batch.
+    `failed` (LoaderState.failed) holds the failed read positions recorded by the run resumed from.
+    """
+
+    def __init__(self, sources: list[list[ShardInfo]], counts: list[int], seed: int, readers: int,
+                 rank: int = 0, world_size: int = 1, shuffle_shards: int = 4, storage_options: dict | None = None,
+                 strict: bool = False, start_batches: int = 0, verify: bool = False, failed: dict | None = None,
+                 bases: list[str] | None = None, sample_shape: tuple = (), dtype: str = "float32",
+                 prefetch_mb: int = 256, prefetch_reads: int = 8):
+        for i, sh in enumerate(sources):
+            if not sh:
+                raise ValueError(f"no shards to read: the manifest{f' of source {i}' if len(sources) > 1 else ''} "
+                                 f"lists none for this split")
+        self.sources, self.counts, self.seed, self.readers = sources, counts, seed, readers
+        self.offsets = list(np.cumsum([0] + [len(s) for s in sources])[:-1].astype(int))
+        self.parts = rank_parts(counts, readers, rank, world_size)
+        self.shuffle_shards = max(1, shuffle_shards)
+        self.storage_options, self.strict, self.verify = storage_options, strict, verify
+        self.start_batches = start_batches
+        self.failed = {str(r): frozenset(int(k) for k in ks) for r, ks in (failed or {}).items()}
+        self.bases = bases or [""] * len(sources)  # the manifests' folders, named when everything fails
+        self.sample_shape, self.dtype = tuple(sample_shape), dtype  # [C, L]: an empty item's shape
+        # remote shards: reads kept in flight per worker, within this many bytes (at least one shard);
+        # prefetch_reads=0 reads each shard when it is needed
+        self.prefetch_bytes, self.prefetch_reads = prefetch_mb * 2**20, max(0, prefetch_reads)
+
+    def worker_parts(self, worker: int, n_workers: int) -> list[Part]:
+        """The contiguous run of this rank's parts that DataLoader worker `worker` of `n_workers` builds."""
+        n = len(self.parts)
+        return self.parts[worker * n // n_workers:(worker + 1) * n // n_workers]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.worker_parts(wid, nw)
+        per_reader = max(1, self.prefetch_reads // max(1, len(mine))) if self.prefetch_reads else 0
+        gens = [iter(_PartReader(self, p, self.start_batches, per_reader)) for p in mine]
+        try:
+            while True:
+                rows, readers, source = [], {}, []
+                for p, gen in zip(mine, gens):
+                    part, (reads, failed, lost) = next(gen)
+                    rows.append(tuple(a[p.lo:p.hi] for a in part) if (p.lo, p.hi) != (0, p.rows) else part)
+                    source.append(np.full(p.hi - p.lo, p.source, np.int16))
+                    readers[p.key] = (reads, failed, lost, p.counted)
+                yield self._item(rows, source, readers)
+        finally:
+            for gen in gens:
+                gen.close()
+
+    def _item(self, rows: list[tuple], source: list, readers: dict) -> dict:
+        if not rows:  # a worker with no part (more workers than parts): an empty item keeps the round-robin
+            return {"signal": torch.empty((0, *self.sample_shape), dtype=getattr(torch, self.dtype)),
+                    "key": np.empty(0, dtype=object), "shard": torch.empty(0, dtype=torch.int32),
+                    "source": torch.empty(0, dtype=torch.int16), "readers": readers}
+        sig, key, shard = ([r[i] for r in rows] for i in range(3))
+        one = len(rows) == 1
+        return {"signal": torch.from_numpy(sig[0] if one else np.concatenate(sig)),  # [n, C, L] stored dtype
+                "key": key[0] if one else np.concatenate(key),
+                "shard": torch.from_numpy(shard[0] if one else np.concatenate(shard)),
+                "source": torch.from_numpy(source[0] if one else np.concatenate(source)), "readers": readers}
+
+
+class RankBatches:
+    """This rank's micro-batches: each global batch's rank slice (the workers' items, in worker order),
+    cut into `micro` rows. `batches`: global batches fully handed out (the position to save)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, n_items: int, micro: int, start: int):
+        self.loader, self.n_items, self.micro, self.batches = loader, max(1, n_items), micro, start
+        self._it = None
+        self._queue: list[dict] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if not self._queue:
+            if self._it is None:
+                self._it = iter(self.loader)
+            items = [next(self._it) for _ in range(self.n_items)]
+            whole = _concat(items)
+            n = len(whole["signal"])
+            self._queue = [{**{k: v[s:s + self.micro] for k, v in whole.items() if k != "readers"},
+                            "readers": whole["readers"] if s == 0 else {}} for s in range(0, n, self.micro)]
+        batch = self._queue.pop(0)
+        if not self._queue:
+            self.batches += 1
+        return batch
+
+
+def _concat(items: list[dict]) -> dict:
+    """The workers' items of one global batch as one rank slice (no copy when one item holds it all)."""
+    full = [it for it in items if len(it["signal"])]
+    readers = {k: v for it in items for k, v in it["readers"].items()}
+    if len(full) == 1:
+        return {**full[0], "readers": readers}
+    return {"signal": torch.cat([it["signal"] for it in full]), "key": np.concatenate([it["key"] for it in full]),
+            "shard": torch.cat([it["shard"] for it in full]), "source": torch.cat([it["source"] for it in full]),
+            "readers": readers}
 
 
 class StreamProgress:
-    """This rank's view of its readers' data loss, from the batches it consumed (not prefetched ones).
+    """This rank's view of the data loss of the readers it counts, from the batches it consumed.
 
-    `sizes` are the split's shard sizes, [s.n_samples for s in manifest.shards(split)]. Feed every
-    consumed batch to `update`; save `state(batches consumed)` instead of the bare LoaderState, so a
-    resume continues the stream exactly and these counts go on from where they were.
+    `sizes`: per source, its split's shard sizes [s.n_samples for s in manifest.shards(split)].
+    Feed every consumed batch to `update`; save `state(global batches consumed, ...)` instead of the
+    bare LoaderState, so a resume continues the stream exactly and these counts go on.
     """
 
-    def __init__(self, state: LoaderState, sizes: list[int]):
-        if len(sizes) != state.n_shards:
-            raise ValueError(f"{len(sizes)} shard sizes for a stream over {state.n_shards} shards")
-        self._state, self._sizes = state, list(sizes)
-        self._readers: dict[int, tuple[int, tuple[int, ...], int]] = {}  # reader -> (reads, failed, lost)
-        for r, ks in state.failed.items():
-            self._readers[int(r)] = self._restored(int(r), sorted(int(k) for k in ks))
+    def __init__(self, state: LoaderState, sizes: list[list[int]], rank: int = 0, world_size: int = 1):
+        if [len(s) for s in sizes] != [int(src[0]) for src in state.sources]:
+            raise ValueError(f"shard counts {[len(s) for s in sizes]} for a stream over "
+                             f"{[int(src[0]) for src in state.sources]} shards")
+        self._state, self._sizes = state, [list(s) for s in sizes]
+        self._offsets = list(np.cumsum([0] + [len(s) for s in sizes])[:-1].astype(int))
+        counts = [int(src[1]) for src in state.sources]
+        self._parts = {p.key: p for p in rank_parts(counts, state.readers, rank, world_size)}
+        self._readers: dict[str, tuple[int, tuple[int, ...], int]] = {}  # key -> (reads, failed, lost)
+        self._failed_read = {str(r): tuple(int(k) for k in ks) for r, ks in state.failed.items()}  # saved: all ranks'
+        if state.batches:  # a resumed stream: every counted reader's numbers at the position, as if never stopped
+            for key, p in self._parts.items():
+                if p.counted:
+                    self._readers[key] = self._restored(p, list(self._failed_read.get(key, ())))
 
-    def _restored(self, reader: int, failed: list[int]) -> tuple[int, tuple[int, ...], int]:
+    def _groups(self, source: int, reader: int):
+        st = self._state
+        return _groups(len(self._sizes[source]), reader, st.readers, st.seed, max(1, st.shuffle_shards), source)
+
+    def _restored(self, part: Part, failed: list[int]) -> tuple[int, tuple[int, ...], int]:
         """A saved reader's (reads, failed, lost): replays its position like the stream's skip-ahead.
 
-        Exact, not approximated: the reader delivered its share of `batches` samples, and its last
-        batch came from the first group where the samples actually read reach that count.
+        Exact, not approximated: the reader delivered `part.rows` per global batch, and its last
+        part came from the first group where the samples actually read reach that count.
         """
-        st, sizes = self._state, self._sizes
-        nw, S = max(1, st.num_workers), max(1, st.shuffle_shards)
-        wid = reader % nw  # reader = rank * nw + (original) worker
-        delivered = max(0, (st.batches - wid + nw - 1) // nw) * st.batch_size
+        sizes, S = self._sizes[part.source], max(1, self._state.shuffle_shards)
+        delivered = self._state.batches * part.rows
         recorded, last = set(failed), max(failed, default=-1)
         reads = lost = end = 0
-        for g, group in _groups(len(sizes), reader, st.world_size * nw, st.seed, S):
+        for g, group in self._groups(part.source, part.reader):
             if end >= delivered and g * S > last:
                 break
             for j, i in enumerate(group):
@@ -370,12 +547,14 @@ class StreamProgress:
         return reads, tuple(failed), lost
 
     def update(self, batch: dict) -> None:
-        """Take a consumed batch's record for its reader (it is cumulative: the latest one holds)."""
-        self._readers[int(batch["reader"])] = (int(batch["reads"]), tuple(int(k) for k in batch["failed"]),
-                                                int(batch["lost_segments"]))
+        """Take a consumed batch's records for its readers (they are cumulative: the latest ones hold)."""
+        for key, (reads, failed, lost, counted) in batch["readers"].items():
+            if counted:
+                self._readers[key] = (int(reads), tuple(int(k) for k in failed), int(lost))
+            self._failed_read[key] = tuple(int(k) for k in failed)
 
     def reads(self) -> int:
-        """Shard reads this rank's readers made, up to the groups of the batches consumed."""
+        """Shard reads the readers this rank counts made, up to the groups of the batches consumed."""
         return sum(r for r, _, _ in self._readers.values())
 
     def failed(self) -> int:
@@ -387,22 +566,23 @@ class StreamProgress:
         return sum(n for _, _, n in self._readers.values())
 
     def failed_shards(self) -> list[int]:
-        """Shard indices (distinct, sorted) of the failed reads: to name them when the run stops over them."""
-        st = self._state
-        nw, S = max(1, st.num_workers), max(1, st.shuffle_shards)
+        """Indices into all sources' shards (distinct, sorted) of the failed reads: to name them."""
+        S = max(1, self._state.shuffle_shards)
         found: set[int] = set()
-        for reader, (_, failed, _) in self._readers.items():
+        for key, (_, failed, _) in self._readers.items():
+            source, reader = (int(x) for x in key.split(":"))
             want, last = set(failed), max(failed, default=-1)
-            for g, group in _groups(len(self._sizes), reader, st.world_size * nw, st.seed, S):
+            for g, group in self._groups(source, reader):
                 if g * S > last:
                     break
-                found.update(i for j, i in enumerate(group) if g * S + j in want)
+                found.update(self._offsets[source] + i for j, i in enumerate(group) if g * S + j in want)
         return sorted(found)
 
     def state(self, batches: int) -> LoaderState:
-        """The LoaderState to save after `batches` consumed: the position plus every reader's failed reads."""
+        """The LoaderState to save after `batches` global batches: the position plus the failed reads
+        (of every part this rank read, and those it was resumed with)."""
         return replace(self._state, batches=batches,
-                       failed={r: list(f) for r, (_, f, _) in sorted(self._readers.items())})
+                       failed={k: list(f) for k, f in sorted(self._failed_read.items()) if f})
 
 
 def _read_local(path: str):
@@ -419,37 +599,68 @@ def _read_local(path: str):
 
 
 def make_loader(
-    manifest: Manifest, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-    shuffle_shards: int = 4, split: str = "train", storage_options: dict | None = None, strict: bool = False,
-    state: LoaderState | dict | None = None, pin_memory: bool = False, verify: bool = False,
-) -> tuple[torch.utils.data.DataLoader, LoaderState]:
-    """Endless loader of this rank's batches, and its state at the start (advance `.batches` as you consume).
+    manifest: Manifest | list[Manifest], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+    num_workers: int = 0, shuffle_shards: int = 4, split: str = "train", storage_options: dict | None = None,
+    strict: bool = False, state: LoaderState | dict | None = None, pin_memory: bool = False, verify: bool = False,
+    global_batch: int = 0, readers: int = 0, weights: list[float] | None = None,
+) -> tuple[RankBatches, LoaderState]:
+    """Endless iterator of this rank's micro-batches of `batch_size`, and the stream's state at the start.
 
-    With `state` (from a previous run), the stream continues exactly where that run stopped; the
-    seed, world size, workers, batch size and shuffle width must match, or this refuses.
-    Give it the state `StreamProgress.state` made, so reads that failed are not read again.
-    `verify=True` checks every shard read against the manifest's sha256 (costs a hash of the bytes,
-    about as much CPU as the rest of the loader), so a shard altered without a change of size is
-    skipped (or fatal with `strict`) instead of read.
+    `manifest`: one source or several (mixed by `weights`, default equal). `global_batch`: samples
+    per global batch (default batch_size x world_size); it must split into whole micro-batches on
+    every rank. `readers`: canonical readers (default world_size x max(1, num_workers)); with the
+    seed, shuffle width, global batch and sources it fixes the sample order. With `state` (from a
+    previous run, any world size or worker count), the stream continues exactly where that run
+    stopped; if what fixes the order differs, this refuses. Give it the state `StreamProgress.state`
+    made, so reads that failed are not read again. `verify=True` checks every shard read against the
+    manifest's sha256 (a hash of the bytes), so a shard altered without a change of size is skipped
+    (or fatal with `strict`) instead of read.
     """
-    shards = manifest.shards(split)
-    start = 0
-    current = LoaderState(0, seed, world_size, num_workers, batch_size, shuffle_shards, len(shards), split)
+    manifests = manifest if isinstance(manifest, list) else [manifest]
+    for m in manifests[1:]:
+        a, b = manifests[0], m
+        if (a.channels, a.length, a.dtype) != (b.channels, b.length, b.dtype):
+            raise ValueError(f"sources disagree: {redact_secrets(a.url)} holds {a.channels} x {a.length} {a.dtype} "
+                             f"segments, {redact_secrets(b.url)} {b.channels} x {b.length} {b.dtype}; convert them "
+                             f"with the same --length, channels and --dtype")
+    sources = [m.shards(split) for m in manifests]
+    G = global_batch or batch_size * world_size
+    if G % (world_size * batch_size):
+        raise ValueError(f"a global batch of {G} is not a whole number of micro-batches of {batch_size} on each of "
+                         f"{world_size} rank(s)")
+    counts = source_counts(weights or [1.0] * len(manifests), G)
+    if 0 in counts:
+        i = counts.index(0)
+        raise ValueError(f"{redact_secrets(manifests[i].url)} gets 0 of the {G} samples of a global batch at weight "
+                         f"{(weights or [1.0] * len(manifests))[i]:g}; raise its weight or the global batch")
+    n_readers = readers or world_size * max(1, num_workers)
+    current = LoaderState(0, seed, n_readers, G, shuffle_shards,
+                          [[len(sh), n, m.preprocess] for sh, n, m in zip(sources, counts, manifests)], split)
+    start, failed = 0, {}
     if state is not None:
         state = LoaderState.from_dict(state) if isinstance(state, dict) else state
-        mismatch = {k: (v, getattr(current, k)) for k, v in asdict(state).items()
-                    if k not in ("batches", "failed") and v != getattr(current, k)}
+        saved, now = state.stream(), current.stream()
+        mismatch = {k: (v, now[k]) for k, v in saved.items() if _plain(v) != _plain(now[k])}
         if mismatch:
             raise ValueError(f"cannot continue the data stream exactly: saved vs now {mismatch}")
-        start = state.batches
-    failed = dict(state.failed) if state is not None else {}
-    ds = ShardStream(shards, batch_size, seed, rank, world_size, shuffle_shards, storage_options, strict, start, verify,
-                     failed, manifest.base)
+        start, failed = state.batches, dict(state.failed)
+    m0 = manifests[0]
+    ds = ShardStream(sources, counts, seed, n_readers, rank, world_size, shuffle_shards, storage_options, strict,
+                     start, verify, failed, [m.base for m in manifests], (m0.channels, m0.length), m0.dtype)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_as_is,
         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
     )
-    return loader, replace(current, batches=start, failed=failed)
+    return RankBatches(loader, num_workers, batch_size, start), replace(current, batches=start, failed=failed)
+
+
+def _plain(v):
+    """Tuples and lists alike (a state that went through JSON or torch.save)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return v
 
 
 def _as_is(batch: dict) -> dict:

@@ -33,8 +33,8 @@ from data_prep.storage import StorageError, out_problem, redact_secrets
 from himae_dist import fault_injection, run_state
 from himae_dist.checkpoint_files import use_weights_only_loading
 from himae_dist.checkpointer import Checkpointer, init_weights
-from himae_dist.config import (ConfigError, TrainConfig, deepspeed_config, lr_lambda, parse_cli, resolved,
-                               schedule_params)
+from himae_dist.config import (ConfigError, TrainConfig, deepspeed_config, for_world, lr_lambda, parse_cli,
+                               resolved, schedule_params)
 from himae_dist.dry_run import dry_run
 from himae_dist.elastic_attempt import attempt_store
 from himae_dist.guards import NonFiniteError, NonFiniteGuard
@@ -159,6 +159,7 @@ def _session(cfg: TrainConfig):
         import torch.distributed as dist
 
         rank, world = dist.get_rank(), dist.get_world_size()
+        cfg = for_world(cfg, world)  # --global-batch: the gradient accumulation this world size needs
         lease = _take_lease(Path(cfg.out), rank, attempt)
         try:
             yield _start(cfg, deepspeed, device, rank, world, attempt), attempt, watchdog
@@ -173,7 +174,7 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict:
     """The step loop. Device values are read once per log step (`_log_step`) and at saves."""
     stop = stop or StopRequest(install=False)  # main() installs the handlers; an in-process caller keeps its own
     with _session(cfg) as (run, attempt, watchdog):
-        engine, win = run.engine, run.win
+        cfg, engine, win = run.cfg, run.engine, run.win
         history, last_save = [], time.monotonic()
         watchdog.beat("the first step", timeout_s=cfg.collective_timeout_s)  # from here on, a collective's bound
         for step in fault_injection.steps(range(run.start, cfg.steps), run.rank, attempt, stop, watchdog.beat):
@@ -189,13 +190,19 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict:
                 loss = run.objective.loss(recon, x, mask, keep)  # fp32 loss; gradients in recon's dtype
                 engine.backward(loss)  # all-reduces the gradients at the accumulation boundary
                 win.add(loss)
+                if win.src is not None:  # several sources: each one's loss too (device sums, no sync)
+                    sse, n = run.objective.row_losses(recon, x, mask)
+                    keep_f = keep.float() if keep is not None else 1.0
+                    win.add_sources(sse * keep_f, n * keep_f, batch["source"].to(run.device, torch.int64))
                 _optimizer_step(run, measure=log_step and micro == cfg.grad_accum - 1)
             run.log.step()
             if run.validator and (done % cfg.val_every == 0 or done == cfg.steps):
                 plot = cfg.plot_every and done % cfg.plot_every == 0 and run.rank == 0
-                win.val_sum = run.validator.run(engine.module, run.out / "plots" / f"recon_{done:07d}.png"
-                                                if plot else None, done)
+                win.val_sum, per_source = run.validator.run(engine.module, run.out / "plots" / f"recon_{done:07d}.png"
+                                                            if plot else None, done)
                 win.val_n = len(run.validator.batches)
+                if win.val_src is not None:
+                    win.val_src, win.val_src_n = per_source, run.validator.per_source_n
             stopping = save_due = False
             if log_step:
                 rec, stopping, save_due = _log_step(run, done, stop, last_save)
@@ -237,8 +244,9 @@ def _log_step(run: "_Run", done: int, stop: StopRequest, last_save: float) -> tu
     cfg, win, progress = run.cfg, run.win, run.progress
     # host values ride along: whether this rank was asked to stop or is due a time-based save, and the data lost
     due = cfg.save_every_min > 0 and time.monotonic() - last_save >= 60 * cfg.save_every_min
-    (loss_total, val_total, gn_total, nonfinite, stops, dues, bad_reads, reads, lost), nonfinite_mine = read_log_step(
+    values, nonfinite_mine = read_log_step(
         win, run.guard.count, [stop.requested, due, progress.failed(), progress.reads(), progress.lost_segments()])
+    loss_total, val_total, gn_total, nonfinite, stops, dues, bad_reads, reads, lost = values[:9]
     lost_data = {"failed_shard_reads": int(bad_reads), "shard_reads": int(reads), "lost_segments": int(lost)}
     if bad_reads > cfg.max_bad_data * reads:  # the same verdict on every rank: stop, naming the shards
         _too_much_lost(lost_data, progress, run.shard_names, cfg.max_bad_data, done)
@@ -248,7 +256,8 @@ def _log_step(run: "_Run", done: int, stop: StopRequest, last_save: float) -> tu
         raise NonFiniteError(f"loss is {mean} at steps {win.last_logged + 1}..{done} on finite data; "
                              f"lower --lr or set --grad-clip (last good checkpoint kept)")
     rec = run.log.record(done, mean, win.lr, val_total / (win.val_n * run.world) if win.val_n else None,
-                         gn_total / run.world, int(nonfinite), lost_data)  # the same norm on every rank
+                         gn_total / run.world, int(nonfinite), lost_data,  # the same norm on every rank
+                         _per_source(run, values[9:], win.val_n > 0))
     win.reset(done)
     stopping = stops > 0 and done < cfg.steps  # the same verdict on every rank
     return rec, stopping, dues > 0 and done < cfg.steps
@@ -273,12 +282,13 @@ class _Run:
     log: TrainLog
     win: LogWindow
     validator: Validator | None
-    batches: object  # iterator of the loader's batches
+    batches: object  # RankBatches: this rank's micro-batches; .batches = global batches consumed
     progress: StreamProgress
     shard_names: list[str]
     params: list[torch.Tensor]
     start: int
-    consumed: int  # micro-batches this rank's stream has yielded (its resume position)
+    sources: list  # per source: (name, samples per global batch, train segments)
+    stream_start: int  # global batches of this stream consumed when this attempt began
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -289,13 +299,12 @@ class _Run:
         t = time.perf_counter()
         batch = next(self.batches)
         self.log.waited(time.perf_counter() - t)
-        self.consumed += 1
         self.progress.update(batch)
         return batch["signal"].to(self.device, non_blocking=True), batch
 
     def state(self) -> dict:
         """This rank's part of a checkpoint (host values: read at saves, which sync anyway)."""
-        return {"loader": self.progress.state(self.consumed).to_dict(), "window": self.win.to_dict(),
+        return {"loader": self.progress.state(self.batches.batches).to_dict(), "window": self.win.to_dict(),
                 "nonfinite": self.guard.settled}
 
     def save(self, step: int) -> None:
@@ -317,12 +326,17 @@ def read_guard(count: torch.Tensor) -> tuple[float, float]:
 def _start(cfg: TrainConfig, deepspeed, device: torch.device, rank: int, world: int, attempt: int = 0) -> _Run:
     """Collective: data checks, model (--init-from) and engine, resume, loader and components, in that order."""
     out = Path(cfg.out)
-    manifest = load_manifest(cfg.data, cfg.storage_options)
-    if manifest.channels != cfg.in_chans:
-        raise ValueError(f"--in-chans={cfg.in_chans} but {manifest.url} holds {manifest.channels}-channel segments")
+    sources = cfg.data_sources()
+    manifests = [load_manifest(url, cfg.storage_options) for url, _ in sources]
+    for m in manifests:
+        if m.channels != cfg.in_chans:
+            raise ValueError(f"--in-chans={cfg.in_chans} but {redact_secrets(m.url)} holds {m.channels}-channel "
+                             f"segments")
+    manifest = manifests[0]
     check_masking_args(manifest.length, cfg.patch_size, cfg.mask_ratio)
     bf16 = use_bf16(cfg.precision, device)
-    objective = make_objective(cfg.loss_impl, device, cfg.patch_size, cfg.mask_ratio, cfg.seed, rank, world)
+    objective = make_objective(cfg.loss_impl, device, cfg.patch_size, cfg.mask_ratio, cfg.seed, rank, world,
+                               cfg.grad_accum)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = HiMAE(cfg.in_chans, cfg.channels)
@@ -334,54 +348,97 @@ def _start(cfg: TrainConfig, deepspeed, device: torch.device, rank: int, world: 
     run_state.check_shared_out(out, rank, wait_s=min(30.0, cfg.collective_timeout_s / 4))
     schedule = schedule_params(cfg, world, precision="bf16" if bf16 else "fp32", loss_impl=objective.impl)
     extra = {"preprocess": manifest.preprocess, "data": redact_secrets(manifest.url)}  # evaluation scales its data so
+    if len(manifests) > 1:
+        extra["sources"] = [{"data": redact_secrets(m.url), "weight": w, "preprocess": m.preprocess}
+                            for m, (_, w) in zip(manifests, sources)]
     ckpt = Checkpointer(engine, optimizer, scheduler, cfg, out, rank, world, schedule, extra, ds, attempt, init_note)
     res = ckpt.resume()
 
     # Rank 0 lists the shards once and every rank takes the same decision (no rank waits in a collective alone).
-    broken, problem = run_state.broadcast(_start_checks(manifest, cfg, ckpt) if rank == 0 else None)
+    broken, problem = run_state.broadcast(_start_checks(manifests, cfg, ckpt) if rank == 0 else None)
     if problem:
         raise ValueError(problem)
-    n_train = len(manifest.shards("train"))
+    n_train = sum(len(m.shards("train")) for m in manifests)
+    where = redact_secrets(manifest.url) if len(manifests) == 1 else f"{len(manifests)} sources"
     if broken and (cfg.strict_data or len(broken) > cfg.max_bad_data * n_train):
-        raise ValueError(f"{manifest.url}: {len(broken)} of {n_train} train shard(s) missing or damaged: {broken[:5]} "
+        raise ValueError(f"{where}: {len(broken)} of {n_train} train shard(s) missing or damaged: {broken[:5]} "
                          f"(--max-bad-data={cfg.max_bad_data:g}{', --strict-data' if cfg.strict_data else ''}); "
                          f"re-run himae-prep")
     if broken and rank == 0:
         print(f"[himae-train] warning: {len(broken)} shard(s) missing or damaged, they will be skipped: "
               f"{broken[:5]}; re-run himae-prep to rebuild them", flush=True)
-    loader, lstate = _loader(manifest, cfg, res, rank, world, device)
-    shard_names = [sh.name for sh in manifest.shards("train")]
-    validator = Validator(manifest, cfg, rank, world, device, objective, bf16) if cfg.val_every else None
+    batches, lstate = _loader(manifests, [w for _, w in sources], cfg, res, rank, world, device)
+    shard_names = _shard_names(manifests)
+    validator = Validator(manifests, cfg, rank, world, device, objective, bf16) if cfg.val_every else None
     if rank == 0 and res.start >= cfg.steps:
         print(f"[himae-train] already at step {res.start} >= --steps={cfg.steps}; nothing to train", flush=True)
+    names = source_names([m.base for m in manifests])
+    per_batch = [int(src[1]) for src in lstate.sources]
     return _Run(cfg, rank, world, device, out, engine, optimizer, objective, bf16, ckpt,
                 NonFiniteGuard(cfg.on_nonfinite, rank, device, shard_names, res.nonfinite, res.nonfinite_all, res.start),
                 TrainLog(cfg, rank, res.start, out, cfg.micro_batch * cfg.grad_accum * world, device),
-                LogWindow.new(device, res.start, res.window), validator if validator and validator.enabled else None,
-                iter(loader), StreamProgress(lstate, [sh.n_samples for sh in manifest.shards("train")]), shard_names,
-                [p for p in engine.module.parameters() if p.requires_grad], res.start, lstate.batches)
+                LogWindow.new(device, res.start, res.window, len(manifests)),
+                validator if validator and validator.enabled else None, batches,
+                StreamProgress(lstate, [[sh.n_samples for sh in m.shards("train")] for m in manifests], rank, world),
+                shard_names, [p for p in engine.module.parameters() if p.requires_grad], res.start,
+                [(n, k, m.n_samples("train")) for n, k, m in zip(names, per_batch, manifests)], lstate.batches)
 
 
-def _loader(manifest, cfg: TrainConfig, res, rank: int, world: int, device: torch.device):
-    """(loader, its state): this rank's saved stream continued (its position is the number of
-    micro-batches consumed), or a new one when there is none, or when its options changed and
+def source_names(bases: list[str]) -> list[str]:
+    """Short names of the sources for the log: their folders' last parts, made unique with their index."""
+    names = [b.rstrip("/").rsplit("/", 1)[-1] or f"source{i}" for i, b in enumerate(bases)]
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def _shard_names(manifests: list) -> list[str]:
+    """Every source's train shards, in the stream's shard numbering (sources in order), named for messages."""
+    if len(manifests) == 1:
+        return [sh.name for sh in manifests[0].shards("train")]
+    return [f"{redact_secrets(m.base)}/{sh.name}" for m in manifests for sh in m.shards("train")]
+
+
+def _per_source(run: "_Run", values: list[float], validated: bool) -> dict | None:
+    """The log record's per-source numbers (several sources): loss, val loss, samples and epochs so far."""
+    if run.win.src is None:
+        return None
+    S = len(run.sources)
+    sse, n, val = values[:S], values[S:2 * S], values[2 * S:3 * S]
+    consumed = run.batches.batches  # global batches of this stream (the exact per-source counts follow)
+    out = {}
+    for i, (name, per_batch, size) in enumerate(run.sources):
+        seen = per_batch * consumed
+        rec = {"loss": sse[i] / n[i] if n[i] else float("nan"), "samples": seen, "epochs": seen / max(1, size)}
+        if validated and run.win.val_src_n and run.win.val_src_n[i]:
+            rec["val_loss"] = val[i] / (run.win.val_src_n[i] * run.world)
+        out[name] = rec
+    return out
+
+
+def _loader(manifests: list, weights: list[float], cfg: TrainConfig, res, rank: int, world: int,
+            device: torch.device):
+    """(this rank's batches, the stream's state): the saved stream continued at its global position (on any
+    world size), or a new one when there is none, or when what fixes the order changed and
     --allow-schedule-change allows a new stream."""
+    saved_readers = res.loader.get("readers") if isinstance(res.loader, dict) else None
     loader_args = dict(seed=res.stream_seed, rank=rank, world_size=world, num_workers=cfg.num_workers,
                        shuffle_shards=cfg.shuffle_shards, storage_options=cfg.storage_options,
-                       strict=cfg.strict_data, pin_memory=device.type == "cuda", verify=cfg.verify_data)
+                       strict=cfg.strict_data, pin_memory=device.type == "cuda", verify=cfg.verify_data,
+                       global_batch=cfg.micro_batch * cfg.grad_accum * world, weights=weights,
+                       readers=cfg.stream_readers or saved_readers or world * max(1, cfg.num_workers))
     try:
-        return make_loader(manifest, cfg.micro_batch, state=res.loader, **loader_args)
+        return make_loader(manifests, cfg.micro_batch, state=res.loader, **loader_args)
     except ValueError as e:  # the saved stream cannot continue under the loader options given now
         if res.loader is None:
             raise
         if not cfg.allow_schedule_change:
-            raise ValueError(f"{e}; resume with the loader options it was saved with, or pass "
+            raise ValueError(f"{e}; resume with the data options it was saved with, or pass "
                              f"--allow-schedule-change to start a new data stream") from e
         loader_args["seed"] = cfg.seed + res.start  # the loader options changed: a new stream, on every rank alike
+        loader_args["readers"] = cfg.stream_readers or world * max(1, cfg.num_workers)
         if rank == 0:
-            print(f"[himae-train] loader options changed ({e}): a new data stream starts (seed {cfg.seed + res.start})",
-                  flush=True)
-        return make_loader(manifest, cfg.micro_batch, **loader_args)
+            print(f"[himae-train] data stream options changed ({e}): a new data stream starts "
+                  f"(seed {cfg.seed + res.start})", flush=True)
+        return make_loader(manifests, cfg.micro_batch, **loader_args)
 
 
 def _too_much_lost(lost: dict, progress: StreamProgress, shard_names: list[str], limit: float, step: int) -> None:
@@ -396,14 +453,18 @@ def _too_much_lost(lost: dict, progress: StreamProgress, shard_names: list[str],
                         f"{bad[:10]}{' ...' if len(bad) > 10 else ''}; re-run himae-prep (or raise --max-bad-data)")
 
 
-def _start_checks(manifest, cfg: TrainConfig, ckpt: Checkpointer) -> tuple[list[str], str | None]:
-    """Rank 0, before the first step: damaged shards (train, and val when validating; fatal in val,
-    which every rank caches at start) and an --export-url that cannot be written."""
-    broken = check_shards(manifest, "train", cfg.storage_options)
-    if cfg.val_every and manifest.splits.get("val"):
-        bad_val = check_shards(manifest, "val", cfg.storage_options)
-        if bad_val:
-            return broken, f"{manifest.url}: val shard(s) missing or damaged: {bad_val[:5]}; re-run himae-prep"
+def _start_checks(manifests: list, cfg: TrainConfig, ckpt: Checkpointer) -> tuple[list[str], str | None]:
+    """Rank 0, before the first step: damaged shards of every source (train, and val when validating; fatal in
+    val, which every rank caches at start) and an --export-url that cannot be written."""
+    broken = []
+    for m in manifests:
+        bad = check_shards(m, "train", cfg.storage_options)
+        broken += bad if len(manifests) == 1 else [f"{redact_secrets(m.base)}/{b}" for b in bad]
+        if cfg.val_every and m.splits.get("val"):
+            bad_val = check_shards(m, "val", cfg.storage_options)
+            if bad_val:
+                return broken, (f"{redact_secrets(m.url)}: val shard(s) missing or damaged: {bad_val[:5]}; "
+                                f"re-run himae-prep")
     return broken, ckpt.check_export()
 
 

@@ -33,35 +33,59 @@ class LogWindow:
     val_n: int = 0
     last_logged: int = 0
     lr: float = 0.0  # the log step's update's (host)
+    # several sources: per source, [masked squared error, masked samples] of the training rows [2, S], and the
+    # latest validation's batch-loss sums [S] (val_src_n batches each); None with one source
+    src: torch.Tensor | None = None
+    val_src: torch.Tensor | None = None
+    val_src_n: list | None = None
 
     @classmethod
-    def new(cls, device: torch.device, start: int, saved: dict | None = None) -> "LogWindow":
+    def new(cls, device: torch.device, start: int, saved: dict | None = None, n_sources: int = 1) -> "LogWindow":
         saved = saved or {}
-        t = lambda v: torch.tensor(float(v), dtype=torch.float32, device=device)  # noqa: E731
-        return cls(t(saved.get("loss_sum", 0.0)), t(saved.get("val_sum", 0.0)), torch.zeros((), device=device),
-                   saved.get("loss_n", 0), saved.get("val_n", 0), saved.get("last_logged", start))
+        t = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
+        win = cls(t(float(saved.get("loss_sum", 0.0))), t(float(saved.get("val_sum", 0.0))),
+                  torch.zeros((), device=device), saved.get("loss_n", 0), saved.get("val_n", 0),
+                  saved.get("last_logged", start))
+        if n_sources > 1:
+            src = saved.get("src")
+            win.src = t(src) if src and len(src[0]) == n_sources else torch.zeros(2, n_sources, device=device)
+            win.val_src = torch.zeros(n_sources, device=device)
+        return win
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss.detach()
         self.loss_n += 1
 
+    def add_sources(self, sse: torch.Tensor, n: torch.Tensor, source: torch.Tensor) -> None:
+        """Per-row masked squared error and count [B] into their sources' sums (on the device)."""
+        self.src[0].index_add_(0, source, sse)
+        self.src[1].index_add_(0, source, n)
+
     def reset(self, step: int) -> None:
         self.loss_sum.zero_()
+        if self.src is not None:
+            self.src.zero_()
         self.loss_n, self.val_n, self.last_logged = 0, 0, step
 
     def to_dict(self) -> dict:  # host copies: only at saves, which sync anyway
-        return {"loss_sum": float(self.loss_sum), "loss_n": self.loss_n, "val_sum": float(self.val_sum),
-                "val_n": self.val_n, "last_logged": self.last_logged}
+        d = {"loss_sum": float(self.loss_sum), "loss_n": self.loss_n, "val_sum": float(self.val_sum),
+             "val_n": self.val_n, "last_logged": self.last_logged}
+        if self.src is not None:
+            d["src"] = self.src.tolist()
+        return d
 
 
 def read_log_step(win: LogWindow, nonfinite: torch.Tensor, flags: list[float]) -> tuple[list[float], float]:
-    """Collective: sums over ranks of (loss, val loss, grad norm, non-finite samples, *flags), and this
-    rank's non-finite count: the host flags copied to the device, one all-reduce, one copy back (the
-    log step's syncs; between log steps there are none)."""
+    """Collective: sums over ranks of (loss, val loss, grad norm, non-finite samples, *flags, and with
+    several sources the per-source sums: training [2, S] flattened, validation [S]), and this rank's
+    non-finite count: the host flags copied to the device, one all-reduce, one copy back (the log
+    step's syncs; between log steps there are none)."""
     device = win.loss_sum.device
-    stats = torch.cat([torch.stack([win.loss_sum.double(), win.val_sum.double(), win.grad_norm.double(),
-                                    nonfinite.double()]),
-                       torch.tensor(flags, dtype=torch.float64).to(device)])  # host -> device: a sync on a GPU
+    parts = [torch.stack([win.loss_sum.double(), win.val_sum.double(), win.grad_norm.double(), nonfinite.double()]),
+             torch.tensor(flags, dtype=torch.float64).to(device)]  # host -> device: a sync on a GPU
+    if win.src is not None:
+        parts += [win.src.double().flatten(), win.val_src.double()]
+    stats = torch.cat(parts)
     dist.all_reduce(stats)
     host = torch.cat([stats, nonfinite.double().reshape(1)]).cpu()  # the one device->host copy
     values = host.tolist()
@@ -89,9 +113,10 @@ class TrainLog:
         self.bar.update(1)
 
     def record(self, step: int, loss: float, lr: float, val_loss: float | None, grad_norm: float | None,
-               nonfinite: int = 0, lost: dict | None = None) -> dict:
+               nonfinite: int = 0, lost: dict | None = None, sources: dict | None = None) -> dict:
         """One log step's record; `lr` is the last update's, `nonfinite` the non-finite samples dropped so far and
-        `lost` the failed shard reads, all reads and the segments lost so far (all ranks, cumulative)."""
+        `lost` the failed shard reads, all reads and the segments lost so far (all ranks, cumulative);
+        `sources` (several sources): per source name, its loss, val_loss, samples and epochs so far."""
         now = time.perf_counter()
         dt = max(now - self._t, 1e-9)
         rec = {"step": step, "loss": loss, "lr": lr}
@@ -101,6 +126,8 @@ class TrainLog:
             rec["grad_norm"] = grad_norm
         rec["nonfinite_samples"] = nonfinite
         rec.update(lost or {})
+        if sources:
+            rec["sources"] = sources
         rec["segments_per_s"] = round(self._steps * self.segments_per_step / dt, 1)  # all ranks
         rec["elapsed_s"] = round(now - self._t0, 3)  # since this attempt's first step was set up
         rec["data_wait_frac"] = round(self._wait / dt, 4)
@@ -114,8 +141,10 @@ class TrainLog:
             self.bar.set_postfix(loss=f"{loss:.4f}", seg_s=f"{rec['segments_per_s']:.0f}", refresh=False,
                                  **({"lost_reads": bad} if bad else {}))
             val = f" val {val_loss:.5f}" if val_loss is not None else ""
+            per = "".join(f" | {name} loss {v['loss']:.5f}" + (f" val {v['val_loss']:.5f}" if "val_loss" in v else "")
+                          + f" {v['samples']} seen ({v['epochs']:.2f} ep)" for name, v in (sources or {}).items())
             self.bar.write(f"[himae-train] step {step}/{self.cfg.steps} loss {loss:.5f}{val} lr {lr:.2e} "
-                           f"{rec['segments_per_s']:.0f} seg/s data-wait {rec['data_wait_frac']:.0%}{lost_s}")
+                           f"{rec['segments_per_s']:.0f} seg/s data-wait {rec['data_wait_frac']:.0%}{lost_s}{per}")
             if self.wandb:
                 self.wandb.log(rec, step=step)
         return rec

@@ -1,6 +1,6 @@
 """Masked MSE on the manifest's held-out patient split: the same batches and masks at every validation.
 
-Each rank caches `--val-batches` batches of its share of the val stream once (device memory), so
+Each rank caches `--val-batches` batches of its share of each source's val stream once (device memory), so
 every rank runs the same number of forward passes and the values are comparable over the run.
 The model is evaluated in eval mode after BatchNorm statistics are pooled across ranks, i.e. as
 the exported weights would be. The result stays on the device; the trainer reads it with the
@@ -23,18 +23,27 @@ _VAL_STEP = 10**9  # mask seeds of validation: disjoint from every training step
 
 
 class Validator:
-    def __init__(self, manifest, cfg, rank: int, world: int, device: torch.device, objective, bf16: bool):
+    """`--val-batches` cached micro-batches per rank of each source's val split (sources without one are left out)."""
+
+    def __init__(self, manifests, cfg, rank: int, world: int, device: torch.device, objective, bf16: bool):
         self.device, self.objective, self.bf16 = device, objective, bf16
         self.batches: list[torch.Tensor] = []
-        if not manifest.splits.get("val"):
-            if rank == 0:
-                print(f"[himae-train] warning: {redact_secrets(manifest.url)} has no val split; validation is off",
-                      flush=True)
-            return
-        loader, _ = make_loader(manifest, cfg.micro_batch, seed=cfg.seed, rank=rank, world_size=world,
-                                num_workers=0, shuffle_shards=cfg.shuffle_shards, split="val",
-                                storage_options=cfg.storage_options, strict=cfg.strict_data)
-        it, names = iter(loader), [sh.name for sh in manifest.shards("val")]
+        self.source_of: list[int] = []  # each cached batch's source
+        manifests = manifests if isinstance(manifests, list) else [manifests]
+        self.per_source_n = [0] * len(manifests)
+        for i, manifest in enumerate(manifests):
+            if not manifest.splits.get("val"):
+                if rank == 0:
+                    print(f"[himae-train] warning: {redact_secrets(manifest.url)} has no val split; "
+                          f"{'validation is off' if len(manifests) == 1 else 'it is not validated'}", flush=True)
+                continue
+            self._cache(manifest, i, cfg, rank, world)
+
+    def _cache(self, manifest, source: int, cfg, rank: int, world: int) -> None:
+        it, _ = make_loader(manifest, cfg.micro_batch, seed=cfg.seed, rank=rank, world_size=world,
+                            num_workers=0, shuffle_shards=cfg.shuffle_shards, split="val",
+                            storage_options=cfg.storage_options, strict=cfg.strict_data)
+        names = [sh.name for sh in manifest.shards("val")]
         for _ in range(cfg.val_batches):
             b, tries = next(it), 0
             while len(rows := bad_rows(b["signal"])):  # as training batches: --on-nonfinite abort|skip
@@ -46,24 +55,29 @@ class Validator:
                     raise NonFiniteError(f"{what}: 100 val batches in a row had NaN/inf; the val split is broken")
                 print(f"[himae-train] warning: skipped a val batch ({what})", file=sys.stderr, flush=True)
                 b = next(it)
-            self.batches.append(b["signal"].to(device))  # [B, C, L] stored dtype, kept on the device
+            self.batches.append(b["signal"].to(self.device))  # [B, C, L] stored dtype, kept on the device
+            self.source_of.append(source)
+            self.per_source_n[source] += 1
 
     @property
     def enabled(self) -> bool:
         return bool(self.batches)
 
     @torch.no_grad()
-    def run(self, model: torch.nn.Module, plot=None, step: int = 0) -> torch.Tensor:
-        """Collective (BatchNorm pooling): the sum of this rank's batch losses, a device scalar."""
+    def run(self, model: torch.nn.Module, plot=None, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Collective (BatchNorm pooling): the sum of this rank's batch losses (a device scalar), and per source [S]."""
         sync_batchnorm_stats(model, keep_before=False)  # no host copy
         model.eval()
         total = torch.zeros((), device=self.device)
+        per_source = torch.zeros(len(self.per_source_n), device=self.device)
         for i, sig in enumerate(self.batches):
             x = sig  # [B, C, L], stored dtype, on the device
             x_masked, mask = self.objective.mask(x, _VAL_STEP, i, torch.bfloat16 if self.bf16 else torch.float32)
             with autocast(self.device, self.bf16):  # eager forward: under --compile, eval mode would add a graph
                 recon = model.forward(x_masked, apply_tanh=self.objective.apply_tanh)
-            total += self.objective.loss(recon, x, mask)
+            loss = self.objective.loss(recon, x, mask)
+            total += loss
+            per_source[self.source_of[i]] += loss
             if plot is not None and i == 0:  # a host copy: only at plot steps, rank 0
                 from himae_dist.train_log import plot_reconstructions
 
@@ -73,4 +87,4 @@ class Validator:
                     recon = torch.tanh(recon)
                 plot_reconstructions(x, mask, recon, plot, step)
         model.train()
-        return total
+        return total, per_source

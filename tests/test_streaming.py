@@ -71,15 +71,21 @@ def test_readers_partition_each_epoch_of_shards():
 @pytest.mark.parametrize("workers", [0, 2])
 def test_continuing_from_a_state_gives_exactly_the_same_stream(uneven, workers):
     full = _take(uneven, 60, num_workers=workers, rank=1, world_size=2)
-    state = LoaderState(25, 1, 2, workers, 16, 4, len(uneven.shards()))
-    rest = _take(uneven, 35, num_workers=workers, rank=1, world_size=2, state=state.to_dict())
+    _, state = make_loader(uneven, 16, seed=1, num_workers=workers, rank=1, world_size=2)
+    rest = _take(uneven, 35, num_workers=workers, rank=1, world_size=2, state=replace(state, batches=25).to_dict())
     assert all(torch.equal(a["signal"], b["signal"]) and list(a["key"]) == list(b["key"]) for a, b in zip(full[25:], rest))
 
 
 def test_a_state_from_another_setup_is_refused(uneven):
-    state = LoaderState(5, 1, 4, 0, 16, 4, len(uneven.shards()))
-    with pytest.raises(ValueError, match=r"cannot continue the data stream exactly.*'world_size': \(4, 1\)"):
-        make_loader(uneven, 16, seed=1, state=state)
+    _, state = make_loader(uneven, 16, seed=1, world_size=4, rank=2)
+    with pytest.raises(ValueError, match=r"cannot continue the data stream exactly.*'readers': \(4, 1\)"):
+        make_loader(uneven, 16, seed=1, state=replace(state, batches=5))  # 4 readers then, 1 by default now
+    with pytest.raises(ValueError, match=r"'shuffle_shards': \(4, 2\)"):
+        make_loader(uneven, 16, seed=1, world_size=4, shuffle_shards=2, state=state)
+    old = {"batches": 5, "seed": 1, "world_size": 4, "num_workers": 0, "batch_size": 16, "shuffle_shards": 4,
+           "n_shards": 5, "split": "train", "failed": {}}  # a per-rank stream of an older version
+    with pytest.raises(ValueError, match=r"a per-rank stream of an older himae-dist"):
+        make_loader(uneven, 16, seed=1, state=old)
 
 
 def test_a_micro_batch_mixes_patients_like_a_uniform_shuffle(tmp_path):
@@ -109,10 +115,11 @@ def test_missing_or_damaged_shards_are_found_at_start_and_skipped_mid_run(tmp_pa
     batches = _take(m, 40, batch_size=10, shuffle_shards=1)
     bad = {2, 4}
     last = batches[-1]
-    order = list(islice(reader_shards(6, 0, 1, 1), last["reads"]))
-    assert last["reader"] == 0 and isinstance(last["failed"], tuple) and len(last["failed"]) >= 2
-    assert last["failed"] == tuple(k for k, i in enumerate(order) if i in bad)  # every read of them, and only those
-    assert last["lost_segments"] == 50 * len(last["failed"])
+    reads, failed, lost, counted = last["readers"]["0:0"]  # source 0, reader 0: counted on this (the only) rank
+    order = list(islice(reader_shards(6, 0, 1, 1), reads))
+    assert counted and isinstance(failed, tuple) and len(failed) >= 2
+    assert failed == tuple(k for k, i in enumerate(order) if i in bad)  # every read of them, and only those
+    assert lost == 50 * len(failed)
     assert not any(int(s) in bad for b in batches for s in b["shard"])
     assert "skipping shard" in capfd.readouterr().err
     with pytest.raises(Exception, match=r"shard-00000[24]\.tar"):
@@ -204,16 +211,16 @@ def test_a_resume_after_a_failed_read_continues_exactly_even_once_the_shard_is_r
     loader, start = make_loader(m, seed=1, **kw)
     it = iter(loader)
     full = [next(it) for _ in range(N)]
-    assert all(isinstance(b["failed"], tuple) for b in full)
-    progress = StreamProgress(start, [s.n_samples for s in m.shards()])
+    assert all(isinstance(v[1], tuple) for b in full for v in b["readers"].values())
+    progress = StreamProgress(start, [[s.n_samples for s in m.shards()]])
     for b in full[:K]:
         progress.update(b)
     state = progress.state(K)
 
     # the counts: the victim's size for each time a consumed group read it
-    expected = [_expected_losses(m, victim, r, nw, K // nw * 10) for r in range(nw)]
-    assert state.failed == {r: f for r, (_, f) in enumerate(expected)}
-    assert 0 in state.failed[0]  # the failure lies before the resume point: the skip-ahead must know it
+    expected = [_expected_losses(m, victim, r, nw, K * 10 // nw) for r in range(nw)]  # nw readers, 10 / nw rows each
+    assert state.failed == {f"0:{r}": f for r, (_, f) in enumerate(expected) if f}
+    assert 0 in state.failed["0:0"]  # the failure lies before the resume point: the skip-ahead must know it
     assert progress.failed() == sum(len(f) for _, f in expected) >= 1
     assert progress.lost_segments() == 50 * progress.failed()
     assert progress.reads() == sum(reads for reads, _ in expected) > 0
@@ -222,7 +229,7 @@ def test_a_resume_after_a_failed_read_continues_exactly_even_once_the_shard_is_r
     assert loaded == state
     assert LoaderState.from_dict(json.loads(json.dumps(state.to_dict()))) == state  # keys through JSON: str
     assert LoaderState.from_dict({k: v for k, v in state.to_dict().items() if k != "failed"}).failed == {}  # older
-    again = StreamProgress(loaded, [s.n_samples for s in m.shards()])  # a restored rank counts the same
+    again = StreamProgress(loaded, [[s.n_samples for s in m.shards()]])  # a restored rank counts the same
     assert (again.reads(), again.failed(), again.lost_segments()) == (progress.reads(), progress.failed(),
                                                                       progress.lost_segments())
 
@@ -233,8 +240,7 @@ def test_a_resume_after_a_failed_read_continues_exactly_even_once_the_shard_is_r
 
     rest = resumed(loaded.to_dict())
     assert _same(rest, full[K:])
-    assert [(b["reader"], b["reads"], b["failed"], b["lost_segments"]) for b in rest] == \
-        [(b["reader"], b["reads"], b["failed"], b["lost_segments"]) for b in full[K:]]
+    assert [b["readers"] for b in rest] == [b["readers"] for b in full[K:]]
     assert not _same(resumed(replace(state, failed={})), full[K:])  # the manifest's sizes alone (the old way) diverge
     path.write_bytes(good)  # repaired: a recorded failure is still not read, so the stream is the saved run's
     assert _same(resumed(state), full[K:])

@@ -1,0 +1,129 @@
+"""The data order is a function of the stream, not of the cluster: the same global batches for any
+world size, micro-batch and worker count; a resume on another world size goes on at the exact
+global position; several sources mixed in exact per-batch counts, each with its own epochs."""
+
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from data_prep.convert import ConvertParams, convert_pretrain
+from himae_dist.streaming import batch_layout, load_manifest, make_loader, rank_parts, source_counts
+from tests.h5_inputs import random_index
+
+READERS, G = 4, 48
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """8 train shards of 45 (360 segments)."""
+    d = tmp_path_factory.mktemp("big")
+    convert_pretrain(str(random_index(d, n=360, patients=12)), ConvertParams(str(d / "o"), samples_per_shard=45,
+                                                                               block_size=9, val_fraction=0))
+    return load_manifest(str(d / "o"))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """2 train shards of 20 (40 segments), another patient set."""
+    d = tmp_path_factory.mktemp("small")
+    convert_pretrain(str(random_index(d, n=40, patients=4, seed=7)), ConvertParams(str(d / "o"), samples_per_shard=20,
+                                                                                     block_size=5, val_fraction=0))
+    return load_manifest(str(d / "o"))
+
+
+def _global_batches(sources, n: int, world: int, micro: int, workers: int = 0, state=None, weights=None) -> list:
+    """The first n global batches as each rank consumes them: [(source, key), ...] per batch, ranks in order."""
+    per_rank = G // world // micro
+    ranks = []
+    for r in range(world):
+        it, _ = make_loader(sources, micro, seed=3, rank=r, world_size=world, num_workers=workers, global_batch=G,
+                            readers=READERS, state=state, weights=weights, shuffle_shards=2)
+        mine = []
+        for _ in range(n):
+            rows = []
+            for _ in range(per_rank):
+                b = next(it)
+                assert len(b["signal"]) == micro
+                rows += list(zip(b["source"].tolist(), map(str, b["key"])))
+            mine.append(rows)
+        ranks.append(mine)
+        del it
+    return [sum((ranks[r][i] for r in range(world)), []) for i in range(n)]
+
+
+def test_counts_and_layout_are_exact():
+    assert source_counts([0.7, 0.3], 48) == [34, 14]  # 33.6, 14.4: the larger remainder gets the row
+    assert source_counts([1, 1, 1], 10) == [4, 3, 3]  # ties: the earlier source
+    parts = batch_layout([34, 14], 4)
+    assert sum(n for _, _, n in parts) == 48
+    per_reader = Counter()
+    for _, c, n in parts:
+        per_reader[c] += n
+    assert sorted(per_reader.values()) == [12, 12, 12, 12]
+    for world in (1, 2, 3, 4, 6):  # every row on exactly one rank; a straddling part is counted once
+        got = [rank_parts([34, 14], 4, r, world) for r in range(world)]
+        assert sum(p.hi - p.lo for ps in got for p in ps) == 48
+        assert Counter(p.key for ps in got for p in ps if p.counted) == Counter(f"{s}:{c}" for s, c, _ in parts)
+    with pytest.raises(ValueError, match="does not split evenly over 5 ranks"):
+        rank_parts([34, 14], 4, 0, 5)
+
+
+@pytest.mark.slow
+def test_the_same_global_batches_on_any_world_size_micro_batch_and_worker_count(big):
+    ref = _global_batches(big, 12, world=1, micro=16)
+    assert len({k for b in ref for k in b}) > 300  # most of the split over 12 batches (576 rows, 360 segments)
+    for world, micro, workers in [(2, 8, 0), (3, 16, 0), (2, 24, 2), (1, 48, 1), (4, 12, 2)]:
+        assert _global_batches(big, 12, world, micro, workers) == ref, (world, micro, workers)
+
+
+@pytest.mark.slow
+def test_a_resume_on_another_world_size_goes_on_at_the_global_position(big):
+    ref = _global_batches(big, 14, world=2, micro=8)
+    _, state = make_loader(big, 8, seed=3, world_size=2, global_batch=G, readers=READERS, shuffle_shards=2)
+    assert state.readers == READERS and state.global_batch == G
+    for world, micro in [(1, 16), (3, 16), (6, 8)]:
+        rest = _global_batches(big, 5, world, micro, state=replace(state, batches=9))
+        assert rest == ref[9:], world
+    # epoch accounting: the multiset over the first epoch's worth is every segment once per reader share
+    first = Counter(k for b in ref[:7] for k in b)  # 336 of 360 rows
+    assert max(first.values()) == 1
+
+
+@pytest.mark.slow
+def test_two_sources_mix_in_exact_counts_and_run_their_own_epochs(big, small):
+    batches = _global_batches([big, small], 10, world=2, micro=8, weights=[0.7, 0.3])
+    assert all(Counter(s for s, _ in b) == {0: 34, 1: 14} for b in batches)  # every global batch, exactly
+    small_seen = Counter(k for b in batches for s, k in b if s == 1)
+    big_seen = Counter(k for b in batches for s, k in b if s == 0)
+    assert len(small_seen) == 40 and max(small_seen.values()) >= 3  # 140 rows of 40 segments: it repeats
+    assert sum(big_seen.values()) == 340 < 360 and max(big_seen.values()) == 1  # not yet through its first epoch
+    _, state = make_loader([big, small], 8, seed=3, world_size=2, global_batch=G, readers=READERS, shuffle_shards=2,
+                           weights=[0.7, 0.3])
+    assert [s[:2] for s in state.sources] == [[8, 34], [2, 14]]  # shard count, samples per batch (+ preprocessing)
+    rest = _global_batches([big, small], 4, world=3, micro=16, weights=[0.7, 0.3], state=replace(state, batches=6))
+    assert rest == batches[6:]
+    with pytest.raises(ValueError, match=r"cannot continue the data stream exactly.*'sources'"):
+        make_loader([big, small], 8, seed=3, world_size=2, global_batch=G, readers=READERS, shuffle_shards=2,
+                    weights=[0.5, 0.5], state=state)
+
+
+def test_sources_of_another_length_or_channel_count_are_refused(big, tmp_path):
+    convert_pretrain(str(random_index(tmp_path, n=40, length=300)), ConvertParams(str(tmp_path / "o"),
+                                                                                  samples_per_shard=20, val_fraction=0))
+    other = load_manifest(str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"sources disagree: \S+big\S+ holds 1 x 250 float16 segments, \S+ 1 x 300"):
+        make_loader([big, other], 8, seed=3)
+    wide = replace(other, length=250, channels=2)
+    with pytest.raises(ValueError, match=r"1 x 250 float16 segments, \S+ 2 x 250"):
+        make_loader([big, wide], 8, seed=3)
+    with pytest.raises(ValueError, match=r"gets 0 of the 8 samples of a global batch at weight 0.01"):
+        make_loader([big, big], 8, seed=3, weights=[1, 0.01])
+
+
+def test_a_global_batch_that_does_not_split_is_refused(big):
+    with pytest.raises(ValueError, match=r"a global batch of 40 is not a whole number of micro-batches of 8 on each "
+                                         r"of 3 rank\(s\)"):
+        make_loader(big, 8, seed=3, world_size=3, global_batch=40)
+    np.testing.assert_equal(source_counts([2.0], 7), [7])
