@@ -296,8 +296,7 @@ class Checkpointer:
         if len(saved["ranks"]) != world:
             res.window, res.nonfinite = {"last_logged": start}, sum(counts) if rank == 0 else 0.0  # rank 0 carries them
             if rank == 0:
-                print(f"[himae-train] world size {len(saved['ranks'])} -> {world}: the data stream goes on at its "
-                      f"global position", flush=True)
+                print(f"[himae-train] world size {len(saved['ranks'])} -> {world}", flush=True)
         if rank == 0:
             run_state.truncate_metrics(self.out / "metrics.jsonl", start)
             print(f"[himae-train] resumed from {tag_dir} at step {start}", flush=True)

@@ -43,3 +43,10 @@ def _with_faults(steps: range, faults: dict, rank: int, stop: StopRequest, beat:
             while not stop.requested and time.monotonic() < deadline:
                 time.sleep(0.05)
         yield step
+
+
+def keys_log(rank: int):
+    """Test hook: HIMAE_TEST_KEYS=PREFIX makes rank r append "step micro key ..." per micro-batch to PREFIX.r
+    (the samples each step consumed, to compare runs on other world sizes); None when unset."""
+    prefix = os.environ.get("HIMAE_TEST_KEYS")
+    return open(f"{prefix}.{rank}", "a", buffering=1) if prefix else None

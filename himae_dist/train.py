@@ -183,6 +183,8 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict:
             log_step = done % cfg.log_every == 0 or done == cfg.steps
             for micro in range(cfg.grad_accum):
                 x, batch = run.next_batch()  # [B, C, L] on the device, stored dtype
+                if run.keys_log is not None:
+                    run.keys_log.write(f"{step} {micro} {' '.join(map(str, batch['key']))}\n")
                 x, keep = run.guard.clean(x, batch)  # non-finite samples dropped on the device
                 x_masked, mask = run.objective.mask(x, step, micro, run.model_dtype)
                 with autocast(run.device, run.bf16):
@@ -289,6 +291,7 @@ class _Run:
     start: int
     sources: list  # per source: (name, samples per global batch, train segments)
     stream_start: int  # global batches of this stream consumed when this attempt began
+    keys_log: object = None  # test hook (fault_injection.keys_log)
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -381,7 +384,8 @@ def _start(cfg: TrainConfig, deepspeed, device: torch.device, rank: int, world: 
                 validator if validator and validator.enabled else None, batches,
                 StreamProgress(lstate, [[sh.n_samples for sh in m.shards("train")] for m in manifests], rank, world),
                 shard_names, [p for p in engine.module.parameters() if p.requires_grad], res.start,
-                [(n, k, m.n_samples("train")) for n, k, m in zip(names, per_batch, manifests)], lstate.batches)
+                [(n, k, m.n_samples("train")) for n, k, m in zip(names, per_batch, manifests)], lstate.batches,
+                fault_injection.keys_log(rank))
 
 
 def source_names(bases: list[str]) -> list[str]:
@@ -426,7 +430,10 @@ def _loader(manifests: list, weights: list[float], cfg: TrainConfig, res, rank: 
                        global_batch=cfg.micro_batch * cfg.grad_accum * world, weights=weights,
                        readers=cfg.stream_readers or saved_readers or world * max(1, cfg.num_workers))
     try:
-        return make_loader(manifests, cfg.micro_batch, state=res.loader, **loader_args)
+        batches, state = make_loader(manifests, cfg.micro_batch, state=res.loader, **loader_args)
+        if rank == 0 and res.loader is not None:
+            print(f"[himae-train] the data stream goes on at global batch {state.batches}", flush=True)
+        return batches, state
     except ValueError as e:  # the saved stream cannot continue under the loader options given now
         if res.loader is None:
             raise

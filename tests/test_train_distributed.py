@@ -68,14 +68,15 @@ def test_two_rank_deepspeed_run_loss_falls_and_resumes(tiny_shards, tmp_path):
     assert "nothing to train" in log and (out / "himae_final.pt").read_bytes() == final_bytes
     assert {f.name: f.stat().st_mtime_ns for f in tag.iterdir()} == before
 
-    # the saved stream was read by 0 workers per rank (refused without --allow-schedule-change:
-    # test_a_changed_loader_is_refused_unless_allowed; a changed schedule: tests/test_config.py)
-    log = _torchrun(tiny_shards, out, steps=20, extra=("--num-workers", "1", "--allow-schedule-change", "true"))
-    assert "loader options changed" in log and "a new data stream starts (seed 20)" in log
-    # allowed: more steps, a new lr and weight decay, and 3 ranks instead of 2 (a new data stream)
+    # the saved stream was read by 0 workers per rank: the order does not depend on them, so it goes on
+    # (a changed stream option is refused without --allow-schedule-change: test_a_changed_loader_is_refused_...)
+    log = _torchrun(tiny_shards, out, steps=20, extra=("--num-workers", "1"))
+    assert "the data stream goes on at global batch 20" in log and "new data stream" not in log
+    # allowed: more steps, a new lr and weight decay, and 3 ranks instead of 2: another global batch, so a new stream
     log = _torchrun(tiny_shards, out, steps=30, nproc=3,
                     extra=("--allow-schedule-change", "true", "--lr", "5e-4", "--weight-decay", "0.01"))
-    assert "resumed from" in log and "at step 20" in log and "world size 2 -> 3: a new data stream" in log
+    assert "resumed from" in log and "at step 20" in log and "world size 2 -> 3" in log
+    assert "a new data stream starts (seed 20)" in log and "'global_batch': (32, 48)" in log
     hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist][-2:] == [25, 30]
     f = lr_lambda(TrainConfig(data="d", steps=30, lr=5e-4))
@@ -173,10 +174,14 @@ def test_a_changed_loader_is_refused_unless_allowed(tiny_shards):
 
     manifest = load_manifest(str(tiny_shards))
     _, state = make_loader(manifest, 16, seed=0, rank=0, world_size=2, num_workers=0, shuffle_shards=2)
-    res = Resumed(start=40, loader=state.to_dict(), stream_seed=0)
-    argv = ["--data", str(tiny_shards), "--micro-batch", "16", "--shuffle-shards", "2", "--num-workers", "1"]
-    with pytest.raises(ValueError, match=r"cannot continue the data stream exactly.*'num_workers': \(0, 1\).*"
+    res = Resumed(start=40, loader={**state.to_dict(), "batches": 40}, stream_seed=0)
+    argv = ["--data", str(tiny_shards), "--micro-batch", "16", "--num-workers", "1"]
+    cpu = torch.device("cpu")
+    _, same = _loader([manifest], [1.0], parse_config([*argv, "--shuffle-shards", "2"]), res, 0, 2, cpu)
+    assert same.batches == 40 and same.readers == 2  # other workers: the same stream goes on (its saved readers)
+    with pytest.raises(ValueError, match=r"cannot continue the data stream exactly.*'shuffle_shards': \(2, 3\).*"
                                          r"--allow-schedule-change"):
-        _loader(manifest, parse_config(argv), res, 0, 2, torch.device("cpu"))
-    _, new = _loader(manifest, parse_config([*argv, "--allow-schedule-change", "true"]), res, 0, 2, torch.device("cpu"))
-    assert new.seed == 40 and new.batches == 0  # a new stream, seed + step
+        _loader([manifest], [1.0], parse_config([*argv, "--shuffle-shards", "3"]), res, 0, 2, cpu)
+    _, new = _loader([manifest], [1.0], parse_config([*argv, "--shuffle-shards", "3", "--allow-schedule-change",
+                                                      "true"]), res, 0, 2, cpu)
+    assert new.seed == 40 and new.batches == 0 and new.readers == 2  # a new stream, seed + step
