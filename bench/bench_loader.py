@@ -4,7 +4,14 @@ Segments/s per loader process (num_workers=0, the work one DataLoader worker doe
 float16 and float32 shards, batch 256. Baseline: the seed-style path, a map-style Dataset whose
 __getitem__ min-max scales one segment of an in-memory array, batched by the default collate.
 
-    .venv/bin/python bench/bench_loader.py [--n 40000] [--batches 400]
+    .venv/bin/python bench/bench_loader.py [--n 40000] [--batches 400] [--mixed] [--repeats 3]
+
+--mixed also converts a second, smaller source (--n / 4 segments, same length, float16) and measures,
+in the same process and settings, make_loader over the float16 source alone vs over both sources
+mixed at weights 0.7, 0.3 (every global batch of --batch holds them in exact counts). The two are
+measured --repeats times each, alternating (one, mixed, one, mixed, ...), each on a fresh loader; the
+best (highest) rate of each is reported, the least disturbed by other load on the machine. Its last
+line: `mixed sources: M seg/s, one source: S seg/s (R x)`.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--batches", type=int, default=400)
+    ap.add_argument("--mixed", action="store_true", help="also: one source vs two mixed at 0.7, 0.3 (float16)")
+    ap.add_argument("--repeats", type=int, default=3, help="with --mixed: alternating measurements of each")
     a = ap.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -78,6 +87,8 @@ def main() -> None:
         seed_loader = torch.utils.data.DataLoader(SeedStyleDataset(signals), batch_size=a.batch, shuffle=True,
                                                   num_workers=0, drop_last=True)
         seed_rate = _rate(iter(seed_loader), min(a.batches, a.n // a.batch - 2), a.batch)
+        if a.mixed:
+            mixed = _mixed_rates(tmp, a, np.random.default_rng(1))
 
     print(f"\nrun: {time.strftime('%Y-%m-%d')} | {platform.machine()} | torch {torch.__version__} | "
           f"numpy {np.__version__} | L={a.length} | batch {a.batch} | {a.n} segments\n")
@@ -88,6 +99,42 @@ def main() -> None:
     print(f"| seed-style Dataset (per-sample min-max, default collate) | {seed_rate:,.0f} | 1.0x |")
     print(f"\nloader {rates['float16']:,.0f} seg/s per process, seed-style {seed_rate:,.0f} seg/s, "
           f"ratio {rates['float16'] / seed_rate:.1f}")
+    if a.mixed:
+        one, two, n2 = mixed
+        s, m = max(one), max(two)
+        print(f"\nmixed sources (float16, weights 0.7 / 0.3 of every batch of {a.batch}; second source {n2} "
+              f"segments); best of {a.repeats} alternating runs each\n")
+        print("| path | seg/s per process (best) | all runs | vs one source |")
+        print("|---|---|---|---|")
+        print(f"| one source (float16) | {s:,.0f} | {', '.join(f'{r:,.0f}' for r in one)} | 1.00x |")
+        print(f"| two sources mixed 0.7 / 0.3 | {m:,.0f} | {', '.join(f'{r:,.0f}' for r in two)} | {m / s:.2f}x |")
+        print(f"\nmixed sources: {m:.0f} seg/s, one source: {s:.0f} seg/s ({m / s:.2f} x)")
+
+
+def _mixed_rates(tmp: Path, a, rng) -> tuple[list[float], list[float], int]:
+    """(one-source rates, mixed rates, second source's segments): --repeats of each, alternating, each on a
+    fresh loader over the float16 shards already in tmp / "float16" and a second source converted here."""
+    n2 = max(a.batch, a.n // 4)
+    signals = (rng.standard_normal((n2, a.length)) * 50 + 300).astype(np.float32)
+    src = tmp / "second"
+    src.mkdir()
+    per_file = 5000
+    rows = []
+    for f, s in enumerate(range(0, n2, per_file)):
+        write_h5(src / f"g{f}.h5", {f"{j:08d}": signals[j] for j in range(s, min(n2, s + per_file))})
+        rows += [(f"g{f}.h5", f"{j:08d}") for j in range(s, min(n2, s + per_file))]
+    write_index(src / "index.csv", rows)
+    convert_pretrain(str(src / "index.csv"), ConvertParams(str(src / "float16"), samples_per_shard=4096,
+                                                           dtype="float16", val_fraction=0, workers=2))
+    first, second = load_manifest(str(tmp / "float16")), load_manifest(str(src / "float16"))
+    one, two = [], []
+    for _ in range(a.repeats):
+        loader, _ = make_loader(first, a.batch, seed=0, num_workers=0, shuffle_shards=4)
+        one.append(_rate(iter(loader), a.batches, a.batch))
+        loader, _ = make_loader([first, second], a.batch, seed=0, num_workers=0, shuffle_shards=4,
+                                weights=[0.7, 0.3])
+        two.append(_rate(iter(loader), a.batches, a.batch))
+    return one, two, n2
 
 
 if __name__ == "__main__":
