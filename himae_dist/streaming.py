@@ -267,7 +267,8 @@ class _ReadAhead:
 class _PartReader:
     """One (source, reader) stream: its next `part.rows` samples for each global batch from `start` on.
 
-    Yields ((signal [n, C, L], key [n], shard [n] global index), (reads, failed positions, lost segments)).
+    Yields (((signal, key, shard global index) arrays, row indices into them or None for all rows),
+    (reads, failed positions, lost segments)): the gather is left to the item, so a batch is one copy.
     """
 
     def __init__(self, ds: "ShardStream", part: Part, start: int, prefetch_reads: int):
@@ -379,13 +380,12 @@ class _PartReader:
                     pos = min(B - len(carry[0]), len(order))
                     carry = tuple(np.concatenate([c, a[order[:pos]]]) for a, c in zip(pool, carry))
                     if len(carry[0]) == B:
-                        yield carry, info
+                        yield (carry, None), info
                         carry = None
                 if carry is None:
                     n_full = pos + (len(order) - pos) // B * B
                     for s in range(pos, n_full, B):
-                        idx = order[s:s + B]
-                        yield tuple(a[idx] for a in pool), info  # a gather: the one copy per part
+                        yield (pool, order[s:s + B]), info  # rows pool[idx], gathered once where the item is built
                     pos = n_full
                     if pos < len(order):
                         carry = tuple(a[order[pos:]] for a in pool)
@@ -438,8 +438,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             while True:
                 rows, readers, source = [], {}, []
                 for p, gen in zip(mine, gens):
-                    part, (reads, failed, lost) = next(gen)
-                    rows.append(tuple(a[p.lo:p.hi] for a in part) if (p.lo, p.hi) != (0, p.rows) else part)
+                    (arrays, idx), (reads, failed, lost) = next(gen)
+                    if (p.lo, p.hi) != (0, p.rows):  # this rank's share of a part another rank reads too
+                        arrays, idx = (arrays, idx[p.lo:p.hi]) if idx is not None else \
+                            (tuple(a[p.lo:p.hi] for a in arrays), None)
+                    rows.append((arrays, idx))
                     source.append(np.full(p.hi - p.lo, p.source, np.int16))
                     readers[p.key] = (reads, failed, lost, p.counted)
                 yield self._item(rows, source, readers)
@@ -452,12 +455,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             return {"signal": torch.empty((0, *self.sample_shape), dtype=getattr(torch, self.dtype)),
                     "key": np.empty(0, dtype=object), "shard": torch.empty(0, dtype=torch.int32),
                     "source": torch.empty(0, dtype=torch.int16), "readers": readers}
-        sig, key, shard = ([r[i] for r in rows] for i in range(3))
-        one = len(rows) == 1
-        return {"signal": torch.from_numpy(sig[0] if one else np.concatenate(sig)),  # [n, C, L] stored dtype
-                "key": key[0] if one else np.concatenate(key),
-                "shard": torch.from_numpy(shard[0] if one else np.concatenate(shard)),
-                "source": torch.from_numpy(source[0] if one else np.concatenate(source)), "readers": readers}
+        n = [len(idx) if idx is not None else len(arrays[0]) for arrays, idx in rows]
+        out = []
+        for i in range(3):  # signal [n, C, L] stored dtype, key, shard: each part's rows gathered straight in
+            first = rows[0][0][i]
+            dtype = np.result_type(*(arrays[i].dtype for arrays, _ in rows))  # keys: the widest string
+            buf, at = np.empty((sum(n), *first.shape[1:]), dtype), 0
+            for (arrays, idx), k in zip(rows, n):
+                if idx is None:
+                    buf[at:at + k] = arrays[i]
+                else:
+                    np.take(arrays[i], idx, axis=0, out=buf[at:at + k])
+                at += k
+            out.append(buf)
+        return {"signal": torch.from_numpy(out[0]), "key": out[1], "shard": torch.from_numpy(out[2]),
+                "source": torch.from_numpy(source[0] if len(source) == 1 else np.concatenate(source)),
+                "readers": readers}
 
 
 class RankBatches:

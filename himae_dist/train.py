@@ -195,7 +195,8 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict:
                 if win.src is not None:  # several sources: each one's loss too (device sums, no sync)
                     sse, n = run.objective.row_losses(recon, x, mask)
                     keep_f = keep.float() if keep is not None else 1.0
-                    win.add_sources(sse * keep_f, n * keep_f, batch["source"].to(run.device, torch.int64))
+                    src = batch["source"].to(run.device, non_blocking=True).long()  # pinned on CUDA: no sync
+                    win.add_sources(sse * keep_f, n * keep_f, src)
                 _optimizer_step(run, measure=log_step and micro == cfg.grad_accum - 1)
             run.log.step()
             if run.validator and (done % cfg.val_every == 0 or done == cfg.steps):

@@ -91,7 +91,7 @@ def test_unwritable_export_url_and_a_damaged_val_shard_are_named_before_the_firs
 
     def checks(*argv):
         cfg = parse_config(["--data", str(shards), "--out", str(tmp_path / "run"), *argv])
-        return _start_checks(load_manifest(str(shards)), cfg, Checkpointer(None, None, None, cfg, tmp_path / "run",
+        return _start_checks([load_manifest(str(shards))], cfg, Checkpointer(None, None, None, cfg, tmp_path / "run",
                                                                             0, 1, {}, {}, {}))
 
     assert checks("--val-every", "3") == ([], None)
