@@ -465,7 +465,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if idx is None:
                     buf[at:at + k] = arrays[i]
                 else:
-                    np.take(arrays[i], idx, axis=0, out=buf[at:at + k])
+                    np.take(arrays[i], idx, axis=0, out=buf[at:at + k], mode="clip")  # unbuffered: idx is in range
                 at += k
             out.append(buf)
         return {"signal": torch.from_numpy(out[0]), "key": out[1], "shard": torch.from_numpy(out[2]),
