@@ -377,6 +377,10 @@ def parse_cli(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Name
     values: dict = _read_config_file(ns.config) if ns.config else {}
     skip = ("config", "local_rank", "dry_run")
     values.update({k: v for k, v in vars(ns).items() if v is not None and k not in skip})
+    if ns.data is not None and ns.sources is None:  # --data on the command line replaces the file's sources
+        values.pop("sources", None)
+        if ns.weights is None:
+            values.pop("weights", None)
     if isinstance(values.get("data"), list) and len(values["data"]) == 1:
         values["data"] = values["data"][0]  # one source: a plain URL, as before
     cfg = TrainConfig(**values)
@@ -469,7 +473,7 @@ def lr_lambda(cfg: TrainConfig):
 
 def for_world(cfg: TrainConfig, world_size: int) -> TrainConfig:
     """The config on `world_size` ranks: with --global-batch, --grad-accum derived from it (refused, with the
-    numbers, where it is not whole or contradicts an explicit --grad-accum)."""
+    numbers, where it is not whole, or where --grad-accum is given as another value than 1 and disagrees)."""
     if not cfg.global_batch:
         return cfg
     per_step = world_size * cfg.micro_batch
@@ -479,7 +483,7 @@ def for_world(cfg: TrainConfig, world_size: int) -> TrainConfig:
                           f"rank(s) x --micro-batch {cfg.micro_batch} = {per_step} per accumulation step "
                           f"({cfg.global_batch / per_step:g}); pick a global batch that is a multiple of {per_step}, "
                           f"or another --micro-batch or world size")
-    if cfg.grad_accum not in (1, accum):
+    if cfg.grad_accum not in (1, accum):  # 1 is the default: it cannot be told from "not given", so it yields
         raise ConfigError(f"--grad-accum={cfg.grad_accum} but --global-batch={cfg.global_batch} on {world_size} "
                           f"rank(s) x --micro-batch {cfg.micro_batch} needs {accum}; leave --grad-accum out")
     return dataclasses.replace(cfg, grad_accum=accum)

@@ -59,12 +59,14 @@ def describe(cfg: TrainConfig, world: int) -> str:
                  else "the train split is empty")]
     names = [s.name for s in train]
     lines.append("train shards: " + ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else ""))
-    broken = check_shards(manifest, "train", cfg.storage_options)
-    if broken:
-        lines.append(f"missing or damaged train shards ({len(broken)}): {broken[:5]}")
+    for m in manifests:
+        broken = check_shards(m, "train", cfg.storage_options)
+        if broken:
+            where = f" of {redact_secrets(m.url)}" if len(manifests) > 1 else ""
+            lines.append(f"missing or damaged train shards{where} ({len(broken)}): {broken[:5]}")
     if cfg.val_every:
-        val = manifest.splits.get("val") or []
-        lines.append(f"validation every {cfg.val_every} steps on {len(val)} val shard(s)")
+        val = sum(len(m.splits.get("val") or []) for m in manifests)
+        lines.append(f"validation every {cfg.val_every} steps on {val} val shard(s)")
     tag_dir = plan_resume(Path(cfg.out) / "checkpoints", cfg.resume)
     if tag_dir is not None:
         lines.append(f"resume: from {tag_dir} (--resume {cfg.resume})")

@@ -30,13 +30,14 @@ class ReferenceObjective:
         self.grad_accum = grad_accum
 
     def mask(
-        self, x: torch.Tensor, step: int, micro: int, out_dtype: torch.dtype | None = None
+        self, x: torch.Tensor, step: int, micro: int, out_dtype: torch.dtype | None = None, place: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(masked x in out_dtype (default x's), mask [B, 1, L])."""
+        """(masked x in out_dtype (default x's), mask [B, 1, L]). `place`: the micro-batch's place in the
+        global batch, by default rank * grad_accum + micro (validation gives its own)."""
         # seeded by the micro-batch's place in the global batch (rank r holds micro-batches r * accum ...): the
         # same rows get the same masks on any world size with the same --micro-batch
-        gen = torch.Generator(device=x.device).manual_seed(
-            mask_seed(self.base_seed, step, self.rank * self.grad_accum + micro))
+        place = self.rank * self.grad_accum + micro if place is None else place
+        gen = torch.Generator(device=x.device).manual_seed(mask_seed(self.base_seed, step, place))
         x_masked, mask = mask_input(x, self.patch_size, self.ratio, gen)  # mask [B, 1, L]
         return x_masked.to(out_dtype or x.dtype), mask
 
@@ -69,12 +70,13 @@ class FusedObjective:
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
 
     def mask(
-        self, x: torch.Tensor, step: int, micro: int, out_dtype: torch.dtype | None = None
+        self, x: torch.Tensor, step: int, micro: int, out_dtype: torch.dtype | None = None, place: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(masked x written by the kernel in out_dtype, patch mask int8 [B, P])."""
+        """(masked x written by the kernel in out_dtype, patch mask int8 [B, P]); `place` as the reference's."""
         # One seed per step for all ranks; each sample keyed by its row in the global batch, so a
         # row's mask does not depend on the world size (nor on how the batch is split into micro-batches).
-        offset = (self.rank * self.grad_accum + micro) * x.shape[0]  # rank r holds rows [r G/W, (r+1) G/W)
+        place = self.rank * self.grad_accum + micro if place is None else place  # rank r: rows [r G/W, (r+1) G/W)
+        offset = place * x.shape[0]
         seed = mask_seed(self.base_seed, step)
         return self.k.fused_patch_mask(x, self.patch_size, self.ratio, seed, offset, out_dtype=out_dtype)
 

@@ -74,6 +74,7 @@ def source_counts(weights: list[float], global_batch: int) -> list[int]:
     w = np.asarray(weights, dtype=float)
     if w.ndim != 1 or not len(w) or not np.all(np.isfinite(w)) or np.any(w <= 0):
         raise ValueError(f"source weights {list(weights)}: expected one positive number per source")
+    w = w / w.max()  # in (0, 1]: the sum cannot overflow
     raw = w / w.sum() * global_batch
     counts = np.floor(raw).astype(int)
     for i in np.argsort(-(raw - counts), kind="stable")[:global_batch - int(counts.sum())]:
@@ -162,8 +163,9 @@ class LoaderState:
     def from_dict(cls, d: dict) -> "LoaderState":
         """A saved state (keys through JSON too); one saved before global order (per-rank streams) is refused."""
         if not isinstance(d, dict) or "readers" not in d:
-            raise ValueError("the saved data position is a per-rank stream of an older himae-dist; "
-                             "it cannot be continued in the world-size-independent order")
+            raise ValueError("the saved data position is a per-rank stream of an older himae-dist, which the "
+                             "world-size-independent order cannot continue (pass --allow-schedule-change for a new "
+                             "data stream from this step)")
         d = dict(d)
         d["failed"] = {str(r): sorted(int(k) for k in ks) for r, ks in (d.get("failed") or {}).items()}
         d["sources"] = [list(x) for x in d["sources"]]
@@ -477,8 +479,9 @@ class RankBatches:
     """This rank's micro-batches: each global batch's rank slice (the workers' items, in worker order),
     cut into `micro` rows. `batches`: global batches fully handed out (the position to save)."""
 
-    def __init__(self, loader: torch.utils.data.DataLoader, n_items: int, micro: int, start: int):
+    def __init__(self, loader: torch.utils.data.DataLoader, n_items: int, micro: int, start: int, pin: bool = False):
         self.loader, self.n_items, self.micro, self.batches = loader, max(1, n_items), micro, start
+        self.pin = pin  # the DataLoader pins each item; a concatenation of items is written into pinned memory too
         self._it = None
         self._queue: list[dict] = []
 
@@ -490,7 +493,7 @@ class RankBatches:
             if self._it is None:
                 self._it = iter(self.loader)
             items = [next(self._it) for _ in range(self.n_items)]
-            whole = _concat(items)
+            whole = _concat(items, self.pin)
             n = len(whole["signal"])
             self._queue = [{**{k: v[s:s + self.micro] for k, v in whole.items() if k != "readers"},
                             "readers": whole["readers"] if s == 0 else {}} for s in range(0, n, self.micro)]
@@ -500,15 +503,22 @@ class RankBatches:
         return batch
 
 
-def _concat(items: list[dict]) -> dict:
-    """The workers' items of one global batch as one rank slice (no copy when one item holds it all)."""
+def _concat(items: list[dict], pin: bool = False) -> dict:
+    """The workers' items of one global batch as one rank slice (no copy when one item holds it all). With
+    `pin`, the tensors copied to the device are concatenated into pinned memory (from torch's caching host
+    allocator, which reuses a block only after its copies completed), so their non-blocking copy stays async."""
     full = [it for it in items if len(it["signal"])]
     readers = {k: v for it in items for k, v in it["readers"].items()}
     if len(full) == 1:
         return {**full[0], "readers": readers}
-    return {"signal": torch.cat([it["signal"] for it in full]), "key": np.concatenate([it["key"] for it in full]),
-            "shard": torch.cat([it["shard"] for it in full]), "source": torch.cat([it["source"] for it in full]),
-            "readers": readers}
+
+    def cat(name: str) -> torch.Tensor:
+        parts = [it[name] for it in full]
+        out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=pin)
+        return torch.cat(parts, out=out)
+
+    return {"signal": cat("signal"), "key": np.concatenate([it["key"] for it in full]), "shard": cat("shard"),
+            "source": cat("source"), "readers": readers}
 
 
 class StreamProgress:
@@ -528,6 +538,7 @@ class StreamProgress:
         counts = [int(src[1]) for src in state.sources]
         self._parts = {p.key: p for p in rank_parts(counts, state.readers, rank, world_size)}
         self._readers: dict[str, tuple[int, tuple[int, ...], int]] = {}  # key -> (reads, failed, lost)
+        self._shared: dict[str, tuple[int, tuple[int, ...], int]] = {}  # uncounted parts' failures here
         self._failed_read = {str(r): tuple(int(k) for k in ks) for r, ks in state.failed.items()}  # saved: all ranks'
         if state.batches:  # a resumed stream: every counted reader's numbers at the position, as if never stopped
             for key, p in self._parts.items():
@@ -562,27 +573,34 @@ class StreamProgress:
     def update(self, batch: dict) -> None:
         """Take a consumed batch's records for its readers (they are cumulative: the latest ones hold)."""
         for key, (reads, failed, lost, counted) in batch["readers"].items():
+            failed = tuple(int(k) for k in failed)
             if counted:
-                self._readers[key] = (int(reads), tuple(int(k) for k in failed), int(lost))
-            self._failed_read[key] = tuple(int(k) for k in failed)
+                self._readers[key] = (int(reads), failed, int(lost))
+            elif failed:  # a part another rank counts, whose read failed here only (a transient error):
+                self._shared[key] = (len(failed), failed, int(lost))  # its failures count here too (reads = them)
+            self._failed_read[key] = failed
+
+    def _all(self) -> list[tuple[int, tuple, int]]:
+        return [*self._readers.values(), *self._shared.values()]
 
     def reads(self) -> int:
-        """Shard reads the readers this rank counts made, up to the groups of the batches consumed."""
-        return sum(r for r, _, _ in self._readers.values())
+        """Shard reads the readers this rank counts made, up to the groups of the batches consumed (plus
+        the failed reads of parts it shares with a rank that counts them: a failure is never lost)."""
+        return sum(r for r, _, _ in self._all())
 
     def failed(self) -> int:
         """How many of those reads failed (a shard read twice and failing twice counts twice)."""
-        return sum(len(f) for _, f, _ in self._readers.values())
+        return sum(len(f) for _, f, _ in self._all())
 
     def lost_segments(self) -> int:
         """Segments the failed reads would have delivered, by the manifest."""
-        return sum(n for _, _, n in self._readers.values())
+        return sum(n for _, _, n in self._all())
 
     def failed_shards(self) -> list[int]:
         """Indices into all sources' shards (distinct, sorted) of the failed reads: to name them."""
         S = max(1, self._state.shuffle_shards)
         found: set[int] = set()
-        for key, (_, failed, _) in self._readers.items():
+        for key, (_, failed, _) in [*self._readers.items(), *self._shared.items()]:
             source, reader = (int(x) for x in key.split(":"))
             want, last = set(failed), max(failed, default=-1)
             for g, group in self._groups(source, reader):
@@ -664,7 +682,8 @@ def make_loader(
         ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_as_is,
         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
     )
-    return RankBatches(loader, num_workers, batch_size, start), replace(current, batches=start, failed=failed)
+    return (RankBatches(loader, num_workers, batch_size, start, pin_memory),
+            replace(current, batches=start, failed=failed))
 
 
 def _plain(v):

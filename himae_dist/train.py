@@ -391,7 +391,8 @@ def _start(cfg: TrainConfig, deepspeed, device: torch.device, rank: int, world: 
 
 def source_names(bases: list[str]) -> list[str]:
     """Short names of the sources for the log: their folders' last parts, made unique with their index."""
-    names = [b.rstrip("/").rsplit("/", 1)[-1] or f"source{i}" for i, b in enumerate(bases)]
+    names = [redact_secrets(b).rstrip("/").rsplit("/", 1)[-1].rsplit("@", 1)[-1] or f"source{i}"  # no user:password@
+             for i, b in enumerate(bases)]
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
@@ -439,6 +440,8 @@ def _loader(manifests: list, weights: list[float], cfg: TrainConfig, res, rank: 
         if res.loader is None:
             raise
         if not cfg.allow_schedule_change:
+            if "older himae-dist" in str(e):
+                raise
             raise ValueError(f"{e}; resume with the data options it was saved with, or pass "
                              f"--allow-schedule-change to start a new data stream") from e
         loader_args["seed"] = cfg.seed + res.start  # the loader options changed: a new stream, on every rank alike

@@ -26,7 +26,7 @@ class Validator:
     """`--val-batches` cached micro-batches per rank of each source's val split (sources without one are left out)."""
 
     def __init__(self, manifests, cfg, rank: int, world: int, device: torch.device, objective, bf16: bool):
-        self.device, self.objective, self.bf16 = device, objective, bf16
+        self.device, self.objective, self.bf16, self.rank = device, objective, bf16, rank
         self.batches: list[torch.Tensor] = []
         self.source_of: list[int] = []  # each cached batch's source
         manifests = manifests if isinstance(manifests, list) else [manifests]
@@ -72,7 +72,9 @@ class Validator:
         per_source = torch.zeros(len(self.per_source_n), device=self.device)
         for i, sig in enumerate(self.batches):
             x = sig  # [B, C, L], stored dtype, on the device
-            x_masked, mask = self.objective.mask(x, _VAL_STEP, i, torch.bfloat16 if self.bf16 else torch.float32)
+            # each rank's val batches have their own places (masks the same at every validation, none shared)
+            x_masked, mask = self.objective.mask(x, _VAL_STEP, i, torch.bfloat16 if self.bf16 else torch.float32,
+                                                 place=self.rank * len(self.batches) + i)
             with autocast(self.device, self.bf16):  # eager forward: under --compile, eval mode would add a graph
                 recon = model.forward(x_masked, apply_tanh=self.objective.apply_tanh)
             loss = self.objective.loss(recon, x, mask)

@@ -223,3 +223,21 @@ def test_saved_configs_hold_no_secret_and_are_not_reused_with_the_placeholder(tm
     (tmp_path / "config.json").write_text(text)  # a run's saved config, given back as --config
     with pytest.raises(ConfigError, match=r"the config holds '<redacted>' where a credential or URL password was"):
         parse_config(["--config", str(tmp_path / "config.json")])
+
+
+def test_sources_from_toml_and_data_flags_that_replace_them(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[data]\n[[data.sources]]\nurl = "/a"\nweight = 0.7\n[[data.sources]]\nurl = "/b"\nweight = 0.3\n'
+                    '[checkpoint]\nout = "/tmp/x"\n')
+    assert parse_config(["--config", str(toml)]).data_sources() == [("/a", 0.7), ("/b", 0.3)]
+    # a flag overrides the file: --data on the command line replaces its sources
+    assert parse_config(["--config", str(toml), "--data", "/c"]).data_sources() == [("/c", 1.0)]
+    assert parse_config(["--config", str(toml), "--data", "/c", "--data", "/d", "--weights", "3,1"]
+                        ).data_sources() == [("/c", 3.0), ("/d", 1.0)]
+    with pytest.raises(ConfigError, match=r"--weights=1.0: 1 weight\(s\) for 2 --data source\(s\)"):
+        parse_config(["--data", "/c", "--data", "/d", "--weights", "1", "--out", "/tmp/x"])
+    for bad in ("0,1", "nan,1", "-1,1"):
+        with pytest.raises(ConfigError, match=r"--weights=.*expected numbers > 0"):
+            parse_config(["--data", "/c", "--data", "/d", f"--weights={bad}", "--out", "/tmp/x"])
+    with pytest.raises(ConfigError, match=r"sources\[1\]\.weight = 0: expected a number > 0"):
+        parse_config(["--sources", '[{"url": "/a"}, {"url": "/b", "weight": 0}]', "--out", "/tmp/x"])

@@ -123,8 +123,8 @@ print("SYNCS " + json.dumps(syncs))
 """
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1])
-def test_trainer_reads_the_device_once_per_log_step(tiny_shards, tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage,sources", [(0, 1), (1, 1), (0, 2)], ids=["zero0", "zero1", "two-sources"])
+def test_trainer_reads_the_device_once_per_log_step(tiny_shards, tmp_path, zero_stage, sources):
     """Host reads of tensors (item/float/bool, .cpu/.tolist/.numpy/.to("cpu")) and device synchronizes over
     real engine steps, DeepSpeed's and torch's own frames included."""
     port = free_port()
@@ -135,6 +135,8 @@ def test_trainer_reads_the_device_once_per_log_step(tiny_shards, tmp_path, zero_
             "--grad-accum", "3", "--micro-batch", "8", "--log-every", "2", "--shuffle-shards", "2",
             "--loss-impl", "reference", "--val-every", "2", "--val-batches", "1", "--save-every", "3",
             "--zero-stage", str(zero_stage)]
+    if sources == 2:  # per-source training and validation sums ride in the log step's one all-reduce too
+        args += ["--data", str(tiny_shards), "--weights", "0.75,0.25"]  # a second --data: two sources
     proc = subprocess.run([sys.executable, "-c", _TRAIN_UNDER_RECORDER, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -155,3 +157,6 @@ def test_trainer_reads_the_device_once_per_log_step(tiny_shards, tmp_path, zero_
         assert len(elsewhere) == 4 and all("stage_1_and_2.py" in r[1] for r in elsewhere), kinds
     hist = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [2, 4] and all(h["loss"] > 0 and h["val_loss"] > 0 for h in hist)
+    if sources == 2:
+        assert all(len(h["sources"]) == 2 and all(v["loss"] > 0 and v["val_loss"] > 0 for v in h["sources"].values())
+                   for h in hist), hist

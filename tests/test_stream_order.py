@@ -127,3 +127,25 @@ def test_a_global_batch_that_does_not_split_is_refused(big):
                                          r"of 3 rank\(s\)"):
         make_loader(big, 8, seed=3, world_size=3, global_batch=40)
     np.testing.assert_equal(source_counts([2.0], 7), [7])
+
+
+def test_review_edges_default_readers_huge_weights_shared_failures_and_names(big, small, tmp_path):
+    from himae_dist.streaming import StreamProgress
+    from himae_dist.train import source_names
+
+    # the default readers: world x max(1, workers) at the first start (then kept: see the README)
+    assert make_loader(big, 8, seed=3, world_size=2)[1].readers == 2
+    assert make_loader(big, 8, seed=3, num_workers=3)[1].readers == 3
+    assert source_counts([1e308, 1e308], 12) == [6, 6]  # no overflow to inf / nan
+    # a part rank 1 shares with rank 0 (which counts it) failed on rank 1 only: rank 1 counts that failure
+    _, state = make_loader([big, small], 8, seed=3, world_size=2, global_batch=G, readers=3, weights=[0.7, 0.3])
+    shared = [p for p in rank_parts([34, 14], 3, 1, 2) if not p.counted]
+    assert shared, "3 readers over 2 ranks: one part straddles them"
+    progress = StreamProgress(state, [[s.n_samples for s in m.shards()] for m in (big, small)], rank=1, world_size=2)
+    progress.update({"readers": {shared[0].key: (4, (2,), 45, False)}})
+    assert (progress.failed(), progress.lost_segments()) == (1, 45) and progress.reads() >= 1
+    assert progress.state(1).failed == {shared[0].key: [2]}  # saved, so every rank skips it on resume
+    # per-source names in the log and metrics: no user:password@ of a URL
+    names = source_names(["s3://user:pw@bucket", "s3://bucket/a/", "memory://u:SECRET@host/x/shards", "/d/shards"])
+    assert not any("pw" in n or "SECRET" in n for n in names), names
+    assert names == ["bucket", "a", "shards#2", "shards#3"]
