@@ -436,23 +436,24 @@ class ShardStream(torch.utils.data.IterableDataset):
         mine = self.worker_parts(wid, nw)
         per_reader = max(1, self.prefetch_reads // max(1, len(mine))) if self.prefetch_reads else 0
         gens = [iter(_PartReader(self, p, self.start_batches, per_reader)) for p in mine]
+        # every item's rows come from the same parts in the same order: its source column is a constant
+        source = np.concatenate([np.full(p.hi - p.lo, p.source, np.int16) for p in mine] or [np.empty(0, np.int16)])
         try:
             while True:
-                rows, readers, source = [], {}, []
+                rows, readers = [], {}
                 for p, gen in zip(mine, gens):
                     (arrays, idx), (reads, failed, lost) = next(gen)
                     if (p.lo, p.hi) != (0, p.rows):  # this rank's share of a part another rank reads too
                         arrays, idx = (arrays, idx[p.lo:p.hi]) if idx is not None else \
                             (tuple(a[p.lo:p.hi] for a in arrays), None)
                     rows.append((arrays, idx))
-                    source.append(np.full(p.hi - p.lo, p.source, np.int16))
                     readers[p.key] = (reads, failed, lost, p.counted)
                 yield self._item(rows, source, readers)
         finally:
             for gen in gens:
                 gen.close()
 
-    def _item(self, rows: list[tuple], source: list, readers: dict) -> dict:
+    def _item(self, rows: list[tuple], source: np.ndarray, readers: dict) -> dict:
         if not rows:  # a worker with no part (more workers than parts): an empty item keeps the round-robin
             return {"signal": torch.empty((0, *self.sample_shape), dtype=getattr(torch, self.dtype)),
                     "key": np.empty(0, dtype=object), "shard": torch.empty(0, dtype=torch.int32),
@@ -471,8 +472,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 at += k
             out.append(buf)
         return {"signal": torch.from_numpy(out[0]), "key": out[1], "shard": torch.from_numpy(out[2]),
-                "source": torch.from_numpy(source[0] if len(source) == 1 else np.concatenate(source)),
-                "readers": readers}
+                "source": torch.from_numpy(source), "readers": readers}  # shared, read-only: moved, never written
 
 
 class RankBatches:
