@@ -473,7 +473,7 @@ def lr_lambda(cfg: TrainConfig):
 
 def for_world(cfg: TrainConfig, world_size: int) -> TrainConfig:
     """The config on `world_size` ranks: with --global-batch, --grad-accum derived from it (refused, with the
-    numbers, where it is not whole, or where --grad-accum is given as another value than 1 and disagrees)."""
+    numbers, where it is not whole); a --grad-accum given too is replaced (the caller says so)."""
     if not cfg.global_batch:
         return cfg
     per_step = world_size * cfg.micro_batch
@@ -483,10 +483,8 @@ def for_world(cfg: TrainConfig, world_size: int) -> TrainConfig:
                           f"rank(s) x --micro-batch {cfg.micro_batch} = {per_step} per accumulation step "
                           f"({cfg.global_batch / per_step:g}); pick a global batch that is a multiple of {per_step}, "
                           f"or another --micro-batch or world size")
-    if cfg.grad_accum not in (1, accum):  # 1 is the default: it cannot be told from "not given", so it yields
-        raise ConfigError(f"--grad-accum={cfg.grad_accum} but --global-batch={cfg.global_batch} on {world_size} "
-                          f"rank(s) x --micro-batch {cfg.micro_batch} needs {accum}; leave --grad-accum out")
-    return dataclasses.replace(cfg, grad_accum=accum)
+    return dataclasses.replace(cfg, grad_accum=accum)  # the global batch wins (a saved config.json holds the
+    # accumulation of its own world size: given back on another, it must not be refused); the trainer says so
 
 
 def schedule_params(cfg: TrainConfig, world_size: int, precision: str | None = None,

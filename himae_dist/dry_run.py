@@ -34,7 +34,8 @@ def describe(cfg: TrainConfig, world: int) -> str:
     check_masking_args(manifest.length, cfg.patch_size, cfg.mask_ratio)
     global_batch = cfg.micro_batch * cfg.grad_accum * world
     make_loader(manifests, cfg.micro_batch, cfg.seed, 0, world, global_batch=global_batch,  # refuses what the start
-                weights=[w for _, w in sources], shuffle_shards=cfg.shuffle_shards)  # would (nothing is read)
+                weights=[w for _, w in sources], shuffle_shards=cfg.shuffle_shards,  # would (nothing is read)
+                readers=cfg.stream_readers)
     counts = source_counts([w for _, w in sources], global_batch)
     train = manifest.shards("train")
     n_train = sum(s.n_samples for s in train)

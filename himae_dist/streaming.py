@@ -410,8 +410,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                  prefetch_mb: int = 256, prefetch_reads: int = 8):
         for i, sh in enumerate(sources):
             if not sh:
-                raise ValueError(f"no shards to read: the manifest{f' of source {i}' if len(sources) > 1 else ''} "
-                                 f"lists none for this split")
+                where = f" {redact_secrets(bases[i])}" if bases else (f" of source {i}" if len(sources) > 1 else "")
+                raise ValueError(f"no shards to read: the manifest{where} lists none for this split")
         self.sources, self.counts, self.seed, self.readers = sources, counts, seed, readers
         self.offsets = list(np.cumsum([0] + [len(s) for s in sources])[:-1].astype(int))
         self.parts = rank_parts(counts, readers, rank, world_size)
@@ -665,15 +665,18 @@ def make_loader(
         raise ValueError(f"{redact_secrets(manifests[i].url)} gets 0 of the {G} samples of a global batch at weight "
                          f"{(weights or [1.0] * len(manifests))[i]:g}; raise its weight or the global batch")
     n_readers = readers or world_size * max(1, num_workers)
+    if n_readers > G:
+        raise ValueError(f"--stream-readers={n_readers} is more than the global batch of {G}: a reader would hand "
+                         f"out no rows; use at most {G}")
     current = LoaderState(0, seed, n_readers, G, shuffle_shards,
-                          [[len(sh), n, m.preprocess] for sh, n, m in zip(sources, counts, manifests)], split)
+                          [[len(sh), n, m.preprocess, _fingerprint(sh)] for sh, n, m in zip(sources, counts, manifests)],
+                          split)
     start, failed = 0, {}
     if state is not None:
         state = LoaderState.from_dict(state) if isinstance(state, dict) else state
-        saved, now = state.stream(), current.stream()
-        mismatch = {k: (v, now[k]) for k, v in saved.items() if _plain(v) != _plain(now[k])}
-        if mismatch:
-            raise ValueError(f"cannot continue the data stream exactly: saved vs now {mismatch}")
+        changes = _stream_changes(state.stream(), current.stream())
+        if changes:
+            raise ValueError(f"cannot continue the data stream exactly: {'; '.join(changes)}")
         start, failed = state.batches, dict(state.failed)
     m0 = manifests[0]
     ds = ShardStream(sources, counts, seed, n_readers, rank, world_size, shuffle_shards, storage_options, strict,
@@ -684,6 +687,36 @@ def make_loader(
     )
     return (RankBatches(loader, num_workers, batch_size, start, pin_memory),
             replace(current, batches=start, failed=failed))
+
+
+def _fingerprint(shards: list[ShardInfo]) -> str:
+    """A source's identity by content: its shards' sha256 in order (the same data moved elsewhere matches)."""
+    return hashlib.sha256("\n".join(s.sha256 for s in shards).encode()).hexdigest()[:16]
+
+
+_FLAGS = {"seed": "--seed", "readers": "--stream-readers", "global_batch": "the global batch",
+          "shuffle_shards": "--shuffle-shards", "split": "the split"}
+
+
+def _stream_changes(saved: dict, now: dict) -> list[str]:
+    """What differs between a saved stream and the one asked for now, each named by its flag (saved -> now)."""
+    out = [f"{_FLAGS.get(k, k)} {_plain(v)} -> {_plain(now[k])}" for k, v in saved.items()
+           if k != "sources" and _plain(v) != _plain(now[k])]
+    old, new = _plain(saved["sources"]), _plain(now["sources"])
+    if len(old) != len(new):
+        out.append(f"{len(old)} source(s) -> {len(new)}")
+        return out
+    for i, (a, b) in enumerate(zip(old, new)):
+        if len(a) > 3 and len(b) > 3 and a[3] != b[3]:
+            out.append(f"source {i} is other data (its shards' sha256 differ: another source, another order "
+                       f"of --data, or a re-conversion)")
+        elif a[0] != b[0]:
+            out.append(f"source {i}: {a[0]} -> {b[0]} shards")
+        if a[1] != b[1]:
+            out.append(f"source {i}: {a[1]} -> {b[1]} samples per global batch (--weights or the global batch)")
+        if a[2] != b[2]:
+            out.append(f"source {i}: its preprocessing record changed")
+    return out
 
 
 def _plain(v):

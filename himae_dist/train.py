@@ -159,7 +159,10 @@ def _session(cfg: TrainConfig):
         import torch.distributed as dist
 
         rank, world = dist.get_rank(), dist.get_world_size()
-        cfg = for_world(cfg, world)  # --global-batch: the gradient accumulation this world size needs
+        given, cfg = cfg.grad_accum, for_world(cfg, world)  # --global-batch: the accumulation this world needs
+        if given not in (1, cfg.grad_accum) and dist.get_rank() == 0:
+            print(f"[himae-train] --grad-accum {given} replaced by {cfg.grad_accum}: --global-batch {cfg.global_batch} "
+                  f"on {world} rank(s) x --micro-batch {cfg.micro_batch}", flush=True)
         lease = _take_lease(Path(cfg.out), rank, attempt)
         try:
             yield _start(cfg, deepspeed, device, rank, world, attempt), attempt, watchdog

@@ -104,7 +104,7 @@ def test_two_sources_mix_in_exact_counts_and_run_their_own_epochs(big, small):
     assert [s[:2] for s in state.sources] == [[8, 34], [2, 14]]  # shard count, samples per batch (+ preprocessing)
     rest = _global_batches([big, small], 4, world=3, micro=16, weights=[0.7, 0.3], state=replace(state, batches=6))
     assert rest == batches[6:]
-    with pytest.raises(ValueError, match=r"cannot continue the data stream exactly.*'sources'"):
+    with pytest.raises(ValueError, match=r"cannot continue the data stream exactly.*samples per global batch"):
         make_loader([big, small], 8, seed=3, world_size=2, global_batch=G, readers=READERS, shuffle_shards=2,
                     weights=[0.5, 0.5], state=state)
 
@@ -149,3 +149,21 @@ def test_review_edges_default_readers_huge_weights_shared_failures_and_names(big
     names = source_names(["s3://user:pw@bucket", "s3://bucket/a/", "memory://u:SECRET@host/x/shards", "/d/shards"])
     assert not any("pw" in n or "SECRET" in n for n in names), names
     assert names == ["bucket", "a", "shards#2", "shards#3"]
+
+
+def test_a_changed_stream_is_refused_naming_what_changed(big, small, tmp_path):
+    """Swapped or replaced sources of the same shape are other data (their shards' sha256), not the same stream."""
+    kw = dict(seed=3, world_size=2, global_batch=G, readers=READERS, shuffle_shards=2)
+    _, state = make_loader([big, small], 8, weights=[0.7, 0.3], **kw)
+    state = replace(state, batches=4)
+    with pytest.raises(ValueError, match=r"source 0 is other data .*another order of --data.*source 1 is other data"):
+        make_loader([small, big], 8, weights=[0.7, 0.3], state=state, **kw)
+    with pytest.raises(ValueError, match=r"source 0: 34 -> 24 samples per global batch \(--weights or the global "
+                                         r"batch\)"):
+        make_loader([big, small], 8, weights=[0.5, 0.5], state=state, **kw)
+    with pytest.raises(ValueError, match=r"--stream-readers 4 -> 3"):
+        make_loader([big, small], 8, weights=[0.7, 0.3], state=state, **{**kw, "readers": 3})
+    with pytest.raises(ValueError, match=r"--stream-readers=49 is more than the global batch of 48"):
+        make_loader(big, 8, seed=3, world_size=2, global_batch=G, readers=49)
+    moved = replace(small, url="s3://elsewhere/manifest.json", base="s3://elsewhere")  # same data, moved: goes on
+    assert make_loader([big, moved], 8, weights=[0.7, 0.3], state=state, **kw)[1].batches == 4
