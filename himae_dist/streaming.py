@@ -4,7 +4,8 @@ does not depend on the world size or the DataLoader worker count.
 The stream is a sequence of *global* batches of `global_batch` samples. Its rows come from a fixed
 number of canonical readers (`readers`, fixed for a run like the seed): reader c of source s walks
 one deterministic, endless sequence of that source's shards (the epochs' seeded permutations laid
-end to end, items c, c + R, c + 2R... of R readers), loads `shuffle_shards` shards at once,
+end to end, items c, c + R, c + 2R... of R readers), loads its share of `shuffle_shards` shards at once
+(`shuffle_widths`: by its weight, so memory does not grow with the number of sources),
 permutes their segments with a seed of its own and hands out its next rows. Each global batch
 holds every source's exact share (`source_counts`, largest remainder of the weights), striped over
 the readers (`batch_layout`), in row order reader-major then source. Rank r of W takes rows
@@ -98,6 +99,14 @@ def batch_layout(counts: list[int], readers: int) -> list[tuple[int, int, int]]:
             if n:
                 parts.append((s, c, n))
     return parts
+
+
+def shuffle_widths(shuffle_shards: int, counts: list[int]) -> list[int]:
+    """Each source's shuffle width: its share of `shuffle_shards` by its samples per batch (at least one shard),
+    so a reader holds about `shuffle_shards` shards in memory whatever the number of sources (a bigger
+    window costs throughput: its gathers miss the caches more). One source: `shuffle_shards` itself."""
+    G = sum(counts)
+    return [max(1, round(shuffle_shards * n / G)) for n in counts]
 
 
 @dataclass(frozen=True)
@@ -278,11 +287,11 @@ class _PartReader:
         self.shards = ds.sources[part.source]
         self.offset = ds.offsets[part.source]  # this source's first index in the trainer's list of all shards
         self.recorded = ds.failed.get(part.key, frozenset())
+        self.S = ds.widths[part.source]  # this source's shuffle width
         self.prefetch_reads = prefetch_reads
 
     def _groups(self):
-        return _groups(len(self.shards), self.part.reader, self.ds.readers, self.ds.seed, self.ds.shuffle_shards,
-                       self.part.source)
+        return _groups(len(self.shards), self.part.reader, self.ds.readers, self.ds.seed, self.S, self.part.source)
 
     def _fetch(self, idx: int):
         """The shard's bytes: remotely one GET of the manifest's size, locally a read-only mapping."""
@@ -325,7 +334,7 @@ class _PartReader:
         stream stays that run's even if the shard has been repaired since.
         """
         sig, key, shard = [], [], []
-        S = self.ds.shuffle_shards
+        S = self.S
         for j, idx in enumerate(group):
             k = g * S + j
             blocks = None if k in self.recorded else self._read(idx, losses, ahead.take if ahead is not None else None)
@@ -345,7 +354,7 @@ class _PartReader:
         return pool, np.random.default_rng(seed).permutation(len(pool[0]))
 
     def __iter__(self):
-        S, B, recorded, losses = self.ds.shuffle_shards, self.part.rows, self.recorded, _Losses()
+        S, B, recorded, losses = self.S, self.part.rows, self.recorded, _Losses()
         sizes = [s.n_samples for s in self.shards]
         skip = self.start * B  # samples this reader already delivered
         groups = self._groups()
@@ -416,6 +425,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.offsets = list(np.cumsum([0] + [len(s) for s in sources])[:-1].astype(int))
         self.parts = rank_parts(counts, readers, rank, world_size)
         self.shuffle_shards = max(1, shuffle_shards)
+        self.widths = shuffle_widths(self.shuffle_shards, counts)
         self.storage_options, self.strict, self.verify = storage_options, strict, verify
         self.start_batches = start_batches
         self.failed = {str(r): frozenset(int(k) for k in ks) for r, ks in (failed or {}).items()}
@@ -536,6 +546,7 @@ class StreamProgress:
         self._state, self._sizes = state, [list(s) for s in sizes]
         self._offsets = list(np.cumsum([0] + [len(s) for s in sizes])[:-1].astype(int))
         counts = [int(src[1]) for src in state.sources]
+        self._widths = shuffle_widths(max(1, state.shuffle_shards), counts)
         self._parts = {p.key: p for p in rank_parts(counts, state.readers, rank, world_size)}
         self._readers: dict[str, tuple[int, tuple[int, ...], int]] = {}  # key -> (reads, failed, lost)
         self._shared: dict[str, tuple[int, tuple[int, ...], int]] = {}  # uncounted parts' failures here
@@ -547,7 +558,7 @@ class StreamProgress:
 
     def _groups(self, source: int, reader: int):
         st = self._state
-        return _groups(len(self._sizes[source]), reader, st.readers, st.seed, max(1, st.shuffle_shards), source)
+        return _groups(len(self._sizes[source]), reader, st.readers, st.seed, self._widths[source], source)
 
     def _restored(self, part: Part, failed: list[int]) -> tuple[int, tuple[int, ...], int]:
         """A saved reader's (reads, failed, lost): replays its position like the stream's skip-ahead.
@@ -555,7 +566,7 @@ class StreamProgress:
         Exact, not approximated: the reader delivered `part.rows` per global batch, and its last
         part came from the first group where the samples actually read reach that count.
         """
-        sizes, S = self._sizes[part.source], max(1, self._state.shuffle_shards)
+        sizes, S = self._sizes[part.source], self._widths[part.source]
         delivered = self._state.batches * part.rows
         recorded, last = set(failed), max(failed, default=-1)
         reads = lost = end = 0
@@ -598,10 +609,10 @@ class StreamProgress:
 
     def failed_shards(self) -> list[int]:
         """Indices into all sources' shards (distinct, sorted) of the failed reads: to name them."""
-        S = max(1, self._state.shuffle_shards)
         found: set[int] = set()
         for key, (_, failed, _) in [*self._readers.items(), *self._shared.items()]:
             source, reader = (int(x) for x in key.split(":"))
+            S = self._widths[source]
             want, last = set(failed), max(failed, default=-1)
             for g, group in self._groups(source, reader):
                 if g * S > last:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from data_prep.convert import ConvertParams, convert_pretrain
-from himae_dist.streaming import batch_layout, load_manifest, make_loader, rank_parts, source_counts
+from himae_dist.streaming import (batch_layout, load_manifest, make_loader, rank_parts, shuffle_widths,
+                                  source_counts)
 from tests.h5_inputs import random_index
 
 READERS, G = 4, 48
@@ -56,6 +57,9 @@ def _global_batches(sources, n: int, world: int, micro: int, workers: int = 0, s
 def test_counts_and_layout_are_exact():
     assert source_counts([0.7, 0.3], 48) == [34, 14]  # 33.6, 14.4: the larger remainder gets the row
     assert source_counts([1, 1, 1], 10) == [4, 3, 3]  # ties: the earlier source
+    # the shuffle window (shards held per reader) is shared by weight, at least one shard each
+    assert shuffle_widths(4, [34, 14]) == [3, 1] and shuffle_widths(4, [48]) == [4]
+    assert shuffle_widths(2, [40, 4, 4]) == [2, 1, 1]
     parts = batch_layout([34, 14], 4)
     assert sum(n for _, _, n in parts) == 48
     per_reader = Counter()
