@@ -48,7 +48,7 @@ def make_inputs(folder: Path, n: int, length: int) -> Path:
 def seg_per_s(data: str, opts: dict | None, batches: int, in_flight: int | None) -> float:
     loader, _ = make_loader(load_manifest(data, opts), batch_size=256, seed=0, storage_options=opts)
     if in_flight == 0:
-        loader.dataset.prefetch_reads = 0  # each shard read when the stream needs it: the loader before
+        loader.loader.dataset.prefetch_reads = 0  # each shard read when the stream needs it: the loader before
     it = iter(loader)
     for _ in range(200):  # warm-up: the first groups, threads, connections, the reads ahead filled
         next(it)
