@@ -3,14 +3,15 @@
 Once: shards of the tiny synthetic cohort (as tests/conftest.py's tiny_cohort / tiny_shards) and the
 uninterrupted 1 x 2 reference run (deterministic, so shared by every iteration), with the test's
 ARGS (8 steps, saves every 3, global batch 24, 4 canonical readers). Each iteration, in a fresh temp
-folder with freshly made shards: 2 ranks with rank 1 SIGKILLed before a step that varies per
-iteration (4, 5, 4, ...; the save at 3 is the last one), resumed on 1 rank and SIGKILLed again
-before step 7 (the save at 6 is the last one), grown back to 2 ranks to finish. An iteration passes
+folder with freshly made shards: a 2 x 1 job (two torchrun agents on loopback, c10d rendezvous)
+loses node 1 (its agent SIGKILLed, `HIMAE_FAULT=killnode`) before a step that varies per iteration
+(4, 5, 4, ...; the save at 3 is the last one); it resumes on 1 x 1, which is killed again before
+step 7 (the save at 6 is the last one), and grows back to 2 x 1 to finish. An iteration passes
 when every step's global batch holds the reference's keys in the reference's order (step -> keys, as
 the test compares them: each step from the leg that ran it last), each leg exits as expected and
 logs the world-size change and where the data stream goes on, and the final parameters equal the
 reference's within the test's float-rounding tolerance. No process is left behind: the launcher
-helper kills its tree on a timeout, and after each iteration any process still naming its folder is
+helper kills its trees on a timeout, and after each iteration any process still naming its folder is
 reported (a FAIL) and killed.
 
     .venv/bin/python bench/stress_elastic.py [-n 3]
@@ -35,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.proc_tree import kill_tree  # noqa: E402
+from tests.ports import free_port  # noqa: E402
+from tests.proc_tree import communicate_all, kill_tree  # noqa: E402
 from tests.test_elastic_order import ARGS, _keys, _params  # noqa: E402
 from tests.test_train_distributed import _run_trainer  # noqa: E402
 
@@ -78,6 +80,23 @@ def _leftovers(folder: Path) -> list[psutil.Process]:
     return found
 
 
+def _nodes(shards: Path, out: Path, nodes: int, env_extra: dict) -> list[subprocess.CompletedProcess]:
+    """`nodes` torchrun agents on loopback, one rank each (c10d rendezvous, as launch/train_slurm.sbatch), all
+    writing to `out`; one node is a plain 1 x 1 torchrun. On a timeout every tree is killed (TimeoutExpired)."""
+    if nodes == 1:
+        return [_run_trainer(shards, out, ARGS, nproc=1, env_extra=env_extra)]
+    port = free_port()
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env_extra)
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=elastic-{port}", "-m",
+         "himae_dist.train", "--data", str(shards), "--out", str(out), "--num-workers", "0",
+         "--collective-timeout-s", "60", *ARGS],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for _ in range(nodes)]
+    return communicate_all(procs, timeout=300)
+
+
 def _iteration(folder: Path, want: dict, ref_params: dict, ref_hashes: list, first_kill: int, env: dict) -> list[str]:
     """The problems of one kill / shrink / grow cycle; empty when it passed."""
     shards = _shards(folder)
@@ -85,7 +104,9 @@ def _iteration(folder: Path, want: dict, ref_params: dict, ref_hashes: list, fir
     if _shard_hashes(shards) != ref_hashes:
         problems.append("freshly made shards differ from the reference's (conversion not deterministic)")
     out = folder / "run"
-    legs = [(2, f"kill:1:{first_kill}"), (1, f"kill:0:{SECOND_KILL}"), (2, None)]
+    # (nodes x 1 rank each, fault): node 1 of a 2 x 1 job is lost (its agent SIGKILLed), the job resumes on
+    # 1 x 1 (itself killed later), then grows back to 2 x 1
+    legs = [(2, f"killnode:1:{first_kill}"), (1, f"kill:0:{SECOND_KILL}"), (2, None)]
     starts = [0, (first_kill // SAVE_EVERY) * SAVE_EVERY, (SECOND_KILL // SAVE_EVERY) * SAVE_EVERY, STEPS]
     got: dict[int, list[str]] = {}
     for i, (world, fault) in enumerate(legs):
@@ -93,12 +114,13 @@ def _iteration(folder: Path, want: dict, ref_params: dict, ref_hashes: list, fir
         if fault:
             leg_env["HIMAE_FAULT"] = fault
         try:
-            p = _run_trainer(shards, out, ARGS, nproc=world, env_extra=leg_env)
+            runs = _nodes(shards, out, world, leg_env)
         except subprocess.TimeoutExpired:
-            return problems + [f"leg {i} ({world} rank(s), {fault or 'no fault'}) hung past 300 s (tree killed)"]
-        log = p.stdout + p.stderr
-        if (p.returncode != 0) != bool(fault):
-            return problems + [f"leg {i} ({world} rank(s), {fault or 'no fault'}) exited {p.returncode}: {_tail(p)}"]
+            return problems + [f"leg {i} ({world} x 1, {fault or 'no fault'}) hung past 300 s (trees killed)"]
+        log = "".join(p.stdout + p.stderr for p in runs)
+        codes = [p.returncode for p in runs]
+        if any(c != 0 for c in codes) != bool(fault) or (fault and not all(codes)):  # a lost node ends every node
+            return problems + [f"leg {i} ({world} x 1, {fault or 'no fault'}) exited {codes}: {_tail(runs[0])}"]
         if i:
             for line in (f"world size {legs[i - 1][0]} -> {world}", f"the data stream goes on at global batch {starts[i]}"):
                 if line not in log:
@@ -169,7 +191,8 @@ def main() -> int:
             if left:
                 problems.append(f"{len(left)} process(es) left behind (killed): {[p.pid for p in left]}")
                 kill_tree(*(p.pid for p in left))
-            what = (f"kill:1:{first_kill} on 2 ranks -> kill:0:{SECOND_KILL} on 1 -> 2 ranks to step {STEPS}, "
+            what = (f"node 1 of 2 x 1 lost before step {first_kill} -> 1 x 1, killed before step {SECOND_KILL} -> "
+                    f"2 x 1 to step {STEPS}, "
                     f"{time.monotonic() - t:.0f} s")
             if problems:
                 failed += 1

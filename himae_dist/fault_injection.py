@@ -2,7 +2,8 @@
 first attempt (as all nodes count it; `elastic_attempt`), on that global rank.
 
 kill: SIGKILL this rank; stall: sleep until a stop is requested (the others' next collective
-waits); term: SIGTERM the torchrun agent (a preemption). Unset, the steps pass through untouched.
+waits); term: SIGTERM the torchrun agent (a preemption); killnode: SIGKILL the torchrun agent (the
+node is lost; this rank follows it, `exit_with_parent`). Unset, the steps pass through untouched.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ def steps(steps: range, rank: int, attempt: int, stop: StopRequest, beat: Callab
     faults = {}
     for item in spec.split(","):
         what, r, s = item.split(":")
-        if what not in ("kill", "stall", "term"):
-            raise ValueError(f"HIMAE_FAULT={spec}: {what!r} is not kill, stall or term")
+        if what not in ("kill", "stall", "term", "killnode"):
+            raise ValueError(f"HIMAE_FAULT={spec}: {what!r} is not kill, stall, term or killnode")
         faults[(int(r), int(s))] = what
     return _with_faults(steps, faults, rank, stop, beat)
 
@@ -38,6 +39,9 @@ def _with_faults(steps: range, faults: dict, rank: int, stop: StopRequest, beat:
             os.kill(os.getpid(), signal.SIGKILL)
         elif what == "term":
             os.kill(os.getppid(), signal.SIGTERM)
+        elif what == "killnode":
+            os.kill(os.getppid(), signal.SIGKILL)
+            time.sleep(3600)  # until exit_with_parent ends this rank
         elif what == "stall":
             deadline = time.monotonic() + 3600
             while not stop.requested and time.monotonic() < deadline:
