@@ -1,15 +1,12 @@
 """The trainer's data order across world sizes: a 1 x 2 run killed mid-epoch, resumed on 1 x 1 and
-grown to 1 x 3 consumes exactly the uninterrupted run's samples, step by step; two sources mix in
-the trainer with per-source numbers in metrics.jsonl."""
+grown to 1 x 3 consumes exactly the uninterrupted run's samples, step by step (two sources in the
+trainer, with per-source numbers: tests/test_objective_sync.py)."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from data_prep.convert import ConvertParams, convert_pretrain
-from himae_dist.streaming import load_manifest
 from tests.test_train_distributed import _run_trainer
 
 pytestmark = pytest.mark.slow
@@ -66,36 +63,3 @@ def test_killed_on_two_ranks_resumed_on_one_then_three_consumes_the_same_samples
     a, b = _params(ref), _params(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
-
-
-@pytest.fixture(scope="module")
-def second_source(tmp_path_factory) -> Path:
-    from tests.h5_inputs import random_index
-
-    d = tmp_path_factory.mktemp("second")
-    convert_pretrain(str(random_index(d, n=60, length=250, patients=3, seed=11)),
-                     ConvertParams(str(d / "small"), samples_per_shard=20, val_fraction=0.2, seed=1))
-    return d / "small"
-
-
-def test_two_sources_train_with_per_source_numbers(tiny_shards, second_source, tmp_path):
-    out = tmp_path / "mix"
-    args = ("--data", str(second_source), "--weights", "0.75,0.25", "--steps", "6", "--micro-batch", "8",
-            "--log-every", "3", "--val-every", "3", "--val-batches", "1", "--shuffle-shards", "2")
-    p = _run_trainer(tiny_shards, out, args, nproc=1)
-    assert p.returncode == 0, p.stderr[-3000:]
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [3, 6]
-    names = list(recs[-1]["sources"])
-    assert len(names) == 2 and names[1] == "small"
-    first, second = (recs[-1]["sources"][n] for n in names)
-    assert (first["samples"], second["samples"]) == (6 * 6, 6 * 2)  # 8 per batch: 6 and 2, every step
-    assert second["epochs"] == pytest.approx(12 / load_manifest(str(second_source)).n_samples())
-    for s in (first, second):
-        assert 0 < s["loss"] < 1 and 0 < s["val_loss"] < 1
-    # the overall loss is the mean over micro-batches; the per-source ones weigh masked samples: close to it
-    assert min(first["loss"], second["loss"]) <= recs[-1]["loss"] * 1.2
-    assert "| small loss" in p.stdout + p.stderr
-    state = torch.load(out / "checkpoints" / "step0000006" / "himae_run_state.pt", weights_only=True)
-    n_shards = len(load_manifest(str(second_source)).shards())
-    assert state["ranks"][0]["loader"]["sources"][1][:2] == [n_shards, 2]  # its shards, 2 samples per batch

@@ -157,6 +157,13 @@ def test_trainer_reads_the_device_once_per_log_step(tiny_shards, tmp_path, zero_
         assert len(elsewhere) == 4 and all("stage_1_and_2.py" in r[1] for r in elsewhere), kinds
     hist = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [2, 4] and all(h["loss"] > 0 and h["val_loss"] > 0 for h in hist)
-    if sources == 2:
-        assert all(len(h["sources"]) == 2 and all(v["loss"] > 0 and v["val_loss"] > 0 for v in h["sources"].values())
-                   for h in hist), hist
+    if sources == 2:  # per source: its loss and val loss, and exact samples (global batch 24 at 0.75 / 0.25: 18 + 6)
+        for h in hist:
+            assert len(h["sources"]) == 2, h
+            (a, b) = h["sources"].values()
+            assert (a["samples"], b["samples"]) == (18 * h["step"], 6 * h["step"]), h
+            assert a["epochs"] == pytest.approx(3 * b["epochs"]) and 0 < b["epochs"] < 1, h
+            assert 0 < a["loss"] < 1 and 0 < b["loss"] < 1 and a["val_loss"] > 0 and b["val_loss"] > 0, h
+        assert " loss " in proc.stdout and "seen (" in proc.stdout  # the per-source part of the log line
+        state = torch.load(tmp_path / "run" / "checkpoints" / "step0000004" / "himae_run_state.pt", weights_only=True)
+        assert [src[1] for src in state["ranks"][0]["loader"]["sources"]] == [18, 6]  # each source's position

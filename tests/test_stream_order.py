@@ -78,7 +78,7 @@ def test_counts_and_layout_are_exact():
 def test_the_same_global_batches_on_any_world_size_micro_batch_and_worker_count(big):
     ref = _global_batches(big, 12, world=1, micro=16)
     assert len({k for b in ref for k in b}) > 300  # most of the split over 12 batches (576 rows, 360 segments)
-    for world, micro, workers in [(2, 8, 0), (3, 16, 0), (2, 24, 2), (1, 48, 1), (4, 12, 2)]:
+    for world, micro, workers in [(2, 8, 0), (3, 16, 0), (2, 24, 2), (1, 48, 1)]:
         assert _global_batches(big, 12, world, micro, workers) == ref, (world, micro, workers)
 
 
