@@ -13,7 +13,7 @@ from pathlib import Path
 from data_prep.storage import out_problem, redact_secrets
 from himae_dist.checkpointer import plan_resume, read_init_weights
 from himae_dist.config import TrainConfig, deepspeed_config, for_world, resolved
-from himae_dist.streaming import check_shards, load_manifest, make_loader, source_counts
+from himae_dist.streaming import check_shards, load_sources, make_loader, source_counts
 from kernels.masked_mse_reference import check_masking_args
 
 
@@ -25,11 +25,7 @@ def describe(cfg: TrainConfig, world: int) -> str:
     cfg = for_world(cfg, world)  # --global-batch: refused here too where it does not split
     deepspeed_config(cfg, world)  # a --ds-config that contradicts a flag is refused here too
     sources = cfg.data_sources()
-    manifests = [load_manifest(url, cfg.storage_options) for url, _ in sources]
-    for m in manifests:
-        if m.channels != cfg.in_chans:
-            raise ValueError(f"--in-chans={cfg.in_chans} but {redact_secrets(m.url)} holds {m.channels}-channel "
-                             f"segments")
+    manifests = load_sources([url for url, _ in sources], cfg.storage_options, cfg.in_chans)
     manifest = manifests[0]
     check_masking_args(manifest.length, cfg.patch_size, cfg.mask_ratio)
     global_batch = cfg.micro_batch * cfg.grad_accum * world

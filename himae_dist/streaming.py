@@ -57,6 +57,15 @@ def load_manifest(data: str, storage_options: dict | None = None) -> Manifest:
     return parse_manifest(f.read_text(name), url)  # a malformed one: a ValueError naming it and the key
 
 
+def load_sources(urls: list[str], storage_options: dict | None, in_chans: int) -> list[Manifest]:
+    """Every source's manifest, each refused with one line when its segments have another channel count."""
+    manifests = [load_manifest(url, storage_options) for url in urls]
+    for m in manifests:
+        if m.channels != in_chans:
+            raise ValueError(f"--in-chans={in_chans} but {redact_secrets(m.url)} holds {m.channels}-channel segments")
+    return manifests
+
+
 def check_shards(manifest: Manifest, split: str = "train", storage_options: dict | None = None) -> list[str]:
     """Shards of `split` that are missing or not the size the manifest records (one listing)."""
     listed = Folder(manifest.base, storage_options).listing(split)

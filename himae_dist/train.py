@@ -43,7 +43,7 @@ from himae_dist.objective import make_objective
 from himae_dist.precision import autocast, use_bf16
 from himae_dist.preemption import PREEMPTED_EXIT, StopRequest
 from himae_dist.run_lease import RunLease
-from himae_dist.streaming import DataLostError, StreamProgress, check_shards, load_manifest, make_loader
+from himae_dist.streaming import DataLostError, StreamProgress, check_shards, load_sources, make_loader
 from himae_dist.train_log import LogWindow, TrainLog, read_log_step
 from himae_dist.validation import Validator
 from himae_dist.watchdog import Watchdog
@@ -334,11 +334,7 @@ def _start(cfg: TrainConfig, deepspeed, device: torch.device, rank: int, world: 
     """Collective: data checks, model (--init-from) and engine, resume, loader and components, in that order."""
     out = Path(cfg.out)
     sources = cfg.data_sources()
-    manifests = [load_manifest(url, cfg.storage_options) for url, _ in sources]
-    for m in manifests:
-        if m.channels != cfg.in_chans:
-            raise ValueError(f"--in-chans={cfg.in_chans} but {redact_secrets(m.url)} holds {m.channels}-channel "
-                             f"segments")
+    manifests = load_sources([url for url, _ in sources], cfg.storage_options, cfg.in_chans)
     manifest = manifests[0]
     check_masking_args(manifest.length, cfg.patch_size, cfg.mask_ratio)
     bf16 = use_bf16(cfg.precision, device)
