@@ -9,9 +9,12 @@ __getitem__ min-max scales one segment of an in-memory array, batched by the def
 --mixed also converts a second, smaller source (--n / 4 segments, same length, float16) and measures,
 in the same process and settings, make_loader over the float16 source alone vs over both sources
 mixed at weights 0.7, 0.3 (every global batch of --batch holds them in exact counts). The two are
-measured --repeats times each, alternating (one, mixed, one, mixed, ...), each on a fresh loader; the
-best (highest) rate of each is reported, the least disturbed by other load on the machine. Its last
-line: `mixed sources: M seg/s, one source: S seg/s (R x)`.
+measured as a pair: both loaders live side by side and take turns in chunks of 10 batches (which goes
+first swaps each chunk) for --batches each, --repeats times on fresh loaders. This host's speed drifts
+by +-20 % within seconds (the same loader alone measured 357 k to 834 k seg/s in nine runs), so
+separate runs compare noise; turns of ~5 ms see the same machine. Rates are pooled over all repeats
+(segments / summed time); the table also shows each repeat's ratio. Its last line:
+`mixed sources: M seg/s, one source: S seg/s (R x)`.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--batches", type=int, default=400)
     ap.add_argument("--mixed", action="store_true", help="also: one source vs two mixed at 0.7, 0.3 (float16)")
-    ap.add_argument("--repeats", type=int, default=3, help="with --mixed: alternating measurements of each")
+    ap.add_argument("--repeats", type=int, default=3, help="with --mixed: paired measurements of --batches each")
     a = ap.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -100,20 +103,32 @@ def main() -> None:
     print(f"\nloader {rates['float16']:,.0f} seg/s per process, seed-style {seed_rate:,.0f} seg/s, "
           f"ratio {rates['float16'] / seed_rate:.1f}")
     if a.mixed:
-        one, two, n2 = mixed
-        s, m = max(one), max(two)
+        one, two, n2 = mixed  # seconds per repeat, each for --batches batches
+        segs = a.repeats * a.batches * a.batch
+        s, m = segs / sum(one), segs / sum(two)
         print(f"\nmixed sources (float16, weights 0.7 / 0.3 of every batch of {a.batch}; second source {n2} "
-              f"segments); best of {a.repeats} alternating runs each\n")
-        print("| path | seg/s per process (best) | all runs | vs one source |")
+              f"segments); {a.repeats} paired repeats of {a.batches} batches each, in alternating turns\n")
+        print("| path | seg/s per process (pooled) | each repeat | vs one source (each repeat) |")
         print("|---|---|---|---|")
-        print(f"| one source (float16) | {s:,.0f} | {', '.join(f'{r:,.0f}' for r in one)} | 1.00x |")
-        print(f"| two sources mixed 0.7 / 0.3 | {m:,.0f} | {', '.join(f'{r:,.0f}' for r in two)} | {m / s:.2f}x |")
+        print(f"| one source (float16) | {s:,.0f} | {', '.join(f'{a.batches * a.batch / t:,.0f}' for t in one)} "
+              f"| 1.00x |")
+        print(f"| two sources mixed 0.7 / 0.3 | {m:,.0f} | "
+              f"{', '.join(f'{a.batches * a.batch / t:,.0f}' for t in two)} | {m / s:.2f}x "
+              f"({', '.join(f'{t1 / t2:.2f}' for t1, t2 in zip(one, two))}) |")
         print(f"\nmixed sources: {m:.0f} seg/s, one source: {s:.0f} seg/s ({m / s:.2f} x)")
 
 
+def _take(it, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    return time.perf_counter() - t
+
+
 def _mixed_rates(tmp: Path, a, rng) -> tuple[list[float], list[float], int]:
-    """(one-source rates, mixed rates, second source's segments): --repeats of each, alternating, each on a
-    fresh loader over the float16 shards already in tmp / "float16" and a second source converted here."""
+    """(one-source seconds, mixed seconds, second source's segments): --repeats paired measurements of
+    --batches batches each, over the float16 shards already in tmp / "float16" and a second source
+    converted here; the two loaders take turns in chunks of 10 batches, who goes first swapping."""
     n2 = max(a.batch, a.n // 4)
     signals = (rng.standard_normal((n2, a.length)) * 50 + 300).astype(np.float32)
     src = tmp / "second"
@@ -127,15 +142,25 @@ def _mixed_rates(tmp: Path, a, rng) -> tuple[list[float], list[float], int]:
     convert_pretrain(str(src / "index.csv"), ConvertParams(str(src / "float16"), samples_per_shard=4096,
                                                            dtype="float16", val_fraction=0, workers=2))
     first, second = load_manifest(str(tmp / "float16")), load_manifest(str(src / "float16"))
+    chunk = 10
     one, two = [], []
     for _ in range(a.repeats):
-        loader, _ = make_loader(first, a.batch, seed=0, num_workers=0, shuffle_shards=4)
-        one.append(_rate(iter(loader), a.batches, a.batch))
-        loader, _ = make_loader([first, second], a.batch, seed=0, num_workers=0, shuffle_shards=4,
-                                weights=[0.7, 0.3])
-        two.append(_rate(iter(loader), a.batches, a.batch))
+        it_one = iter(make_loader(first, a.batch, seed=0, num_workers=0, shuffle_shards=4)[0])
+        it_two = iter(make_loader([first, second], a.batch, seed=0, num_workers=0, shuffle_shards=4,
+                                  weights=[0.7, 0.3])[0])
+        next(it_one), next(it_two)  # start-up (first shards read) excluded for both
+        t_one = t_two = 0.0
+        for k in range(0, a.batches, chunk):
+            n = min(chunk, a.batches - k)
+            if (k // chunk) % 2:
+                t_two += _take(it_two, n)
+                t_one += _take(it_one, n)
+            else:
+                t_one += _take(it_one, n)
+                t_two += _take(it_two, n)
+        one.append(t_one)
+        two.append(t_two)
     return one, two, n2
-
 
 if __name__ == "__main__":
     main()
