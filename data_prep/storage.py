@@ -289,7 +289,10 @@ _NOT_SECRET = {"anon", "google_default", "cloud", "browser", "cache"}  # gcsfs `
 REDACTED = "<redacted>"
 
 
-_URL_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.-]*://[^/@:\s]*):[^/\s]*@", re.IGNORECASE)  # to the last @ of the host part
+# scheme://user:PASSWORD@host: the password may hold '/' and '@' unescaped (as users type them); it ends at
+# the first '@' whose host part (to the next '/') holds no '@'; host:PORT/path@x is not taken for one
+_URL_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.-]*://[^/@:\s]*):(?!\d+/)\S*?@(?=[^\s@/]*(?:[/\s]|$))",
+                           re.IGNORECASE)
 
 
 def redact_secrets(value: object) -> object:

@@ -384,7 +384,12 @@ def parse_cli(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Name
     if isinstance(values.get("data"), list) and len(values["data"]) == 1:
         values["data"] = values["data"][0]  # one source: a plain URL, as before
     cfg = TrainConfig(**values)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        if ns.config and ns.sources is None and "sources" in values and str(e).startswith("sources["):
+            raise ConfigError(f"{ns.config}: [data] {e}") from None  # a [[data.sources]] table of the file
+        raise
     return cfg, argparse.Namespace(**{k: getattr(ns, k) for k in skip})
 
 

@@ -210,7 +210,7 @@ def test_a_runs_config_json_is_read_back(tmp_path):
 
 
 def test_saved_configs_hold_no_secret_and_are_not_reused_with_the_placeholder(tmp_path):
-    from data_prep.storage import redact_argv
+    from data_prep.storage import redact_argv, redact_secrets
     from himae_dist.config import resolved
 
     opts = {"key": "K1", "secret": "S1", "client_kwargs": {"endpoint_url": "http://u:P@ss1@h:9000", "region_name": "r"}}
@@ -218,6 +218,12 @@ def test_saved_configs_hold_no_secret_and_are_not_reused_with_the_placeholder(tm
     text = resolved(cfg)
     assert not any(s in text for s in ("K1", "S1", "P@ss1", "P2", "ss1@")) and '"region_name": "r"' in text
     assert "http://u:<redacted>@h:9000" in text and "ftp://u:<redacted>@h/x" in text
+    # a password typed with '/' or '@' unescaped; a port and a path holding '@' are no password
+    for url, shown in (("https://u:pa/ss@h/x", "https://u:<redacted>@h/x"),
+                       ("http://u:p@ss@h/a@b", "http://u:<redacted>@h/a@b"),
+                       ("http://h:8080/path@x", "http://h:8080/path@x")):
+        assert redact_secrets(f"see {url} now") == f"see {shown} now"
+
     argv = ["--storage-opt", json.dumps(opts), "--export-url=https://u:P3@h/x", f"--storage-options={json.dumps(opts)}"]
     assert not any(s in " ".join(redact_argv(argv)) for s in ("K1", "S1", "P@ss1", "P3"))  # W&B's command line
     (tmp_path / "config.json").write_text(text)  # a run's saved config, given back as --config
@@ -241,3 +247,7 @@ def test_sources_from_toml_and_data_flags_that_replace_them(tmp_path):
             parse_config(["--data", "/c", "--data", "/d", f"--weights={bad}", "--out", "/tmp/x"])
     with pytest.raises(ConfigError, match=r"sources\[1\]\.weight = 0: expected a number > 0"):
         parse_config(["--sources", '[{"url": "/a"}, {"url": "/b", "weight": 0}]', "--out", "/tmp/x"])
+    bad_toml = tmp_path / "bad.toml"  # a bad [[data.sources]] table: the error names the file
+    bad_toml.write_text('[data]\n[[data.sources]]\nurl = "/a"\n[[data.sources]]\nurl = "/b"\nweight = -2\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad_toml))}: \[data\] sources\[1\]\.weight = -2: "):
+        parse_config(["--config", str(bad_toml), "--out", "/tmp/x"])
