@@ -289,10 +289,48 @@ _NOT_SECRET = {"anon", "google_default", "cloud", "browser", "cache"}  # gcsfs `
 REDACTED = "<redacted>"
 
 
-# scheme://user:PASSWORD@host: the password may hold '/' and '@' unescaped (as users type them); it ends at
-# the first '@' whose host part (to the next '/') holds no '@'; host:PORT/path@x is not taken for one
-_URL_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.-]*://[^/@:\s]*):(?!\d+/)\S*?@(?=[^\s@/]*(?:[/\s]|$))",
-                           re.IGNORECASE)
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
+
+
+def _redact_url_passwords(text: str) -> str:
+    """text with the password of every scheme://user:PASSWORD@host replaced by REDACTED, in one pass (linear
+    in len(text), whatever it holds: a regex with backtracking is quadratic on crafted input).
+
+    The password may hold '/' and '@' unescaped (as users type them): it ends at the first '@' whose host
+    part (to the next '/' or blank) holds no '@'. Where that is ambiguous (host:8080/path@x, or a
+    password of digits then '/'), more is redacted rather than less."""
+    out, emitted, scan, n, tok_end = [], 0, 0, len(text), -1  # text[:emitted] is in out; search from scan
+    while True:
+        j = text.find("://", scan)
+        if j < 0:
+            break
+        b = j
+        while b > scan and text[b - 1] in _SCHEME_CHARS:
+            b -= 1
+        k = j + 3
+        while k < n and text[k] not in "/@:" and not text[k].isspace():
+            k += 1
+        while b < j and not text[b].isalpha():  # a scheme starts with a letter ("1http://" reads as http://)
+            b += 1
+        if b == j or k >= n or text[k] != ":":
+            scan = k  # no "://" can start inside the user part just scanned
+            continue
+        if tok_end <= k:  # the blank ending this token (kept while later URLs sit in the same token)
+            tok_end = k + 1
+            while tok_end < n and not text[tok_end].isspace():
+                tok_end += 1
+        at = text.find("@", k + 1, tok_end)
+        if at < 0:  # no '@' up to the blank: no password here, nor in any URL later in this token
+            scan = tok_end
+            continue
+        slash = text.find("/", at + 1, tok_end)
+        host_end = tok_end if slash < 0 else slash
+        while (nxt := text.find("@", at + 1, host_end)) >= 0:  # an '@' in the host part: the password goes on
+            at = nxt
+        out.append(text[emitted:k + 1] + REDACTED)
+        emitted = scan = at  # from the '@' on, kept
+    out.append(text[emitted:])
+    return "".join(out)
 
 
 def redact_secrets(value: object) -> object:
@@ -300,7 +338,7 @@ def redact_secrets(value: object) -> object:
     credential-like key, at any depth, and the password of a URL (scheme://user:PASSWORD@host)
     replaced by REDACTED: what a log, a file or W&B may show."""
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(rf"\1:{REDACTED}@", value)
+        return _redact_url_passwords(value)
     if isinstance(value, dict):
         return {k: (REDACTED if isinstance(k, str) and any(part in k.lower() for part in _SECRET_NAME_PARTS)
                     and v is not None and not isinstance(v, bool) and not (isinstance(v, str) and v in _NOT_SECRET)

@@ -193,6 +193,9 @@ class TrainConfig:
                     raise ValueError(f"sources[{i}].weight = {w!r}: expected a number > 0")
                 out.append((src["url"], float(w)))
             return out
+        if not urls and self.sources is not None:
+            raise ValueError(f"sources = {self.sources!r}: expected at least one source, a table with a url and, "
+                             f"optionally, a weight ([[data.sources]])")
         if not urls:
             raise ValueError("--data='': expected a manifest.json path/URL or the folder holding it")
         weights = list(self.weights) if self.weights else [1.0] * len(urls)
@@ -387,7 +390,7 @@ def parse_cli(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Name
     try:
         cfg.validate()
     except ConfigError as e:
-        if ns.config and ns.sources is None and "sources" in values and str(e).startswith("sources["):
+        if ns.config and ns.sources is None and "sources" in values and str(e).startswith("sources"):
             raise ConfigError(f"{ns.config}: [data] {e}") from None  # a [[data.sources]] table of the file
         raise
     return cfg, argparse.Namespace(**{k: getattr(ns, k) for k in skip})

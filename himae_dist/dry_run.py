@@ -29,9 +29,9 @@ def describe(cfg: TrainConfig, world: int) -> str:
     manifest = manifests[0]
     check_masking_args(manifest.length, cfg.patch_size, cfg.mask_ratio)
     global_batch = cfg.micro_batch * cfg.grad_accum * world
-    make_loader(manifests, cfg.micro_batch, cfg.seed, 0, world, global_batch=global_batch,  # refuses what the start
-                weights=[w for _, w in sources], shuffle_shards=cfg.shuffle_shards,  # would (nothing is read)
-                readers=cfg.stream_readers)
+    _, fresh = make_loader(manifests, cfg.micro_batch, cfg.seed, 0, world, global_batch=global_batch,  # refuses
+                           weights=[w for _, w in sources], shuffle_shards=cfg.shuffle_shards,  # what the start would
+                           readers=cfg.stream_readers)  # (nothing is read)
     counts = source_counts([w for _, w in sources], global_batch)
     train = manifest.shards("train")
     n_train = sum(s.n_samples for s in train)
@@ -44,10 +44,11 @@ def describe(cfg: TrainConfig, world: int) -> str:
              f"the sources and --stream-readers "
              f"{cfg.stream_readers or f'(the first start: {world} x max(1, --num-workers) = {world * max(1, cfg.num_workers)})'}"]
     if len(manifests) > 1:
-        for m, (_, w), n in zip(manifests, sources, counts):
+        for m, (_, w), n, width in zip(manifests, sources, counts, fresh.widths):
             size = m.n_samples("train")
             lines.append(f"source {redact_secrets(m.url)}: weight {w:g}, {n} of {global_batch} samples per global "
-                         f"batch, {len(m.shards('train'))} train shard(s), {size} segments: "
+                         f"batch, shuffled {width} shard(s) at a time, {len(m.shards('train'))} train shard(s), "
+                         f"{size} segments: "
                          + (f"{n * cfg.steps / size:.2f} epochs at --steps {cfg.steps}" if size else "empty"))
     lines += [f"data: {redact_secrets(manifest.url)}: {len(train)} train shard(s), {n_train} segments of "
               f"{manifest.length} samples x {manifest.channels} channel(s)",

@@ -5,7 +5,8 @@ The stream is a sequence of *global* batches of `global_batch` samples. Its rows
 number of canonical readers (`readers`, fixed for a run like the seed): reader c of source s walks
 one deterministic, endless sequence of that source's shards (the epochs' seeded permutations laid
 end to end, items c, c + R, c + 2R... of R readers), loads its share of `shuffle_shards` shards at once
-(`shuffle_widths`: by its weight, so memory does not grow with the number of sources),
+(`shuffle_widths`: by its weight, max(shuffle_shards, number of sources) shards in all; recorded in
+the state),
 permutes their segments with a seed of its own and hands out its next rows. Each global batch
 holds every source's exact share (`source_counts`, largest remainder of the weights), striped over
 the readers (`batch_layout`), in row order reader-major then source. Rank r of W takes rows
@@ -111,11 +112,17 @@ def batch_layout(counts: list[int], readers: int) -> list[tuple[int, int, int]]:
 
 
 def shuffle_widths(shuffle_shards: int, counts: list[int]) -> list[int]:
-    """Each source's shuffle width: its share of `shuffle_shards` by its samples per batch (at least one shard),
-    so a reader holds about `shuffle_shards` shards in memory whatever the number of sources (a bigger
-    window costs throughput: its gathers miss the caches more). One source: `shuffle_shards` itself."""
-    G = sum(counts)
-    return [max(1, round(shuffle_shards * n / G)) for n in counts]
+    """Each source's shuffle width: its share of `shuffle_shards` by its samples per batch (largest
+    remainder, at least one shard each), so the widths sum to max(shuffle_shards, number of sources):
+    a reader's memory stays that of one source unless there are more sources than shards (a bigger
+    window also costs throughput: its gathers miss the caches more). One source: `shuffle_shards`.
+    Recorded in LoaderState.widths: a resume uses the saved widths, whatever this function becomes."""
+    total = max(shuffle_shards, len(counts))
+    w = source_counts([float(n) for n in counts], total)
+    for i in [i for i, x in enumerate(w) if x == 0]:  # a tiny source still reads whole shards: take one
+        w[int(np.argmax(w))] -= 1                        # from the widest (sum >= sources, so one is > 1)
+        w[i] = 1
+    return w
 
 
 @dataclass(frozen=True)
@@ -155,8 +162,9 @@ class LoaderState:
     """Where the stream stands (global batches consumed) and what must match to continue it exactly.
 
     Nothing here depends on the world size, the micro-batch or the worker count. `sources` holds,
-    per source, [shard count, samples per global batch, preprocessing record]; `failed`, per
-    reader key "source:reader", the read positions k (group * shuffle_shards + slot) that failed:
+    per source, [shard count, samples per global batch, preprocessing record, content fingerprint];
+    `widths`, each source's shuffle width; `failed`, per
+    reader key "source:reader", the read positions k (group * width + slot) that failed:
     the skip-ahead needs what was actually read, not the manifest's sizes. Plain ints, strs, lists
     and dicts, so it survives torch.load(weights_only=True).
     """
@@ -169,6 +177,7 @@ class LoaderState:
     sources: list
     split: str = "train"
     failed: dict = field(default_factory=dict, hash=False)
+    widths: list | None = None  # None only in a state saved before widths were recorded (see from_dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,6 +196,10 @@ class LoaderState:
         d = dict(d)
         d["failed"] = {str(r): sorted(int(k) for k in ks) for r, ks in (d.get("failed") or {}).items()}
         d["sources"] = [list(x) for x in d["sources"]]
+        if d.get("widths") is None and len(d["sources"]) == 1:  # saved before widths were recorded: one
+            d["widths"] = [max(1, int(d["shuffle_shards"]))]    # source always read shuffle_shards at once
+        elif d.get("widths") is not None:
+            d["widths"] = [int(w) for w in d["widths"]]
         return cls(**d)
 
     @staticmethod
@@ -425,7 +438,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                  rank: int = 0, world_size: int = 1, shuffle_shards: int = 4, storage_options: dict | None = None,
                  strict: bool = False, start_batches: int = 0, verify: bool = False, failed: dict | None = None,
                  bases: list[str] | None = None, sample_shape: tuple = (), dtype: str = "float32",
-                 prefetch_mb: int = 256, prefetch_reads: int = 8):
+                 prefetch_mb: int = 256, prefetch_reads: int = 8, widths: list[int] | None = None):
         for i, sh in enumerate(sources):
             if not sh:
                 where = f" {redact_secrets(bases[i])}" if bases else (f" of source {i}" if len(sources) > 1 else "")
@@ -434,7 +447,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.offsets = list(np.cumsum([0] + [len(s) for s in sources])[:-1].astype(int))
         self.parts = rank_parts(counts, readers, rank, world_size)
         self.shuffle_shards = max(1, shuffle_shards)
-        self.widths = shuffle_widths(self.shuffle_shards, counts)
+        self.widths = list(widths or shuffle_widths(self.shuffle_shards, counts))  # the state's, on a resume
         self.storage_options, self.strict, self.verify = storage_options, strict, verify
         self.start_batches = start_batches
         self.failed = {str(r): frozenset(int(k) for k in ks) for r, ks in (failed or {}).items()}
@@ -555,7 +568,7 @@ class StreamProgress:
         self._state, self._sizes = state, [list(s) for s in sizes]
         self._offsets = list(np.cumsum([0] + [len(s) for s in sizes])[:-1].astype(int))
         counts = [int(src[1]) for src in state.sources]
-        self._widths = shuffle_widths(max(1, state.shuffle_shards), counts)
+        self._widths = list(state.widths or shuffle_widths(max(1, state.shuffle_shards), counts))
         self._parts = {p.key: p for p in rank_parts(counts, state.readers, rank, world_size)}
         self._readers: dict[str, tuple[int, tuple[int, ...], int]] = {}  # key -> (reads, failed, lost)
         self._shared: dict[str, tuple[int, tuple[int, ...], int]] = {}  # uncounted parts' failures here
@@ -690,17 +703,20 @@ def make_loader(
                          f"out no rows; use at most {G}")
     current = LoaderState(0, seed, n_readers, G, shuffle_shards,
                           [[len(sh), n, m.preprocess, _fingerprint(sh)] for sh, n, m in zip(sources, counts, manifests)],
-                          split)
+                          split, widths=shuffle_widths(max(1, shuffle_shards), counts))
     start, failed = 0, {}
     if state is not None:
         state = LoaderState.from_dict(state) if isinstance(state, dict) else state
+        if state.widths is not None and state.shuffle_shards == shuffle_shards and len(state.widths) == len(counts):
+            current = replace(current, widths=list(state.widths))  # the saved widths go on, as they were computed
         changes = _stream_changes(state.stream(), current.stream())
         if changes:
             raise ValueError(f"cannot continue the data stream exactly: {'; '.join(changes)}")
         start, failed = state.batches, dict(state.failed)
     m0 = manifests[0]
     ds = ShardStream(sources, counts, seed, n_readers, rank, world_size, shuffle_shards, storage_options, strict,
-                     start, verify, failed, [m.base for m in manifests], (m0.channels, m0.length), m0.dtype)
+                     start, verify, failed, [m.base for m in manifests], (m0.channels, m0.length), m0.dtype,
+                     widths=current.widths)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_as_is,
         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
@@ -720,8 +736,11 @@ _FLAGS = {"seed": "--seed", "readers": "--stream-readers", "global_batch": "the 
 
 def _stream_changes(saved: dict, now: dict) -> list[str]:
     """What differs between a saved stream and the one asked for now, each named by its flag (saved -> now)."""
+    if saved.get("widths") is None and len(saved["sources"]) > 1:
+        return ["the saved stream mixes several sources but records no shuffle widths (saved by a development "
+                "version of mixing, whose widths may differ from this one's): its order cannot be rebuilt exactly"]
     out = [f"{_FLAGS.get(k, k)} {_plain(v)} -> {_plain(now[k])}" for k, v in saved.items()
-           if k != "sources" and _plain(v) != _plain(now[k])]
+           if k not in ("sources", "widths") and _plain(v) != _plain(now[k])]
     old, new = _plain(saved["sources"]), _plain(now["sources"])
     if len(old) != len(new):
         out.append(f"{len(old)} source(s) -> {len(new)}")

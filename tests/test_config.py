@@ -218,10 +218,13 @@ def test_saved_configs_hold_no_secret_and_are_not_reused_with_the_placeholder(tm
     text = resolved(cfg)
     assert not any(s in text for s in ("K1", "S1", "P@ss1", "P2", "ss1@")) and '"region_name": "r"' in text
     assert "http://u:<redacted>@h:9000" in text and "ftp://u:<redacted>@h/x" in text
-    # a password typed with '/' or '@' unescaped; a port and a path holding '@' are no password
+    # a password typed with '/' or '@' unescaped; where ambiguous (a port, then a path holding '@'), more goes
     for url, shown in (("https://u:pa/ss@h/x", "https://u:<redacted>@h/x"),
+                       ("https://u:2024/secret@h/x", "https://u:<redacted>@h/x"),
                        ("http://u:p@ss@h/a@b", "http://u:<redacted>@h/a@b"),
-                       ("http://h:8080/path@x", "http://h:8080/path@x")):
+                       ("s3://b/k?r=1http://u:p@h/y", "s3://b/k?r=1http://u:<redacted>@h/y"),
+                       ("s3://bucket/a:b@c", "s3://bucket/a:b@c"),
+                       ("http://h:8080/path@x", "http://h:<redacted>@x")):
         assert redact_secrets(f"see {url} now") == f"see {shown} now"
 
     argv = ["--storage-opt", json.dumps(opts), "--export-url=https://u:P3@h/x", f"--storage-options={json.dumps(opts)}"]
@@ -250,4 +253,7 @@ def test_sources_from_toml_and_data_flags_that_replace_them(tmp_path):
     bad_toml = tmp_path / "bad.toml"  # a bad [[data.sources]] table: the error names the file
     bad_toml.write_text('[data]\n[[data.sources]]\nurl = "/a"\n[[data.sources]]\nurl = "/b"\nweight = -2\n')
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad_toml))}: \[data\] sources\[1\]\.weight = -2: "):
+        parse_config(["--config", str(bad_toml), "--out", "/tmp/x"])
+    bad_toml.write_text('[data]\nsources = []\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad_toml))}: \[data\] sources = \[\]: expected at least one"):
         parse_config(["--config", str(bad_toml), "--out", "/tmp/x"])

@@ -136,7 +136,14 @@ def test_trainer_reads_the_device_once_per_log_step(tiny_shards, tmp_path, zero_
             "--loss-impl", "reference", "--val-every", "2", "--val-batches", "1", "--save-every", "3",
             "--zero-stage", str(zero_stage)]
     if sources == 2:  # per-source training and validation sums ride in the log step's one all-reduce too
-        args += ["--data", str(tiny_shards), "--weights", "0.75,0.25"]  # a second --data: two sources
+        from data_prep.convert import ConvertParams, convert_pretrain
+        from tests.h5_inputs import random_index
+
+        small = tmp_path / "small"  # another source of another size (the same segment shape)
+        small.mkdir()
+        convert_pretrain(str(random_index(small, n=120, patients=6, seed=5)),
+                         ConvertParams(str(small / "shards"), samples_per_shard=40))
+        args += ["--data", str(small / "shards"), "--weights", "0.75,0.25"]  # a second --data: two sources
     proc = subprocess.run([sys.executable, "-c", _TRAIN_UNDER_RECORDER, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -158,12 +165,18 @@ def test_trainer_reads_the_device_once_per_log_step(tiny_shards, tmp_path, zero_
     hist = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [2, 4] and all(h["loss"] > 0 and h["val_loss"] > 0 for h in hist)
     if sources == 2:  # per source: its loss and val loss, and exact samples (global batch 24 at 0.75 / 0.25: 18 + 6)
+        from himae_dist.streaming import load_manifest
+
+        n_a, n_b = (load_manifest(str(d)).n_samples("train") for d in (tiny_shards, small / "shards"))
+        assert n_a != n_b
         for h in hist:
-            assert len(h["sources"]) == 2, h
+            assert list(h["sources"]) == [Path(tiny_shards).name, "shards"], h
             (a, b) = h["sources"].values()
             assert (a["samples"], b["samples"]) == (18 * h["step"], 6 * h["step"]), h
-            assert a["epochs"] == pytest.approx(3 * b["epochs"]) and 0 < b["epochs"] < 1, h
+            assert (a["epochs"], b["epochs"]) == (pytest.approx(18 * h["step"] / n_a), pytest.approx(6 * h["step"] / n_b))
             assert 0 < a["loss"] < 1 and 0 < b["loss"] < 1 and a["val_loss"] > 0 and b["val_loss"] > 0, h
-        assert " loss " in proc.stdout and "seen (" in proc.stdout  # the per-source part of the log line
+            assert a["loss"] != b["loss"] and a["val_loss"] != b["val_loss"], h  # each source's own rows
+        # the per-source part of the log line at step 4: samples and epochs of each
+        assert f" 72 seen ({72 / n_a:.2f} ep)" in proc.stdout and f" 24 seen ({24 / n_b:.2f} ep)" in proc.stdout
         state = torch.load(tmp_path / "run" / "checkpoints" / "step0000004" / "himae_run_state.pt", weights_only=True)
         assert [src[1] for src in state["ranks"][0]["loader"]["sources"]] == [18, 6]  # each source's position

@@ -59,7 +59,10 @@ def test_counts_and_layout_are_exact():
     assert source_counts([1, 1, 1], 10) == [4, 3, 3]  # ties: the earlier source
     # the shuffle window (shards held per reader) is shared by weight, at least one shard each
     assert shuffle_widths(4, [34, 14]) == [3, 1] and shuffle_widths(4, [48]) == [4]
-    assert shuffle_widths(2, [40, 4, 4]) == [2, 1, 1]
+    assert shuffle_widths(2, [40, 4, 4]) == [1, 1, 1] and shuffle_widths(4, [18, 18, 12]) == [2, 1, 1]
+    for S, counts in [(4, [18, 18, 12]), (4, [6] * 8), (1, [5, 5]), (8, [100, 1, 1]), (3, [1, 1000]), (16, [7, 9])]:
+        w = shuffle_widths(S, counts)  # memory: max(--shuffle-shards, sources) shards in all, one at least each
+        assert sum(w) == max(S, len(counts)) and min(w) >= 1, (S, counts, w)
     parts = batch_layout([34, 14], 4)
     assert sum(n for _, _, n in parts) == 48
     per_reader = Counter()
@@ -78,7 +81,7 @@ def test_counts_and_layout_are_exact():
 def test_the_same_global_batches_on_any_world_size_micro_batch_and_worker_count(big):
     ref = _global_batches(big, 12, world=1, micro=16)
     assert len({k for b in ref for k in b}) > 300  # most of the split over 12 batches (576 rows, 360 segments)
-    for world, micro, workers in [(2, 8, 0), (3, 16, 0), (2, 24, 2), (1, 48, 1)]:
+    for world, micro, workers in [(2, 8, 0), (3, 16, 0), (2, 24, 3), (1, 48, 1)]:  # 3 workers, 2 parts: one idle
         assert _global_batches(big, 12, world, micro, workers) == ref, (world, micro, workers)
 
 
@@ -171,3 +174,12 @@ def test_a_changed_stream_is_refused_naming_what_changed(big, small, tmp_path):
         make_loader(big, 8, seed=3, world_size=2, global_batch=G, readers=49)
     moved = replace(small, url="s3://elsewhere/manifest.json", base="s3://elsewhere")  # same data, moved: goes on
     assert make_loader([big, moved], 8, weights=[0.7, 0.3], state=state, **kw)[1].batches == 4
+    # the shuffle widths are part of the stream: a resume reads with the saved ones
+    assert state.widths == [1, 1] and make_loader([big, small], 8, weights=[0.7, 0.3], state=replace(
+        state, widths=[2, 1]), **kw)[0].loader.dataset.widths == [2, 1]
+    legacy = {k: v for k, v in state.to_dict().items() if k != "widths"}  # saved before widths were recorded
+    with pytest.raises(ValueError, match=r"mixes several sources but records no shuffle widths"):
+        make_loader([big, small], 8, weights=[0.7, 0.3], state=legacy, **kw)
+    _, one = make_loader(big, 8, **kw)  # one source always read --shuffle-shards at once: it goes on
+    legacy = {k: v for k, v in replace(one, batches=4).to_dict().items() if k != "widths"}
+    assert make_loader(big, 8, state=legacy, **kw)[1].widths == [2]

@@ -135,6 +135,13 @@ def test_dry_run_reports_the_plan_and_writes_nothing(tmp_path, tiny_shards, caps
     assert f"{len(m.shards('train'))} train shard(s)" in text and m.shards("train")[0].name in text
     assert f"resume: from {ckpt / 'step0000005'} (--resume auto)" in text and '"steps": 30' in text
     assert sorted(os.walk(out)) == before
+    # two sources: each one's weight, samples per global batch, shuffle width and epochs at --steps
+    dry_run(parse_config(["--data", str(tiny_shards), "--data", str(tiny_shards), "--weights", "3,1", "--out",
+                          str(tmp_path / "two"), "--steps", "30", "--micro-batch", "16", "--shuffle-shards", "4"]))
+    text, k = capsys.readouterr().out, len(m.shards("train"))
+    for w, n, width in (("3", 48, 3), ("1", 16, 1)):
+        assert (f"source {m.url}: weight {w}, {n} of 64 samples per global batch, shuffled {width} shard(s) at a "
+                f"time, {k} train shard(s), {n_train} segments: {n * 30 / n_train:.2f} epochs at --steps 30") in text
     monkeypatch.setenv("RANK", "1")  # another rank prints nothing and does not wait for rank 0
     dry_run(parse_config(["--data", str(tiny_shards), "--out", str(out)]))
     assert capsys.readouterr().out == ""
