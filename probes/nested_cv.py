@@ -193,6 +193,18 @@ def inner_scores(x: np.ndarray, y: np.ndarray, inner: Folds, c_grid: tuple[float
     return out
 
 
+_TRACKER_QUIET = "ignore::UserWarning:joblib.externals.loky.backend.resource_tracker"
+
+
+def _quiet_loky_tracker() -> None:
+    """Silence the UserWarnings of loky's resource tracker (a process loky starts with this environment, sharing
+    our stderr). When the probe is stopped, its workers die with it and the tracker, outliving it by a moment,
+    reports the semaphores it then cleans up ("leaked semlock objects") after the probe's one closing line."""
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if _TRACKER_QUIET not in current.split(","):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [current, _TRACKER_QUIET]))
+
+
 def nested_probe(
     features: Features | list[Features], labels: np.ndarray, groups: np.ndarray,
     folds: int = 5, inner_folds: int = 3, seed: int = 0, n_jobs: int | None = None, outer: Folds | None = None,
@@ -215,6 +227,7 @@ def nested_probe(
     n_jobs = min(len(outer), n_jobs or os.cpu_count() or 1)
     # Each worker ties its life to this process as it starts (loky's initializer): joblib's loky workers (and so
     # their resource trackers) would outlive a killed probe by their 300 s idle timeout, holding its stdout open.
+    _quiet_loky_tracker()
     per_fold = Parallel(n_jobs=n_jobs, backend="loky", initializer=exit_with_parent,
                         initargs=(signal.SIGKILL, 1.0, os.getpid()))(
         delayed(_outer_fold)({n: f[n] for n in names}, labels, groups, tr, te, inner_folds, seed + k)
