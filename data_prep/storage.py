@@ -296,9 +296,8 @@ def _redact_url_passwords(text: str) -> str:
     """text with the password of every scheme://user:PASSWORD@host replaced by REDACTED, in one pass (linear
     in len(text), whatever it holds: a regex with backtracking is quadratic on crafted input).
 
-    The password may hold '/' and '@' unescaped (as users type them): it ends at the first '@' whose host
-    part (to the next '/' or blank) holds no '@'. Where that is ambiguous (host:8080/path@x, or a
-    password of digits then '/'), more is redacted rather than less."""
+    Users type passwords (and user names) with '/' and '@' unescaped, so the password runs to the last '@'
+    before the next blank: where a URL is ambiguous (an '@' in its path), more is redacted rather than less."""
     out, emitted, scan, n, tok_end = [], 0, 0, len(text), -1  # text[:emitted] is in out; search from scan
     while True:
         j = text.find("://", scan)
@@ -307,28 +306,27 @@ def _redact_url_passwords(text: str) -> str:
         b = j
         while b > scan and text[b - 1] in _SCHEME_CHARS:
             b -= 1
-        k = j + 3
-        while k < n and text[k] not in "/@:" and not text[k].isspace():
-            k += 1
         while b < j and not text[b].isalpha():  # a scheme starts with a letter ("1http://" reads as http://)
             b += 1
-        if b == j or k >= n or text[k] != ":":
-            scan = k  # no "://" can start inside the user part just scanned
+        if b == j:  # no scheme: a URL may still start right after this "://"
+            scan = j + 3
+            continue
+        k = j + 3
+        while k < n and text[k] not in "/:" and not text[k].isspace():  # the user name ('@' in it too)
+            k += 1
+        if k >= n or text[k] != ":":
+            scan = k  # no ':' before it: no "://" starts inside the part just scanned
             continue
         if tok_end <= k:  # the blank ending this token (kept while later URLs sit in the same token)
             tok_end = k + 1
             while tok_end < n and not text[tok_end].isspace():
                 tok_end += 1
-        at = text.find("@", k + 1, tok_end)
+        at = text.rfind("@", k + 1, tok_end)
         if at < 0:  # no '@' up to the blank: no password here, nor in any URL later in this token
             scan = tok_end
             continue
-        slash = text.find("/", at + 1, tok_end)
-        host_end = tok_end if slash < 0 else slash
-        while (nxt := text.find("@", at + 1, host_end)) >= 0:  # an '@' in the host part: the password goes on
-            at = nxt
         out.append(text[emitted:k + 1] + REDACTED)
-        emitted = scan = at  # from the '@' on, kept
+        emitted = scan = at  # from the last '@' on, kept
     out.append(text[emitted:])
     return "".join(out)
 

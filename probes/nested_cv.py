@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -197,12 +198,13 @@ _TRACKER_QUIET = "ignore::UserWarning:joblib.externals.loky.backend.resource_tra
 
 
 def _quiet_loky_tracker() -> None:
-    """Silence the UserWarnings of loky's resource tracker (a process loky starts with this environment, sharing
-    our stderr). When the probe is stopped, its workers die with it and the tracker, outliving it by a moment,
-    reports the semaphores it then cleans up ("leaked semlock objects") after the probe's one closing line."""
-    current = os.environ.get("PYTHONWARNINGS", "")
-    if _TRACKER_QUIET not in current.split(","):
-        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [current, _TRACKER_QUIET]))
+    """Silence the UserWarnings of loky's resource tracker, a process that shares our stderr. When the probe is
+    stopped, its workers die with it and the tracker, outliving it by a moment, reports the semaphores it then
+    cleans up ("leaked semlock objects") after the probe's one closing line. loky starts the tracker with our
+    sys.warnoptions as -W flags (the last wins over a user's -W and PYTHONWARNINGS); this process's own
+    warning filters are untouched."""
+    if _TRACKER_QUIET not in sys.warnoptions:
+        sys.warnoptions.append(_TRACKER_QUIET)
 
 
 def nested_probe(

@@ -218,13 +218,16 @@ def test_saved_configs_hold_no_secret_and_are_not_reused_with_the_placeholder(tm
     text = resolved(cfg)
     assert not any(s in text for s in ("K1", "S1", "P@ss1", "P2", "ss1@")) and '"region_name": "r"' in text
     assert "http://u:<redacted>@h:9000" in text and "ftp://u:<redacted>@h/x" in text
-    # a password typed with '/' or '@' unescaped; where ambiguous (a port, then a path holding '@'), more goes
+    # a password (or user name) typed with '/' or '@' unescaped; where ambiguous (an '@' in the path), more goes
     for url, shown in (("https://u:pa/ss@h/x", "https://u:<redacted>@h/x"),
                        ("https://u:2024/secret@h/x", "https://u:<redacted>@h/x"),
-                       ("http://u:p@ss@h/a@b", "http://u:<redacted>@h/a@b"),
+                       ("https://u:p@ss/w0rd@h/x", "https://u:<redacted>@h/x"),
+                       ("https://me@corp.com:tok3n@git.host/x", "https://me@corp.com:<redacted>@git.host/x"),
                        ("s3://b/k?r=1http://u:p@h/y", "s3://b/k?r=1http://u:<redacted>@h/y"),
-                       ("s3://bucket/a:b@c", "s3://bucket/a:b@c"),
-                       ("http://h:8080/path@x", "http://h:<redacted>@x")):
+                       ('{"sep":"://","url":"http://u:pw@h"}', '{"sep":"://","url":"http://u:<redacted>@h"}'),
+                       ("x ://https://u:tok3n@h/x", "x ://https://u:<redacted>@h/x"),
+                       ("s3://bucket/a:b@c", "s3://bucket/a:b@c"), ("s3://bucket/data@v2/x", "s3://bucket/data@v2/x"),
+                       ("http://u:p@h/a@b", "http://u:<redacted>@b"), ("http://h:8080/path@x", "http://h:<redacted>@x")):
         assert redact_secrets(f"see {url} now") == f"see {shown} now"
 
     argv = ["--storage-opt", json.dumps(opts), "--export-url=https://u:P3@h/x", f"--storage-options={json.dumps(opts)}"]

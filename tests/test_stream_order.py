@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from data_prep.convert import ConvertParams, convert_pretrain
-from himae_dist.streaming import (batch_layout, load_manifest, make_loader, rank_parts, shuffle_widths,
-                                  source_counts)
+from himae_dist.streaming import (LoaderState, batch_layout, load_manifest, make_loader, rank_parts,
+                                  shuffle_widths, source_counts)
 from tests.h5_inputs import random_index
 
 READERS, G = 4, 48
@@ -111,6 +111,13 @@ def test_two_sources_mix_in_exact_counts_and_run_their_own_epochs(big, small):
     assert [s[:2] for s in state.sources] == [[8, 34], [2, 14]]  # shard count, samples per batch (+ preprocessing)
     rest = _global_batches([big, small], 4, world=3, micro=16, weights=[0.7, 0.3], state=replace(state, batches=6))
     assert rest == batches[6:]
+    # the saved shuffle widths ([1, 1] here) carry the resume, whatever the formula gives now
+    assert state.widths == [1, 1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("himae_dist.streaming.shuffle_widths", lambda shards, counts: [2, 1])
+        assert _global_batches([big, small], 2, world=2, micro=8, weights=[0.7, 0.3]) != batches[:2]  # they matter
+        assert _global_batches([big, small], 4, world=2, micro=8, weights=[0.7, 0.3],
+                               state=replace(state, batches=6)) == batches[6:]
     with pytest.raises(ValueError, match=r"cannot continue the data stream exactly.*samples per global batch"):
         make_loader([big, small], 8, seed=3, world_size=2, global_batch=G, readers=READERS, shuffle_shards=2,
                     weights=[0.5, 0.5], state=state)
@@ -182,4 +189,5 @@ def test_a_changed_stream_is_refused_naming_what_changed(big, small, tmp_path):
         make_loader([big, small], 8, weights=[0.7, 0.3], state=legacy, **kw)
     _, one = make_loader(big, 8, **kw)  # one source always read --shuffle-shards at once: it goes on
     legacy = {k: v for k, v in replace(one, batches=4).to_dict().items() if k != "widths"}
+    assert LoaderState.from_dict(legacy).widths == [2]
     assert make_loader(big, 8, state=legacy, **kw)[1].widths == [2]
