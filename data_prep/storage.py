@@ -13,7 +13,6 @@ import argparse
 import errno
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
