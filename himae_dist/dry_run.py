@@ -13,7 +13,7 @@ from pathlib import Path
 from data_prep.storage import out_problem, redact_secrets
 from himae_dist.checkpointer import plan_resume, read_init_weights
 from himae_dist.config import TrainConfig, deepspeed_config, for_world, resolved
-from himae_dist.streaming import check_shards, load_sources, make_loader, source_counts
+from himae_dist.streaming import check_shards, load_sources, make_loader
 from kernels.masked_mse_reference import check_masking_args
 
 
@@ -32,7 +32,7 @@ def describe(cfg: TrainConfig, world: int) -> str:
     _, fresh = make_loader(manifests, cfg.micro_batch, cfg.seed, 0, world, global_batch=global_batch,  # refuses
                            weights=[w for _, w in sources], shuffle_shards=cfg.shuffle_shards,  # what the start would
                            readers=cfg.stream_readers)  # (nothing is read)
-    counts = source_counts([w for _, w in sources], global_batch)
+    counts = [int(src[1]) for src in fresh.sources]  # each source's samples per global batch (source_counts)
     train = manifest.shards("train")
     n_train = sum(s.n_samples for s in train)
     samples = global_batch * cfg.steps

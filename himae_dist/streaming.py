@@ -157,6 +157,11 @@ def rank_parts(counts: list[int], readers: int, rank: int, world_size: int) -> l
     return parts
 
 
+class OlderStreamError(ValueError):
+    """A saved data position that an older himae-dist wrote and this one cannot continue exactly, whatever the
+    options: only --allow-schedule-change (a new data stream from that step) goes on."""
+
+
 @dataclass(frozen=True)
 class LoaderState:
     """Where the stream stands (global batches consumed) and what must match to continue it exactly.
@@ -190,7 +195,7 @@ class LoaderState:
     def from_dict(cls, d: dict) -> "LoaderState":
         """A saved state (keys through JSON too); one saved before global order (per-rank streams) is refused."""
         if not isinstance(d, dict) or "readers" not in d:
-            raise ValueError("the saved data position is a per-rank stream of an older himae-dist, which the "
+            raise OlderStreamError("the saved data position is a per-rank stream of an older himae-dist, which the "
                              "world-size-independent order cannot continue (pass --allow-schedule-change for a new "
                              "data stream from this step)")
         d = dict(d)
@@ -430,15 +435,15 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     Each is {signal [n, C, L], key [n], shard [n] (index into all sources' shards, in order), source [n],
     readers: {reader key: (reads, failed positions, lost segments, counted here)} of the parts it read}.
-    `sources`: each source's shard list; `counts`: each source's samples per global batch.
-    `failed` (LoaderState.failed) holds the failed read positions recorded by the run resumed from.
+    `sources`: each source's shard list; `counts`: each source's samples per global batch; `widths`: each
+    source's shuffle width (LoaderState.widths). `failed` (LoaderState.failed) holds the failed read positions recorded by the run resumed from.
     """
 
-    def __init__(self, sources: list[list[ShardInfo]], counts: list[int], seed: int, readers: int,
-                 rank: int = 0, world_size: int = 1, shuffle_shards: int = 4, storage_options: dict | None = None,
+    def __init__(self, sources: list[list[ShardInfo]], counts: list[int], widths: list[int], seed: int, readers: int,
+                 rank: int = 0, world_size: int = 1, storage_options: dict | None = None,
                  strict: bool = False, start_batches: int = 0, verify: bool = False, failed: dict | None = None,
                  bases: list[str] | None = None, sample_shape: tuple = (), dtype: str = "float32",
-                 prefetch_mb: int = 256, prefetch_reads: int = 8, widths: list[int] | None = None):
+                 prefetch_mb: int = 256, prefetch_reads: int = 8):
         for i, sh in enumerate(sources):
             if not sh:
                 where = f" {redact_secrets(bases[i])}" if bases else (f" of source {i}" if len(sources) > 1 else "")
@@ -446,8 +451,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.sources, self.counts, self.seed, self.readers = sources, counts, seed, readers
         self.offsets = list(np.cumsum([0] + [len(s) for s in sources])[:-1].astype(int))
         self.parts = rank_parts(counts, readers, rank, world_size)
-        self.shuffle_shards = max(1, shuffle_shards)
-        self.widths = list(widths or shuffle_widths(self.shuffle_shards, counts))  # the state's, on a resume
+        self.widths = list(widths)
         self.storage_options, self.strict, self.verify = storage_options, strict, verify
         self.start_batches = start_batches
         self.failed = {str(r): frozenset(int(k) for k in ks) for r, ks in (failed or {}).items()}
@@ -568,7 +572,7 @@ class StreamProgress:
         self._state, self._sizes = state, [list(s) for s in sizes]
         self._offsets = list(np.cumsum([0] + [len(s) for s in sizes])[:-1].astype(int))
         counts = [int(src[1]) for src in state.sources]
-        self._widths = list(state.widths or shuffle_widths(max(1, state.shuffle_shards), counts))
+        self._widths = list(state.widths)
         self._parts = {p.key: p for p in rank_parts(counts, state.readers, rank, world_size)}
         self._readers: dict[str, tuple[int, tuple[int, ...], int]] = {}  # key -> (reads, failed, lost)
         self._shared: dict[str, tuple[int, tuple[int, ...], int]] = {}  # uncounted parts' failures here
@@ -707,16 +711,20 @@ def make_loader(
     start, failed = 0, {}
     if state is not None:
         state = LoaderState.from_dict(state) if isinstance(state, dict) else state
-        if state.widths is not None and state.shuffle_shards == shuffle_shards and len(state.widths) == len(counts):
+        if state.widths is None:  # from_dict fills them in for one source
+            raise OlderStreamError("the saved data position mixes several sources but records no shuffle widths "
+                                   "(saved by a development version of mixing, whose widths may differ from this "
+                                   "one's): its order cannot be rebuilt exactly (pass --allow-schedule-change for a "
+                                   "new data stream from this step)")
+        if state.shuffle_shards == shuffle_shards and len(state.widths) == len(counts):
             current = replace(current, widths=list(state.widths))  # the saved widths go on, as they were computed
         changes = _stream_changes(state.stream(), current.stream())
         if changes:
             raise ValueError(f"cannot continue the data stream exactly: {'; '.join(changes)}")
         start, failed = state.batches, dict(state.failed)
     m0 = manifests[0]
-    ds = ShardStream(sources, counts, seed, n_readers, rank, world_size, shuffle_shards, storage_options, strict,
-                     start, verify, failed, [m.base for m in manifests], (m0.channels, m0.length), m0.dtype,
-                     widths=current.widths)
+    ds = ShardStream(sources, counts, current.widths, seed, n_readers, rank, world_size, storage_options, strict,
+                     start, verify, failed, [m.base for m in manifests], (m0.channels, m0.length), m0.dtype)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_as_is,
         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
@@ -736,9 +744,6 @@ _FLAGS = {"seed": "--seed", "readers": "--stream-readers", "global_batch": "the 
 
 def _stream_changes(saved: dict, now: dict) -> list[str]:
     """What differs between a saved stream and the one asked for now, each named by its flag (saved -> now)."""
-    if saved.get("widths") is None and len(saved["sources"]) > 1:
-        return ["the saved stream mixes several sources but records no shuffle widths (saved by a development "
-                "version of mixing, whose widths may differ from this one's): its order cannot be rebuilt exactly"]
     out = [f"{_FLAGS.get(k, k)} {_plain(v)} -> {_plain(now[k])}" for k, v in saved.items()
            if k not in ("sources", "widths") and _plain(v) != _plain(now[k])]
     old, new = _plain(saved["sources"]), _plain(now["sources"])

@@ -43,7 +43,8 @@ from himae_dist.objective import make_objective
 from himae_dist.precision import autocast, use_bf16
 from himae_dist.preemption import PREEMPTED_EXIT, StopRequest
 from himae_dist.run_lease import RunLease
-from himae_dist.streaming import DataLostError, StreamProgress, check_shards, load_sources, make_loader
+from himae_dist.streaming import (DataLostError, OlderStreamError, StreamProgress, check_shards, load_sources,
+                                  make_loader)
 from himae_dist.train_log import LogWindow, TrainLog, read_log_step
 from himae_dist.validation import Validator
 from himae_dist.watchdog import Watchdog
@@ -160,7 +161,7 @@ def _session(cfg: TrainConfig):
 
         rank, world = dist.get_rank(), dist.get_world_size()
         given, cfg = cfg.grad_accum, for_world(cfg, world)  # --global-batch: the accumulation this world needs
-        if given not in (1, cfg.grad_accum) and dist.get_rank() == 0:
+        if given not in (1, cfg.grad_accum) and rank == 0:
             print(f"[himae-train] --grad-accum {given} replaced by {cfg.grad_accum}: --global-batch {cfg.global_batch} "
                   f"on {world} rank(s) x --micro-batch {cfg.micro_batch}", flush=True)
         lease = _take_lease(Path(cfg.out), rank, attempt)
@@ -439,8 +440,8 @@ def _loader(manifests: list, weights: list[float], cfg: TrainConfig, res, rank: 
         if res.loader is None:
             raise
         if not cfg.allow_schedule_change:
-            if "older himae-dist" in str(e):
-                raise
+            if isinstance(e, OlderStreamError):
+                raise  # no option of today's brings that stream back: its message says what does
             raise ValueError(f"{e}; resume with the data options it was saved with, or pass "
                              f"--allow-schedule-change to start a new data stream") from e
         loader_args["seed"] = cfg.seed + res.start  # the loader options changed: a new stream, on every rank alike
